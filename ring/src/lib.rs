@@ -1,0 +1,1 @@
+//! The unid shared-memory ring.
