@@ -4,3 +4,5 @@
 pub mod types;
 
 pub use types::{Block, Epoch, Id, NameError, NodeId, SeqNo, SequenceName, Width};
+pub mod auth;
+pub use auth::{AuthKey, TAG_BYTES};

@@ -1,0 +1,1 @@
+//! Criterion suites live in `benches/`; this library only holds shared helpers.
