@@ -1,0 +1,1 @@
+//! unid data plane.
