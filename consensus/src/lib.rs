@@ -1,1 +1,5 @@
 //! unid consensus.
+pub mod error;
+pub mod state;
+pub mod store;
+pub mod types;

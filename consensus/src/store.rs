@@ -1,0 +1,652 @@
+//! Durable Raft log store and state machine on one `redb` database per node.
+//!
+//! # Durability
+//! Every write transaction commits with [`redb::Durability::Immediate`]: the
+//! commit returns only after redb has fsync'd. The log store calls openraft's
+//! [`LogFlushed`] callback only after that commit, so openraft never counts an
+//! entry as persisted (and so never acknowledges it to a leader, nor commits
+//! it as leader) before it is on disk. Any redb error (including a failed
+//! fsync) becomes an openraft [`StorageError`](openraft::StorageError), on
+//! which openraft stops the node: fail-stop, never a silent loss.
+//!
+//! The state machine is persisted too (each `apply` batch is one fsync'd
+//! transaction that writes the changed sequences/nodes and the last applied
+//! log id), so a restarted node starts from its applied state and its local
+//! view of ceilings never goes backwards. Snapshots are the whole serialized
+//! state (postcard) and the current one is kept in the same database.
+//!
+//! # Tables
+//! `log` (index → entry), `meta` (vote, committed, last purged), `sm_meta`
+//! (last applied, membership, counters and settings), `sequences`
+//! (name → sequence), `nodes` (id → record), `snapshot` (the current one).
+//!
+//! Blocking redb calls run on tokio's blocking pool (`spawn_blocking`) so an
+//! fsync never stalls the Raft core's executor thread.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, StorageIOError, Vote,
+};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::state::{ClusterState, Response, Touched};
+use crate::types::{Entry, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+const SEQUENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("sequences");
+const NODES: TableDefinition<u64, &[u8]> = TableDefinition::new("nodes");
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "last_purged";
+const KEY_APPLIED: &str = "last_applied";
+const KEY_MEMBERSHIP: &str = "membership";
+const KEY_COUNTERS: &str = "counters";
+const KEY_CURRENT: &str = "current";
+
+/// The database file inside a node's data directory.
+pub const DB_FILE: &str = "unid-raft.redb";
+
+/// Opens (creating if needed) the node's database in `dir` and returns its
+/// log store and state machine.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), Error> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Storage(format!("create dir {}: {e}", dir.display())))?;
+    let path = dir.join(DB_FILE);
+    let db = Database::create(&path)
+        .map_err(|e| Error::Storage(format!("open {}: {e}", path.display())))?;
+    let db = Arc::new(db);
+    init_tables(&db).map_err(|e| Error::Storage(format!("init {}: {e}", path.display())))?;
+    let data = load_sm(&db).map_err(|e| Error::Storage(format!("load {}: {e}", path.display())))?;
+    let log = LogStore { db: db.clone() };
+    let sm = StateMachineStore {
+        db,
+        data: Arc::new(RwLock::new(data)),
+    };
+    Ok((log, sm))
+}
+
+fn init_tables(db: &Database) -> Result<(), redb::Error> {
+    let mut tx = db.begin_write()?;
+    tx.set_durability(Durability::Immediate)?;
+    tx.open_table(LOG)?;
+    tx.open_table(META)?;
+    tx.open_table(SM_META)?;
+    tx.open_table(SEQUENCES)?;
+    tx.open_table(NODES)?;
+    tx.open_table(SNAPSHOT)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// An error while (de)coding a stored value.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct CodecError(String);
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, AnyError> {
+    postcard::to_stdvec(v).map_err(|e| AnyError::new(&CodecError(e.to_string())))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, AnyError> {
+    postcard::from_bytes(b).map_err(|e| AnyError::new(&CodecError(e.to_string())))
+}
+
+fn any(e: impl std::error::Error + 'static) -> AnyError {
+    AnyError::new(&e)
+}
+
+fn sto(subject: ErrorSubject<u64>, verb: ErrorVerb, e: AnyError) -> StorageError {
+    StorageIOError::new(subject, verb, e).into()
+}
+
+/// Runs blocking redb work off the async executor.
+async fn blocking<T, F>(
+    subject: ErrorSubject<u64>,
+    verb: ErrorVerb,
+    f: F,
+) -> Result<T, StorageError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, AnyError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(sto(subject, verb, e)),
+        Err(join) => Err(sto(subject, verb, AnyError::error(join))),
+    }
+}
+
+fn write_tx(db: &Database) -> Result<redb::WriteTransaction, AnyError> {
+    let mut tx = db.begin_write().map_err(any)?;
+    tx.set_durability(Durability::Immediate).map_err(any)?;
+    Ok(tx)
+}
+
+fn get_meta<T: for<'de> Deserialize<'de>>(db: &Database, key: &str) -> Result<Option<T>, AnyError> {
+    let tx = db.begin_read().map_err(any)?;
+    let t = tx.open_table(META).map_err(any)?;
+    match t.get(key).map_err(any)? {
+        Some(v) => Ok(Some(decode(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn put_meta<T: Serialize>(db: &Database, key: &str, v: &T) -> Result<(), AnyError> {
+    let bytes = encode(v)?;
+    let tx = write_tx(db)?;
+    {
+        let mut t = tx.open_table(META).map_err(any)?;
+        t.insert(key, bytes.as_slice()).map_err(any)?;
+    }
+    tx.commit().map_err(any)
+}
+
+/// The Raft log and vote, durable in redb. Cheap to clone (shares the
+/// database); a clone is also the log reader.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogStore")
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let bounds: (Bound<u64>, Bound<u64>) =
+            (range.start_bound().cloned(), range.end_bound().cloned());
+        let db = self.db.clone();
+        blocking(ErrorSubject::Logs, ErrorVerb::Read, move || {
+            let tx = db.begin_read().map_err(any)?;
+            let t = tx.open_table(LOG).map_err(any)?;
+            let mut out = Vec::new();
+            for item in t.range(bounds).map_err(any)? {
+                let (_, v) = item.map_err(any)?;
+                out.push(decode::<Entry>(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Logs, ErrorVerb::Read, move || {
+            let purged: Option<LogId<u64>> =
+                get_meta::<Option<LogId<u64>>>(&db, KEY_PURGED)?.flatten();
+            let tx = db.begin_read().map_err(any)?;
+            let t = tx.open_table(LOG).map_err(any)?;
+            let last = match t.last().map_err(any)? {
+                Some((_, v)) => Some(decode::<Entry>(v.value())?.log_id),
+                None => purged,
+            };
+            Ok(LogState {
+                last_purged_log_id: purged,
+                last_log_id: last,
+            })
+        })
+        .await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        let vote = *vote;
+        blocking(ErrorSubject::Vote, ErrorVerb::Write, move || {
+            put_meta(&db, KEY_VOTE, &vote)
+        })
+        .await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Vote, ErrorVerb::Read, move || {
+            get_meta(&db, KEY_VOTE)
+        })
+        .await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Store, ErrorVerb::Write, move || {
+            put_meta(&db, KEY_COMMITTED, &committed)
+        })
+        .await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Store, ErrorVerb::Read, move || {
+            Ok(get_meta::<Option<LogId<u64>>>(&db, KEY_COMMITTED)?.flatten())
+        })
+        .await
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        for e in entries {
+            let bytes = encode(&e).map_err(|err| sto(ErrorSubject::Logs, ErrorVerb::Write, err))?;
+            rows.push((e.log_id.index, bytes));
+        }
+        let db = self.db.clone();
+        let res = blocking(ErrorSubject::Logs, ErrorVerb::Write, move || {
+            let tx = write_tx(&db)?;
+            {
+                let mut t = tx.open_table(LOG).map_err(any)?;
+                for (index, bytes) in &rows {
+                    t.insert(*index, bytes.as_slice()).map_err(any)?;
+                }
+            }
+            // Durability::Immediate: returns after fsync.
+            tx.commit().map_err(any)
+        })
+        .await;
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Logs, ErrorVerb::Delete, move || {
+            let tx = write_tx(&db)?;
+            {
+                let mut t = tx.open_table(LOG).map_err(any)?;
+                let keys: Vec<u64> = t
+                    .range(log_id.index..)
+                    .map_err(any)?
+                    .map(|r| r.map(|(k, _)| k.value()))
+                    .collect::<Result<_, _>>()
+                    .map_err(any)?;
+                for k in keys {
+                    t.remove(k).map_err(any)?;
+                }
+            }
+            tx.commit().map_err(any)
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Logs, ErrorVerb::Delete, move || {
+            let purged = encode(&Some(log_id))?;
+            let tx = write_tx(&db)?;
+            {
+                let mut m = tx.open_table(META).map_err(any)?;
+                m.insert(KEY_PURGED, purged.as_slice()).map_err(any)?;
+                let mut t = tx.open_table(LOG).map_err(any)?;
+                let keys: Vec<u64> = t
+                    .range(..=log_id.index)
+                    .map_err(any)?
+                    .map(|r| r.map(|(k, _)| k.value()))
+                    .collect::<Result<_, _>>()
+                    .map_err(any)?;
+                for k in keys {
+                    t.remove(k).map_err(any)?;
+                }
+            }
+            tx.commit().map_err(any)
+        })
+        .await
+    }
+}
+
+/// The applied state: what the state machine holds in memory (and on disk).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedState {
+    /// The last log id applied.
+    pub last_applied: Option<LogId<u64>>,
+    /// The last applied membership.
+    pub membership: StoredMembership,
+    /// The application state.
+    pub state: ClusterState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Counters {
+    next_agent_id: u64,
+    settings: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+fn load_sm(db: &Database) -> Result<AppliedState, AnyError> {
+    let tx = db.begin_read().map_err(any)?;
+    let meta = tx.open_table(SM_META).map_err(any)?;
+    let mut out = AppliedState {
+        state: ClusterState::new(),
+        ..AppliedState::default()
+    };
+    if let Some(v) = meta.get(KEY_APPLIED).map_err(any)? {
+        out.last_applied = decode(v.value())?;
+    }
+    if let Some(v) = meta.get(KEY_MEMBERSHIP).map_err(any)? {
+        out.membership = decode(v.value())?;
+    }
+    if let Some(v) = meta.get(KEY_COUNTERS).map_err(any)? {
+        let c: Counters = decode(v.value())?;
+        out.state.next_agent_id = c.next_agent_id;
+        out.state.settings = c.settings;
+    }
+    let seqs = tx.open_table(SEQUENCES).map_err(any)?;
+    for item in seqs.iter().map_err(any)? {
+        let (k, v) = item.map_err(any)?;
+        out.state
+            .sequences
+            .insert(k.value().to_owned(), decode(v.value())?);
+    }
+    let nodes = tx.open_table(NODES).map_err(any)?;
+    for item in nodes.iter().map_err(any)? {
+        let (k, v) = item.map_err(any)?;
+        out.state.nodes.insert(k.value(), decode(v.value())?);
+    }
+    Ok(out)
+}
+
+/// Writes the parts of `data` named by `touched` plus the applied log id and
+/// membership, in an open transaction.
+fn persist_touched(
+    tx: &redb::WriteTransaction,
+    data: &AppliedState,
+    touched: &[Touched],
+    all: bool,
+) -> Result<(), AnyError> {
+    let mut meta = tx.open_table(SM_META).map_err(any)?;
+    let mut seqs = tx.open_table(SEQUENCES).map_err(any)?;
+    let mut nodes = tx.open_table(NODES).map_err(any)?;
+    if all {
+        seqs.retain(|_, _| false).map_err(any)?;
+        nodes.retain(|_, _| false).map_err(any)?;
+        for (name, s) in &data.state.sequences {
+            seqs.insert(name.as_str(), encode(s)?.as_slice())
+                .map_err(any)?;
+        }
+        for (id, n) in &data.state.nodes {
+            nodes.insert(*id, encode(n)?.as_slice()).map_err(any)?;
+        }
+    }
+    for t in touched {
+        match t {
+            Touched::Nothing | Touched::Meta => {}
+            Touched::Sequence(name) => match data.state.sequences.get(name) {
+                Some(s) => {
+                    seqs.insert(name.as_str(), encode(s)?.as_slice())
+                        .map_err(any)?;
+                }
+                None => {
+                    seqs.remove(name.as_str()).map_err(any)?;
+                }
+            },
+            Touched::Nodes(ids) => {
+                for id in ids {
+                    match data.state.nodes.get(id) {
+                        Some(n) => {
+                            nodes.insert(*id, encode(n)?.as_slice()).map_err(any)?;
+                        }
+                        None => {
+                            nodes.remove(*id).map_err(any)?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let counters = Counters {
+        next_agent_id: data.state.next_agent_id,
+        settings: data.state.settings.clone(),
+    };
+    meta.insert(KEY_COUNTERS, encode(&counters)?.as_slice())
+        .map_err(any)?;
+    meta.insert(KEY_APPLIED, encode(&data.last_applied)?.as_slice())
+        .map_err(any)?;
+    meta.insert(KEY_MEMBERSHIP, encode(&data.membership)?.as_slice())
+        .map_err(any)?;
+    Ok(())
+}
+
+/// The state machine: the applied [`ClusterState`] in memory, persisted in
+/// redb on every apply. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    data: Arc<RwLock<AppliedState>>,
+}
+
+impl Debug for StateMachineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateMachineStore")
+    }
+}
+
+impl StateMachineStore {
+    /// A copy of the applied state.
+    pub fn applied(&self) -> AppliedState {
+        self.data.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads the applied state through `f` without copying all of it.
+    pub fn with_applied<T>(&self, f: impl FnOnce(&AppliedState) -> T) -> T {
+        f(&self.data.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (bytes, meta) = {
+            let d = self.data.read().unwrap_or_else(|p| p.into_inner());
+            let bytes =
+                encode(&*d).map_err(|e| sto(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            let id = match &d.last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, bytes.len()),
+                None => format!("none-{}", bytes.len()),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: d.last_applied,
+                last_membership: d.membership.clone(),
+                snapshot_id: id,
+            };
+            (bytes, meta)
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes.clone(),
+        };
+        let db = self.db.clone();
+        let sig = Some(meta.signature());
+        blocking(ErrorSubject::Snapshot(sig), ErrorVerb::Write, move || {
+            let v = encode(&stored)?;
+            let tx = write_tx(&db)?;
+            {
+                let mut t = tx.open_table(SNAPSHOT).map_err(any)?;
+                t.insert(KEY_CURRENT, v.as_slice()).map_err(any)?;
+            }
+            tx.commit().map_err(any)
+        })
+        .await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership), StorageError> {
+        let d = self.data.read().unwrap_or_else(|p| p.into_inner());
+        Ok((d.last_applied, d.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        let mut touched = Vec::new();
+        let snapshot = {
+            let mut d = self.data.write().unwrap_or_else(|p| p.into_inner());
+            for entry in entries {
+                let term = entry.log_id.leader_id.term;
+                d.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => responses.push(Response::None),
+                    EntryPayload::Normal(cmd) => {
+                        let (r, t) = d.state.apply(&cmd, term);
+                        responses.push(r);
+                        touched.push(t);
+                    }
+                    EntryPayload::Membership(m) => {
+                        d.membership = StoredMembership::new(Some(entry.log_id), m);
+                        responses.push(Response::None);
+                    }
+                }
+            }
+            // Only what was touched is written; copy just that out of the lock.
+            let mut part = AppliedState {
+                last_applied: d.last_applied,
+                membership: d.membership.clone(),
+                state: ClusterState {
+                    next_agent_id: d.state.next_agent_id,
+                    settings: d.state.settings.clone(),
+                    ..ClusterState::default()
+                },
+            };
+            for t in &touched {
+                match t {
+                    Touched::Sequence(n) => {
+                        if let Some(s) = d.state.sequences.get(n) {
+                            part.state.sequences.insert(n.clone(), s.clone());
+                        }
+                    }
+                    Touched::Nodes(ids) => {
+                        for id in ids {
+                            if let Some(n) = d.state.nodes.get(id) {
+                                part.state.nodes.insert(*id, n.clone());
+                            }
+                        }
+                    }
+                    Touched::Nothing | Touched::Meta => {}
+                }
+            }
+            part
+        };
+        let db = self.db.clone();
+        blocking(ErrorSubject::StateMachine, ErrorVerb::Write, move || {
+            let tx = write_tx(&db)?;
+            persist_touched(&tx, &snapshot, &touched, false)?;
+            tx.commit().map_err(any)
+        })
+        .await?;
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let sig = Some(meta.signature());
+        let bytes = snapshot.into_inner();
+        let mut new: AppliedState = decode(&bytes)
+            .map_err(|e| sto(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, e))?;
+        // The meta is authoritative for what the snapshot covers.
+        new.last_applied = meta.last_log_id;
+        new.membership = meta.last_membership.clone();
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        };
+        let db = self.db.clone();
+        let to_write = new.clone();
+        blocking(ErrorSubject::Snapshot(sig), ErrorVerb::Write, move || {
+            let v = encode(&stored)?;
+            let tx = write_tx(&db)?;
+            persist_touched(&tx, &to_write, &[], true)?;
+            {
+                let mut t = tx.open_table(SNAPSHOT).map_err(any)?;
+                t.insert(KEY_CURRENT, v.as_slice()).map_err(any)?;
+            }
+            tx.commit().map_err(any)
+        })
+        .await?;
+        *self.data.write().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let db = self.db.clone();
+        let stored: Option<StoredSnapshot> =
+            blocking(ErrorSubject::Snapshot(None), ErrorVerb::Read, move || {
+                let tx = db.begin_read().map_err(any)?;
+                let t = tx.open_table(SNAPSHOT).map_err(any)?;
+                match t.get(KEY_CURRENT).map_err(any)? {
+                    Some(v) => Ok(Some(decode(v.value())?)),
+                    None => Ok(None),
+                }
+            })
+            .await?;
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
