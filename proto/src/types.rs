@@ -162,6 +162,13 @@ pub enum NameError {
 impl SequenceName {
     /// Checks `name` and wraps it.
     pub fn new(name: &str) -> Result<SequenceName, NameError> {
+        SequenceName::check(name)?;
+        Ok(SequenceName(name.to_owned()))
+    }
+
+    /// Checks `name` against the rules without copying it (the decoder uses
+    /// this to hand out names borrowed from a datagram).
+    pub fn check(name: &str) -> Result<(), NameError> {
         if name.is_empty() {
             return Err(NameError::Empty);
         }
@@ -176,7 +183,7 @@ impl SequenceName {
         {
             return Err(NameError::BadCharacter);
         }
-        Ok(SequenceName(name.to_owned()))
+        Ok(())
     }
 
     /// The name as a string slice.
@@ -239,7 +246,10 @@ mod tests {
         assert_eq!(SequenceName::new("a/b"), Err(NameError::BadCharacter));
         assert_eq!(SequenceName::new("ü"), Err(NameError::BadCharacter));
         let long = "a".repeat(65);
-        assert_eq!(SequenceName::new(&long), Err(NameError::TooLong { len: 65 }));
+        assert_eq!(
+            SequenceName::new(&long),
+            Err(NameError::TooLong { len: 65 })
+        );
         assert!(SequenceName::new(&long[..64]).is_ok());
     }
 }
