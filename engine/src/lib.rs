@@ -1,1 +1,114 @@
-//! unid data plane.
+//! unid data plane: thread-per-core UDP servers on glommio with batched I/O.
+//!
+//! Two layers, following quinn's split between `quinn-udp` (syscalls) and the protocol (no I/O):
+//!
+//! - [`udp`] is the only place with socket syscalls and `unsafe`: a nonblocking socket
+//!   (`SO_REUSEPORT`, sized buffers, `IP_RECVERR`/`IPV6_RECVERR`) with [`udp::UdpSocket::recv_batch`]
+//!   (`recvmmsg`), [`udp::UdpSocket::send_batch`] (`sendmmsg`) and
+//!   [`udp::UdpSocket::drain_errors`] (the socket error queue, turned into typed
+//!   [`udp::PeerError`]s: the fast "peer is gone" signal).
+//! - [`shard`] runs one glommio `LocalExecutor` per core, each with its own socket bound to the
+//!   same address, and drives a user [`shard::Handler`] — the place where `unid-core`'s state
+//!   machines are plugged in later. Handlers see datagrams, peer errors, cross-thread messages and
+//!   timeouts, with the time passed in as `now_us` ([`now_us`]); they never touch a socket.
+//!
+//! # Why `recvmmsg` after io_uring readiness, not one io_uring op per datagram
+//! glommio's `UdpSocket` offers one `recvmsg`/`sendmsg` per datagram (first tried as a plain
+//! nonblocking syscall, then as an io_uring op), and no batching. unid's traffic is many small
+//! datagrams from many agents, where the per-datagram cost dominates. So a shard uses io_uring
+//! only to *wait*: it parks on a `MSG_PEEK` receive submitted through glommio's ring (the socket's
+//! readiness), and when woken it drains the socket with `recvmmsg` — up to
+//! [`udp::BATCH_DATAGRAMS_MAX`] datagrams per syscall — and answers with one `sendmmsg`. Under
+//! load a shard never waits at all: the drain loop finds data every time and the syscall cost is
+//! amortised over 64 datagrams, while a per-datagram ring op pays one submission, one completion
+//! and one copy out of glommio's buffer for each. When idle the shard sleeps in the ring like any
+//! glommio task, so it can share the executor with timers and channels. The figures measured on
+//! this machine are in `results/udp-echo.md` (the `udp_echo` example has a `--mode` switch
+//! comparing the batched loop with glommio's per-datagram `recv_from`/`send_to`).
+//!
+//! # Limits
+//! Every queue is bounded: batches ([`udp::BATCH_DATAGRAMS_MAX`] datagrams of
+//! [`udp::DATAGRAM_BYTES_MAX`] bytes), error drains ([`udp::ERRORS_PER_DRAIN_MAX`]), the
+//! per-shard message channel ([`shard::ShardConfig::channel_messages_max`]) and the work a shard
+//! does per loop turn before it yields ([`shard::RECV_BATCHES_PER_TURN_MAX`],
+//! [`shard::MESSAGES_PER_TURN_MAX`]).
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+pub mod shard;
+pub mod udp;
+
+/// Errors of the engine crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A socket operation failed; `op` names it (e.g. `"bind"`, `"recvmmsg"`) and `addr` is the
+    /// socket's address (the local one, or the one being bound).
+    #[error("{op} on {addr}: {source}")]
+    Io {
+        /// The operation that failed.
+        op: &'static str,
+        /// The address of the socket.
+        addr: SocketAddr,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration value is out of its allowed range; the message says which.
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+    /// A datagram longer than [`udp::DATAGRAM_BYTES_MAX`] was queued for sending.
+    #[error("datagram of {bytes} bytes exceeds the {max} byte limit", max = udp::DATAGRAM_BYTES_MAX)]
+    DatagramTooLong {
+        /// Its length.
+        bytes: usize,
+    },
+    /// A [`udp::SendBatch`] is full.
+    #[error("send batch full ({capacity} datagrams)")]
+    BatchFull {
+        /// The batch's capacity.
+        capacity: usize,
+    },
+    /// A shard's executor could not be created or its thread spawned.
+    #[error("starting shard {shard}: {reason}")]
+    ShardStart {
+        /// Index of the shard.
+        shard: usize,
+        /// glommio's or the OS's explanation.
+        reason: String,
+    },
+    /// A shard thread panicked or its executor failed while running.
+    #[error("shard {shard} failed: {reason}")]
+    ShardFailed {
+        /// Index of the shard.
+        shard: usize,
+        /// The panic message or error.
+        reason: String,
+    },
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+static ORIGIN: OnceLock<Instant> = OnceLock::new();
+
+/// Microseconds since a process-wide origin (fixed by the first call), from the monotonic clock.
+///
+/// Every shard uses this clock, so `now_us` values from different shards compare. It never goes
+/// backwards and starts near 0, so `u64` lasts for 584 000 years.
+pub fn now_us() -> u64 {
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn now_us_is_monotonic() {
+        let a = super::now_us();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = super::now_us();
+        assert!(b >= a + 2_000, "{a} then {b}");
+    }
+}

@@ -1,0 +1,833 @@
+//! Thread-per-core UDP shards on glommio.
+//!
+//! [`Shards::start`] opens one socket per shard, all bound to one address with `SO_REUSEPORT`
+//! (the first may bind port 0; the others reuse the port it got), then starts one glommio
+//! `LocalExecutor` per shard, pinned to a CPU (`Placement::Fixed`) when it can be, each running
+//! the shard loop over its own socket and its own [`Handler`]. The kernel spreads incoming
+//! datagrams over the sockets by a hash of the addresses, so one peer's datagrams always reach the
+//! same shard.
+//!
+//! # The shard loop
+//! One turn:
+//! 1. receive with [`UdpSocket::recv_batch`] until a batch comes back short (the socket is
+//!    drained) or [`RECV_BATCHES_PER_TURN_MAX`] batches were read, handing each datagram to
+//!    [`Handler::on_datagram`] and flushing replies with [`UdpSocket::send_batch`] after each batch;
+//!    truncated datagrams are dropped and counted;
+//! 2. deliver up to [`MESSAGES_PER_TURN_MAX`] cross-thread messages ([`Handler::on_message`]);
+//! 3. call [`Handler::on_timeout`] if its [`Handler::poll_timeout`] deadline has passed;
+//! 4. send what is queued, report refused datagrams and [`UdpSocket::drain_errors`] to
+//!    [`Handler::on_peer_error`];
+//! 5. if a bound above was hit, yield and start over; otherwise wait, in glommio's io_uring, for
+//!    the first of: the socket readable (a `MSG_PEEK` receive), the handler's deadline, a message,
+//!    or shutdown.
+//!
+//! A handler is always called with room for at least one datagram in `out` (the shard flushes
+//! first if the batch is full), so a handler answering each request once never sees
+//! [`crate::Error::BatchFull`].
+//!
+//! # Memory locking and `io_memory`
+//! glommio registers `io_memory` bytes of buffers with io_uring per executor, and registered
+//! buffers count against `RLIMIT_MEMLOCK` (`ulimit -l`). Its default, 10 MiB, exceeds the 8 MiB
+//! limit ordinary users get here, so it would warn and fall back; below 512 KiB of allowance it
+//! refuses to start. The shards use none of those buffers (our I/O goes through `recvmmsg` and
+//! `sendmmsg` into our own buffers), so [`ShardConfig::io_memory_bytes`] defaults to 512 KiB:
+//! enough for glommio to start, small enough that 2 shards (1 MiB) start as root and as an
+//! ordinary user alike. The `unprivileged_start` test checks the latter.
+//!
+//! # Messages from other threads
+//! Each shard has a bounded channel ([`ShardConfig::channel_messages_max`]); [`Shards::sender`]
+//! gives a [`ShardSender`] usable from any thread: [`ShardSender::try_send`] (never blocks),
+//! [`ShardSender::send`] (async, runtime-agnostic, so a tokio task can await it) and
+//! [`ShardSender::send_blocking`] (plain threads). glommio wakes the shard's task from a foreign
+//! thread through the executor's eventfd. No lock is taken on this path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_lite::future;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::udp::{
+    BATCH_DATAGRAMS_MAX, ERRORS_PER_DRAIN_MAX, PeerError, RecvBatch, SendBatch, UdpConfig,
+    UdpCounters, UdpSocket,
+};
+use crate::{Error, Result, now_us};
+
+/// Most shards one [`Shards`] runs.
+pub const SHARDS_MAX: usize = 256;
+/// Most `recvmmsg` batches a shard reads per loop turn before it serves its other duties.
+pub const RECV_BATCHES_PER_TURN_MAX: usize = 16;
+/// Most cross-thread messages a shard delivers per loop turn.
+pub const MESSAGES_PER_TURN_MAX: usize = 256;
+/// Largest per-shard channel capacity, in messages.
+pub const CHANNEL_MESSAGES_MAX: usize = 1 << 16;
+/// How long a shard waits before retrying datagrams the kernel did not take (`EAGAIN`).
+pub const SEND_RETRY_US: u64 = 100;
+
+/// What a shard does with datagrams, messages and time. Implemented by the server's request
+/// logic; it never touches a socket. `now_us` comes from [`crate::now_us`].
+pub trait Handler {
+    /// Messages other threads send to the shard through a [`ShardSender`].
+    type Message: Send + 'static;
+
+    /// A datagram arrived from `from`. Replies go into `out`, which has room for at least one
+    /// datagram.
+    fn on_datagram(&mut self, data: &[u8], from: SocketAddr, now_us: u64, out: &mut SendBatch);
+
+    /// A message from another thread. `out` has room for at least one datagram. The default
+    /// drops it.
+    fn on_message(&mut self, msg: Self::Message, now_us: u64, out: &mut SendBatch) {
+        let _ = (msg, now_us, out);
+    }
+
+    /// A datagram this shard sent could not be delivered: refused by `sendmmsg`, or reported
+    /// by ICMP through the error queue. The default ignores it.
+    fn on_peer_error(&mut self, err: PeerError, now_us: u64) {
+        let _ = (err, now_us);
+    }
+
+    /// The next time (in [`crate::now_us`] microseconds) [`Self::on_timeout`] should run, if any.
+    fn poll_timeout(&self) -> Option<u64> {
+        None
+    }
+
+    /// Called once per loop turn while [`Self::poll_timeout`] is at or before `now_us`. `out`
+    /// has room for at least one datagram.
+    fn on_timeout(&mut self, now_us: u64, out: &mut SendBatch) {
+        let _ = (now_us, out);
+    }
+}
+
+/// How to run the shards.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    /// Number of shards (1 ..= [`SHARDS_MAX`]).
+    pub shards: usize,
+    /// Address every shard binds; port 0 lets the first shard pick one for all.
+    pub addr: SocketAddr,
+    /// Socket options (`reuse_port` must be on for more than one shard).
+    pub udp: UdpConfig,
+    /// Pin shard `i` to the `i`-th CPU this process may run on. If there are fewer CPUs, or
+    /// pinning fails, the shard runs unbound and [`Shards::placements`] says why.
+    pub pin_cpus: bool,
+    /// glommio `io_memory` per executor, in bytes (see the module docs; at least 512 KiB).
+    pub io_memory_bytes: usize,
+    /// glommio `spin_before_park`: how long an idle shard spins before sleeping. Spinning cuts
+    /// wake-up latency (about 1.75x on a ping-pong here) at the cost of CPU.
+    pub spin_before_park: Option<Duration>,
+    /// Capacity of each shard's message channel (1 ..= [`CHANNEL_MESSAGES_MAX`]).
+    pub channel_messages_max: usize,
+    /// Datagrams per receive and send batch (1 ..= [`BATCH_DATAGRAMS_MAX`]).
+    pub batch_datagrams: usize,
+    /// Thread name prefix.
+    pub name: String,
+}
+
+impl ShardConfig {
+    /// Defaults for `shards` shards on `addr`.
+    pub fn new(shards: usize, addr: SocketAddr) -> Self {
+        Self {
+            shards,
+            addr,
+            udp: UdpConfig::default(),
+            pin_cpus: true,
+            io_memory_bytes: 512 << 10,
+            spin_before_park: None,
+            channel_messages_max: 1024,
+            batch_datagrams: BATCH_DATAGRAMS_MAX,
+            name: "unid-shard".to_owned(),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.shards == 0 || self.shards > SHARDS_MAX {
+            return Err(Error::Config("shards must be 1 ..= SHARDS_MAX"));
+        }
+        if self.shards > 1 && !self.udp.reuse_port {
+            return Err(Error::Config("several shards need udp.reuse_port"));
+        }
+        if self.channel_messages_max == 0 || self.channel_messages_max > CHANNEL_MESSAGES_MAX {
+            return Err(Error::Config(
+                "channel_messages_max must be 1 ..= CHANNEL_MESSAGES_MAX",
+            ));
+        }
+        if self.batch_datagrams == 0 || self.batch_datagrams > BATCH_DATAGRAMS_MAX {
+            return Err(Error::Config(
+                "batch_datagrams must be 1 ..= BATCH_DATAGRAMS_MAX",
+            ));
+        }
+        if self.io_memory_bytes < 512 << 10 {
+            return Err(Error::Config("io_memory_bytes must be at least 512 KiB"));
+        }
+        Ok(())
+    }
+}
+
+/// Where a shard's executor runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardPlacement {
+    /// Pinned to this CPU.
+    Fixed(usize),
+    /// Not pinned; `reason` says why (pinning disabled, too few CPUs, or the error).
+    Unbound {
+        /// Why the shard is not pinned.
+        reason: String,
+    },
+}
+
+/// What a handler factory learns about its shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    /// Index of the shard, `0 .. shards`.
+    pub index: usize,
+    /// The address all shards are bound to.
+    pub local_addr: SocketAddr,
+    /// Where the shard runs.
+    pub placement: ShardPlacement,
+}
+
+/// What a shard did, returned when it stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Index of the shard.
+    pub index: usize,
+    /// Its socket's counters.
+    pub udp: UdpCounters,
+    /// Loop turns.
+    pub turns: u64,
+    /// Turns that ended waiting for readiness, a deadline, a message or shutdown.
+    pub waits: u64,
+    /// Datagrams handed to [`Handler::on_datagram`].
+    pub datagrams_handled: u64,
+    /// Received datagrams dropped before the handler (truncated, or from an unknown address).
+    pub datagrams_dropped_in: u64,
+    /// Queued replies dropped because the kernel kept refusing them with `EAGAIN` while the
+    /// handler needed room.
+    pub datagrams_dropped_out: u64,
+    /// Messages handed to [`Handler::on_message`].
+    pub messages: u64,
+    /// Calls of [`Handler::on_timeout`].
+    pub timeouts: u64,
+    /// Peer errors handed to [`Handler::on_peer_error`].
+    pub peer_errors: u64,
+}
+
+/// Why a message could not be sent to a shard; gives the message back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError<M> {
+    /// The channel is at capacity (only from [`ShardSender::try_send`]).
+    Full(M),
+    /// The shard has stopped.
+    Closed(M),
+}
+
+/// Sends messages to one shard from any thread. Cheap to clone.
+#[derive(Debug)]
+pub struct ShardSender<M> {
+    tx: flume::Sender<M>,
+}
+
+impl<M> Clone for ShardSender<M> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<M: Send + 'static> ShardSender<M> {
+    /// Queues `msg` if there is room; never blocks.
+    pub fn try_send(&self, msg: M) -> Result<(), SendError<M>> {
+        self.tx.try_send(msg).map_err(|err| match err {
+            flume::TrySendError::Full(m) => SendError::Full(m),
+            flume::TrySendError::Disconnected(m) => SendError::Closed(m),
+        })
+    }
+
+    /// Queues `msg`, waiting for room. Works under any async runtime (tokio included).
+    pub async fn send(&self, msg: M) -> Result<(), SendError<M>> {
+        self.tx
+            .send_async(msg)
+            .await
+            .map_err(|flume::SendError(m)| SendError::Closed(m))
+    }
+
+    /// Queues `msg`, blocking the calling thread until there is room. Not for async code.
+    pub fn send_blocking(&self, msg: M) -> Result<(), SendError<M>> {
+        self.tx
+            .send(msg)
+            .map_err(|flume::SendError(m)| SendError::Closed(m))
+    }
+
+    /// Messages queued and not yet taken by the shard.
+    pub fn len(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.tx.is_empty()
+    }
+}
+
+/// Tells every shard of one [`Shards`] to stop; usable from any thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StopHandle {
+    stopping: Arc<AtomicBool>,
+    wake: Arc<[flume::Sender<()>]>,
+}
+
+impl StopHandle {
+    /// Asks every shard to finish its current turn, flush its replies and return. Does not wait;
+    /// see [`Shards::join`]. Idempotent.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for tx in self.wake.iter() {
+            // A full channel already holds a wake-up; a closed one belongs to a stopped shard.
+            let _ = tx.try_send(());
+        }
+    }
+
+    /// [`Self::stop`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
+type JoinHandle = glommio::ExecutorJoinHandle<Result<ShardStats>>;
+
+/// Running shards. Dropping it stops and joins them.
+#[derive(Debug)]
+pub struct Shards<M> {
+    local_addr: SocketAddr,
+    senders: Vec<ShardSender<M>>,
+    placements: Vec<ShardPlacement>,
+    stop: StopHandle,
+    joins: Vec<JoinHandle>,
+}
+
+/// The CPUs this process may run on (`sched_getaffinity`), in increasing order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: all-zero bytes are a valid, empty `cpu_set_t`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid `cpu_set_t` on the stack and its exact size is passed.
+    let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, so CPU_ISSET reads inside `set`.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+struct ShardParts<M> {
+    index: usize,
+    socket: UdpSocket,
+    messages: flume::Receiver<M>,
+    wake: flume::Receiver<()>,
+    stopping: Arc<AtomicBool>,
+    batch_datagrams: usize,
+}
+
+/// A shard that is running.
+struct Started<M> {
+    join: JoinHandle,
+    sender: ShardSender<M>,
+    wake: flume::Sender<()>,
+}
+
+impl<M: Send + 'static> Shards<M> {
+    /// Binds the sockets and starts the shards; returns once every shard is running.
+    /// `make_handler` runs on each shard's thread, so the handler need not be `Send`.
+    pub fn start<H, F>(config: ShardConfig, make_handler: F) -> Result<Self>
+    where
+        H: Handler<Message = M> + 'static,
+        F: Fn(&ShardInfo) -> H + Send + Sync + 'static,
+    {
+        config.validate()?;
+        let first = UdpSocket::bind(config.addr, &config.udp)?;
+        let local_addr = first.local_addr();
+        let mut sockets = vec![first];
+        for _ in 1..config.shards {
+            sockets.push(UdpSocket::bind(local_addr, &config.udp)?);
+        }
+        let cpus = allowed_cpus();
+        let make_handler = Arc::new(make_handler);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut shards = Self {
+            local_addr,
+            senders: Vec::with_capacity(config.shards),
+            placements: Vec::with_capacity(config.shards),
+            stop: StopHandle {
+                stopping: stopping.clone(),
+                wake: Arc::new([]),
+            },
+            joins: Vec::with_capacity(config.shards),
+        };
+        let mut wakes = Vec::with_capacity(config.shards);
+        for (index, socket) in sockets.into_iter().enumerate() {
+            let wanted = match (config.pin_cpus, cpus.get(index)) {
+                (true, Some(&cpu)) => ShardPlacement::Fixed(cpu),
+                (true, None) => ShardPlacement::Unbound {
+                    reason: format!(
+                        "only {} CPUs available for {} shards",
+                        cpus.len(),
+                        config.shards
+                    ),
+                },
+                (false, _) => ShardPlacement::Unbound {
+                    reason: "pinning disabled".to_owned(),
+                },
+            };
+            let attempt = |placement: ShardPlacement, socket: UdpSocket| {
+                spawn_shard(
+                    &config,
+                    index,
+                    local_addr,
+                    placement,
+                    socket,
+                    &stopping,
+                    &make_handler,
+                )
+            };
+            let (placement, started) = match attempt(wanted.clone(), socket) {
+                Ok(started) => (wanted, started),
+                Err(reason) if matches!(wanted, ShardPlacement::Fixed(_)) => {
+                    let reason = format!("pinning to {wanted:?} failed: {reason}");
+                    // The failed executor dropped its socket; the others keep the port, and
+                    // SO_REUSEPORT (or, for a single shard, UDP's lack of TIME_WAIT) lets a new
+                    // socket bind it again.
+                    let socket = UdpSocket::bind(local_addr, &config.udp)?;
+                    let unbound = ShardPlacement::Unbound { reason };
+                    let started =
+                        attempt(unbound.clone(), socket).map_err(|reason| Error::ShardStart {
+                            shard: index,
+                            reason,
+                        })?;
+                    (unbound, started)
+                }
+                Err(reason) => {
+                    return Err(Error::ShardStart {
+                        shard: index,
+                        reason,
+                    });
+                }
+            };
+            if let (true, ShardPlacement::Unbound { reason }) = (config.pin_cpus, &placement) {
+                eprintln!("unid-engine: shard {index} runs unbound: {reason}");
+            }
+            shards.placements.push(placement);
+            shards.senders.push(started.sender);
+            shards.joins.push(started.join);
+            wakes.push(started.wake);
+            // Keep the stop handle complete at every step, so an early return (dropping
+            // `shards`) stops the shards already started.
+            shards.stop.wake = wakes.clone().into();
+        }
+        Ok(shards)
+    }
+}
+
+/// Spawns one executor running one shard and waits until the shard loop runs.
+fn spawn_shard<H, F>(
+    config: &ShardConfig,
+    index: usize,
+    local_addr: SocketAddr,
+    placement: ShardPlacement,
+    socket: UdpSocket,
+    stopping: &Arc<AtomicBool>,
+    make_handler: &Arc<F>,
+) -> std::result::Result<Started<H::Message>, String>
+where
+    H: Handler + 'static,
+    F: Fn(&ShardInfo) -> H + Send + Sync + 'static,
+{
+    let glommio_placement = match placement {
+        ShardPlacement::Fixed(cpu) => Placement::Fixed(cpu),
+        ShardPlacement::Unbound { .. } => Placement::Unbound,
+    };
+    let mut builder = LocalExecutorBuilder::new(glommio_placement)
+        .name(&format!("{}-{index}", config.name))
+        .io_memory(config.io_memory_bytes);
+    if let Some(spin) = config.spin_before_park {
+        builder = builder.spin_before_park(spin);
+    }
+    let (message_tx, message_rx) = flume::bounded(config.channel_messages_max);
+    let (wake_tx, wake_rx) = flume::bounded(1);
+    let parts = ShardParts {
+        index,
+        socket,
+        messages: message_rx,
+        wake: wake_rx,
+        stopping: stopping.clone(),
+        batch_datagrams: config.batch_datagrams,
+    };
+    let info = ShardInfo {
+        index,
+        local_addr,
+        placement,
+    };
+    let make_handler = make_handler.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<std::result::Result<(), String>>(1);
+    let join = builder
+        .spawn(move || async move {
+            let handler = make_handler(&info);
+            run_shard(parts, handler, ready_tx).await
+        })
+        .map_err(|err| err.to_string())?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(Started {
+            join,
+            sender: ShardSender { tx: message_tx },
+            wake: wake_tx,
+        }),
+        Ok(Err(reason)) => {
+            let _ = join.join();
+            Err(reason)
+        }
+        // The executor failed before running the shard (e.g. pinning or io_uring setup).
+        Err(_) => Err(match join.join() {
+            Ok(Ok(_)) => "shard exited before it was ready".to_owned(),
+            Ok(Err(err)) => err.to_string(),
+            Err(err) => err.to_string(),
+        }),
+    }
+}
+
+/// What ended a wait.
+enum Wake<M> {
+    Readable,
+    Deadline,
+    Message(M),
+    ChannelClosed,
+    Stop,
+}
+
+struct Loop<'a, H: Handler> {
+    socket: &'a mut UdpSocket,
+    handler: H,
+    out: SendBatch,
+    stats: ShardStats,
+}
+
+impl<H: Handler> Loop<'_, H> {
+    /// Sends what is queued and reports refused datagrams to the handler.
+    fn flush(&mut self, now_us: u64) {
+        if self.out.is_empty() {
+            return;
+        }
+        let report = self.socket.send_batch(&mut self.out);
+        for i in 0..report.failed {
+            let failure = self.out.failures()[i];
+            self.stats.peer_errors += 1;
+            self.handler.on_peer_error(failure, now_us);
+        }
+    }
+
+    /// Makes room for at least one datagram in `out`.
+    fn make_room(&mut self, now_us: u64) {
+        if self.out.is_full() {
+            self.flush(now_us);
+        }
+        if self.out.is_full() {
+            // The kernel refuses everything (EAGAIN): drop rather than stall the shard.
+            self.stats.datagrams_dropped_out += self.out.len() as u64;
+            self.out.clear();
+        }
+        debug_assert!(self.out.remaining() >= 1);
+    }
+}
+
+async fn run_shard<H: Handler>(
+    parts: ShardParts<H::Message>,
+    handler: H,
+    ready: std::sync::mpsc::SyncSender<std::result::Result<(), String>>,
+) -> Result<ShardStats> {
+    let ShardParts {
+        index,
+        mut socket,
+        messages,
+        wake,
+        stopping,
+        batch_datagrams,
+    } = parts;
+    let setup = (|| -> Result<_> {
+        let waiter = glommio::net::UdpSocket::from(socket.try_clone_socket()?);
+        Ok((
+            waiter,
+            RecvBatch::new(batch_datagrams)?,
+            SendBatch::new(batch_datagrams)?,
+        ))
+    })();
+    let (waiter, mut recv, out) = match setup {
+        Ok(parts) => {
+            let _ = ready.send(Ok(()));
+            parts
+        }
+        Err(err) => {
+            let _ = ready.send(Err(err.to_string()));
+            return Err(err);
+        }
+    };
+    drop(ready);
+    let mut errors: Vec<PeerError> = Vec::with_capacity(ERRORS_PER_DRAIN_MAX);
+    let mut channel_open = true;
+    let mut peek_buf = [0u8; 1];
+    let mut lp = Loop {
+        socket: &mut socket,
+        handler,
+        out,
+        stats: ShardStats {
+            index,
+            udp: UdpCounters::default(),
+            turns: 0,
+            waits: 0,
+            datagrams_handled: 0,
+            datagrams_dropped_in: 0,
+            datagrams_dropped_out: 0,
+            messages: 0,
+            timeouts: 0,
+            peer_errors: 0,
+        },
+    };
+    let mut pending_message = None;
+    while !stopping.load(Ordering::Acquire) {
+        lp.stats.turns += 1;
+        let mut now = now_us();
+        let mut busy = false;
+
+        // 1. Datagrams.
+        for round in 0..RECV_BATCHES_PER_TURN_MAX {
+            let got = lp.socket.recv_batch(&mut recv)?;
+            if got == 0 {
+                break;
+            }
+            now = now_us();
+            for datagram in recv.iter() {
+                if datagram.truncated || datagram.from.port() == 0 {
+                    lp.stats.datagrams_dropped_in += 1;
+                    continue;
+                }
+                lp.make_room(now);
+                lp.stats.datagrams_handled += 1;
+                lp.handler
+                    .on_datagram(datagram.data, datagram.from, now, &mut lp.out);
+            }
+            lp.flush(now);
+            if got < recv.capacity() {
+                break;
+            }
+            if round + 1 == RECV_BATCHES_PER_TURN_MAX {
+                busy = true;
+            }
+        }
+
+        // 2. Messages (one may have arrived with the last wake-up).
+        if let Some(msg) = pending_message.take() {
+            lp.make_room(now);
+            lp.stats.messages += 1;
+            lp.handler.on_message(msg, now, &mut lp.out);
+        }
+        if channel_open {
+            let mut delivered = 0;
+            while delivered < MESSAGES_PER_TURN_MAX {
+                match messages.try_recv() {
+                    Ok(msg) => {
+                        lp.make_room(now);
+                        lp.stats.messages += 1;
+                        lp.handler.on_message(msg, now, &mut lp.out);
+                        delivered += 1;
+                    }
+                    Err(flume::TryRecvError::Empty) => break,
+                    Err(flume::TryRecvError::Disconnected) => {
+                        channel_open = false;
+                        break;
+                    }
+                }
+            }
+            busy |= delivered == MESSAGES_PER_TURN_MAX;
+        }
+
+        // 3. Timeout.
+        now = now_us();
+        if lp
+            .handler
+            .poll_timeout()
+            .is_some_and(|deadline| deadline <= now)
+        {
+            lp.make_room(now);
+            lp.stats.timeouts += 1;
+            lp.handler.on_timeout(now, &mut lp.out);
+        }
+
+        // 4. Send, then peer errors.
+        lp.flush(now);
+        let drained = lp.socket.drain_errors(&mut errors)?;
+        busy |= drained == ERRORS_PER_DRAIN_MAX;
+        for err in errors.drain(..) {
+            lp.stats.peer_errors += 1;
+            lp.handler.on_peer_error(err, now);
+        }
+
+        if busy {
+            glommio::yield_if_needed().await;
+            continue;
+        }
+
+        // 5. Wait.
+        let mut deadline = lp.handler.poll_timeout();
+        if !lp.out.is_empty() {
+            let retry = now + SEND_RETRY_US;
+            deadline = Some(deadline.map_or(retry, |d| d.min(retry)));
+        }
+        if stopping.load(Ordering::Acquire) {
+            break;
+        }
+        lp.stats.waits += 1;
+        let wake = wait(
+            &waiter,
+            &mut peek_buf,
+            deadline,
+            &messages,
+            channel_open,
+            &wake,
+        )
+        .await;
+        match wake {
+            Wake::Readable | Wake::Deadline | Wake::Stop => {}
+            Wake::Message(msg) => pending_message = Some(msg),
+            Wake::ChannelClosed => channel_open = false,
+        }
+    }
+    // Deliver a message taken by the last wait, then flush.
+    let now = now_us();
+    if let Some(msg) = pending_message.take() {
+        lp.make_room(now);
+        lp.stats.messages += 1;
+        lp.handler.on_message(msg, now, &mut lp.out);
+    }
+    lp.flush(now);
+    let mut stats = lp.stats;
+    stats.udp = *socket.counters();
+    Ok(stats)
+}
+
+/// Waits for the socket to be readable, `deadline_us`, a message or a stop request.
+async fn wait<M>(
+    waiter: &glommio::net::UdpSocket,
+    peek_buf: &mut [u8],
+    deadline_us: Option<u64>,
+    messages: &flume::Receiver<M>,
+    channel_open: bool,
+    stop: &flume::Receiver<()>,
+) -> Wake<M> {
+    let readable = async {
+        // Any outcome (data, or a pending error) means there is something to look at.
+        let _ = waiter.peek_from(peek_buf).await;
+        Wake::Readable
+    };
+    let deadline = async {
+        match deadline_us {
+            Some(deadline) => {
+                let wait_us = deadline.saturating_sub(now_us());
+                if wait_us > 0 {
+                    glommio::timer::sleep(Duration::from_micros(wait_us)).await;
+                }
+                Wake::Deadline
+            }
+            None => future::pending().await,
+        }
+    };
+    let message = async {
+        if !channel_open {
+            return future::pending().await;
+        }
+        match messages.recv_async().await {
+            Ok(msg) => Wake::Message(msg),
+            Err(flume::RecvError::Disconnected) => Wake::ChannelClosed,
+        }
+    };
+    let stop = async {
+        let _ = stop.recv_async().await;
+        Wake::Stop
+    };
+    future::or(stop, future::or(message, future::or(readable, deadline))).await
+}
+
+impl<M> Shards<M> {
+    /// The address every shard is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Number of shards.
+    pub fn len(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// There are no shards (never true for a started [`Shards`]).
+    pub fn is_empty(&self) -> bool {
+        self.senders.is_empty()
+    }
+
+    /// A sender to shard `index`.
+    pub fn sender(&self, index: usize) -> Option<ShardSender<M>> {
+        self.senders.get(index).cloned()
+    }
+
+    /// Where each shard runs.
+    pub fn placements(&self) -> &[ShardPlacement] {
+        &self.placements
+    }
+
+    /// A handle that stops the shards from any thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Stops every shard and waits for them; returns their statistics in shard order.
+    pub fn shutdown(self) -> Result<Vec<ShardStats>> {
+        self.stop.stop();
+        self.join()
+    }
+
+    /// Waits until every shard has stopped (after a [`StopHandle::stop`]); returns their
+    /// statistics in shard order, or the first failure.
+    pub fn join(mut self) -> Result<Vec<ShardStats>> {
+        let mut stats = Vec::with_capacity(self.joins.len());
+        let mut first_error = None;
+        for (shard, join) in std::mem::take(&mut self.joins).into_iter().enumerate() {
+            match join.join() {
+                Ok(Ok(s)) => stats.push(s),
+                Ok(Err(err)) => {
+                    first_error.get_or_insert(err);
+                }
+                Err(err) => {
+                    first_error.get_or_insert(Error::ShardFailed {
+                        shard,
+                        reason: err.to_string(),
+                    });
+                }
+            }
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(stats),
+        }
+    }
+}
+
+impl<M> Drop for Shards<M> {
+    fn drop(&mut self) {
+        if self.joins.is_empty() {
+            return;
+        }
+        self.stop.stop();
+        for join in self.joins.drain(..) {
+            let _ = join.join();
+        }
+    }
+}
