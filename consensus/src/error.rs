@@ -31,6 +31,15 @@ pub enum Error {
         /// The leader's id and Raft address, if known.
         leader: Option<(NodeId, String)>,
     },
+    /// Forwarding a write to the leader failed (unreachable, connection
+    /// lost, or the leader failed it).
+    #[error("forwarding to leader {leader}: {reason}")]
+    Forward {
+        /// The leader it was sent to.
+        leader: NodeId,
+        /// What went wrong.
+        reason: String,
+    },
     /// The operation did not finish in time (e.g. no quorum to commit).
     #[error("timed out after {0:?}")]
     Timeout(Duration),

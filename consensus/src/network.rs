@@ -1,0 +1,418 @@
+//! Raft RPCs over TCP: the client side ([`NetworkFactory`], one
+//! [`PeerClient`] per target) and the server ([`serve`]) that dispatches to
+//! the local [`Raft`].
+//!
+//! Each request and response is one [frame](crate::frame) whose payload is a
+//! postcard-encoded [`Envelope`] / [`RpcResponse`]. A client keeps one
+//! connection per target and sends one request at a time on it (openraft
+//! calls a `RaftNetwork` sequentially). Every connect and every request has a
+//! timeout; any error closes the connection and the next call reconnects.
+//!
+//! The server checks that a request is addressed to its own node id, so an
+//! address reused by another node is not mistaken for the old one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use unid_proto::auth::AuthKey;
+use unid_proto::types::NodeId;
+
+use crate::frame::{self, FrameError, NetStats};
+use crate::state::{Command, Response};
+use crate::types::{Raft, TypeConfig};
+
+/// The most peer connections one server accepts at once.
+pub const CONNECTIONS_MAX: usize = 256;
+
+/// A connection idle this long is closed by the server.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request, addressed to one node.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The node the sender means to reach.
+    pub target: NodeId,
+    /// The request.
+    pub body: RpcRequest,
+}
+
+/// A request between servers.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcRequest {
+    /// openraft AppendEntries.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// openraft RequestVote.
+    Vote(VoteRequest<u64>),
+    /// openraft InstallSnapshot (one chunk).
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Leader handoff: the departing leader `from` asks the receiver to stand
+    /// for election once the other voters' leader leases have expired.
+    Elect {
+        /// The departing leader.
+        from: NodeId,
+    },
+    /// A client write forwarded by a follower to the leader.
+    Write(Command),
+}
+
+/// Why a forwarded write failed, as carried on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteFailure {
+    /// The receiver is not the leader either.
+    NotLeader {
+        /// The leader it knows of.
+        leader: Option<(NodeId, String)>,
+    },
+    /// The write did not commit in time.
+    Timeout,
+    /// Any other failure, described.
+    Other(String),
+}
+
+/// A response between servers.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcResponse {
+    /// Answer to [`RpcRequest::AppendEntries`].
+    AppendEntries(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    /// Answer to [`RpcRequest::Vote`].
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    /// Answer to [`RpcRequest::InstallSnapshot`].
+    InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    /// Answer to [`RpcRequest::Elect`]: whether the receiver accepted.
+    Elect(bool),
+    /// Answer to [`RpcRequest::Write`].
+    Write(Result<Response, WriteFailure>),
+    /// The request was addressed to another node id.
+    WrongTarget {
+        /// The receiver's real id.
+        actual: NodeId,
+    },
+}
+
+/// Shared settings of a node's network side.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// This node's id.
+    pub id: NodeId,
+    /// The cluster key, if a secret is configured.
+    pub key: Option<AuthKey>,
+    /// Frame counters.
+    pub stats: Arc<NetStats>,
+    /// Timeout for establishing a connection.
+    pub connect_timeout: Duration,
+    /// Backoff before retrying an unreachable peer.
+    pub backoff: Duration,
+}
+
+/// Why one call failed.
+#[derive(Debug)]
+pub(crate) enum CallError {
+    /// Could not connect.
+    Unreachable(std::io::Error),
+    /// The connection failed, timed out, or the answer was malformed.
+    Network(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NetErr(String);
+
+impl CallError {
+    fn into_rpc<E: std::error::Error>(self) -> RPCError<u64, BasicNode, E> {
+        match self {
+            CallError::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&e)),
+            CallError::Network(m) => RPCError::Network(NetworkError::new(&NetErr(m))),
+        }
+    }
+}
+
+/// Builds a [`PeerClient`] per target; the openraft network factory.
+#[derive(Clone, Debug)]
+pub struct NetworkFactory {
+    cfg: NetConfig,
+}
+
+impl NetworkFactory {
+    /// A factory with these settings.
+    pub fn new(cfg: NetConfig) -> NetworkFactory {
+        NetworkFactory { cfg }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
+        PeerClient::new(self.cfg.clone(), target, node.addr.clone())
+    }
+}
+
+/// A client connection to one peer.
+#[derive(Debug)]
+pub struct PeerClient {
+    cfg: NetConfig,
+    target: NodeId,
+    addr: String,
+    conn: Option<TcpStream>,
+}
+
+impl PeerClient {
+    /// A client for `target` at `addr`; connects lazily.
+    pub fn new(cfg: NetConfig, target: NodeId, addr: String) -> PeerClient {
+        PeerClient {
+            cfg,
+            target,
+            addr,
+            conn: None,
+        }
+    }
+
+    /// Sends one request and waits at most `timeout` for the answer.
+    pub(crate) async fn call(
+        &mut self,
+        body: RpcRequest,
+        timeout: Duration,
+    ) -> Result<RpcResponse, CallError> {
+        let env = Envelope {
+            target: self.target,
+            body,
+        };
+        let payload = postcard::to_stdvec(&env).map_err(|e| CallError::Network(e.to_string()))?;
+        if payload.len() > frame::FRAME_PAYLOAD_BYTES_MAX {
+            return Err(CallError::Network(format!(
+                "request of {} bytes exceeds the frame limit",
+                payload.len()
+            )));
+        }
+        if self.conn.is_none() {
+            let c = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(&self.addr))
+                .await
+                .map_err(|_| {
+                    CallError::Unreachable(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connect to {} timed out", self.addr),
+                    ))
+                })?
+                .map_err(CallError::Unreachable)?;
+            let _ = c.set_nodelay(true);
+            self.conn = Some(c);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(CallError::Network("no connection".into()));
+        };
+        let key = self.cfg.key.as_ref();
+        let stats = self.cfg.stats.clone();
+        let exchange = async {
+            frame::write_frame(conn, &payload, key).await?;
+            frame::read_frame(conn, key, &stats).await
+        };
+        let res = tokio::time::timeout(timeout, exchange).await;
+        let bytes = match res {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                self.conn = None;
+                return Err(CallError::Network(format!("{} ({}): {e}", self.addr, self.target)));
+            }
+            Err(_) => {
+                self.conn = None;
+                return Err(CallError::Network(format!(
+                    "{} ({}): no answer within {timeout:?}",
+                    self.addr, self.target
+                )));
+            }
+        };
+        match postcard::from_bytes::<RpcResponse>(&bytes) {
+            Ok(RpcResponse::WrongTarget { actual }) => {
+                self.conn = None;
+                Err(CallError::Network(format!(
+                    "{} is node {actual}, not {}",
+                    self.addr, self.target
+                )))
+            }
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.cfg
+                    .stats
+                    .frames_undecodable
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.conn = None;
+                Err(CallError::Network(format!("undecodable answer: {e}")))
+            }
+        }
+    }
+}
+
+fn unexpected<E: std::error::Error>(r: &RpcResponse) -> RPCError<u64, BasicNode, E> {
+    CallError::Network(format!("unexpected answer {r:?}")).into_rpc()
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        match self
+            .call(RpcRequest::AppendEntries(rpc), option.hard_ttl())
+            .await
+            .map_err(CallError::into_rpc)?
+        {
+            RpcResponse::AppendEntries(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        match self
+            .call(RpcRequest::InstallSnapshot(rpc), option.hard_ttl())
+            .await
+            .map_err(CallError::into_rpc)?
+        {
+            RpcResponse::InstallSnapshot(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        match self
+            .call(RpcRequest::Vote(rpc), option.hard_ttl())
+            .await
+            .map_err(CallError::into_rpc)?
+        {
+            RpcResponse::Vote(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(self.cfg.backoff))
+    }
+}
+
+/// What the server does with requests that are not plain Raft RPCs.
+pub(crate) trait Handler: Clone + Send + Sync + 'static {
+    /// Handles a leader-handoff request.
+    fn elect(&self, from: NodeId) -> bool;
+    /// Handles a forwarded write.
+    fn write(
+        &self,
+        cmd: Command,
+    ) -> impl std::future::Future<Output = Result<Response, WriteFailure>> + Send;
+}
+
+/// Accepts peer connections on `listener` and answers them from `raft` until
+/// the returned task is aborted (aborting it closes every connection too).
+pub(crate) fn serve<H: Handler>(
+    listener: TcpListener,
+    raft: Raft,
+    cfg: NetConfig,
+    handler: H,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+        let mut conns = JoinSet::new();
+        loop {
+            // Reap finished connection tasks so the set stays bounded.
+            while conns.try_join_next().is_some() {}
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let raft = raft.clone();
+            let cfg = cfg.clone();
+            let handler = handler.clone();
+            conns.spawn(async move {
+                let _permit = permit;
+                serve_conn(stream, raft, cfg, handler).await;
+            });
+        }
+    })
+}
+
+async fn serve_conn<H: Handler>(mut stream: TcpStream, raft: Raft, cfg: NetConfig, handler: H) {
+    let key = cfg.key.as_ref();
+    loop {
+        let payload =
+            match tokio::time::timeout(IDLE_TIMEOUT, frame::read_frame(&mut stream, key, &cfg.stats))
+                .await
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(FrameError::Closed)) | Err(_) => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(node = cfg.id, "dropping peer connection: {e}");
+                    return;
+                }
+            };
+        let env: Envelope = match postcard::from_bytes(&payload) {
+            Ok(env) => env,
+            Err(e) => {
+                cfg.stats
+                    .frames_undecodable
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                cfg.stats
+                    .connections_closed_bad
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(node = cfg.id, "undecodable peer request: {e}");
+                return;
+            }
+        };
+        let resp = if env.target != cfg.id {
+            RpcResponse::WrongTarget { actual: cfg.id }
+        } else {
+            match env.body {
+                RpcRequest::AppendEntries(r) => RpcResponse::AppendEntries(raft.append_entries(r).await),
+                RpcRequest::Vote(r) => RpcResponse::Vote(raft.vote(r).await),
+                RpcRequest::InstallSnapshot(r) => {
+                    RpcResponse::InstallSnapshot(raft.install_snapshot(r).await)
+                }
+                RpcRequest::Elect { from } => RpcResponse::Elect(handler.elect(from)),
+                RpcRequest::Write(cmd) => RpcResponse::Write(handler.write(cmd).await),
+            }
+        };
+        let bytes = match postcard::to_stdvec(&resp) {
+            Ok(b) if b.len() <= frame::FRAME_PAYLOAD_BYTES_MAX => b,
+            _ => return,
+        };
+        if frame::write_frame(&mut stream, &bytes, key).await.is_err() {
+            return;
+        }
+    }
+}
