@@ -27,6 +27,13 @@ pub mod requester;
 pub mod sequence;
 pub mod sizing;
 
+pub use allocator::{
+    AllocatorConfig, AllocatorStats, CommittedCeiling, LeaderAllocator, Raise, SequenceView,
+};
+pub use dedupe::{Lookup, ReplyCache, ReplyCacheConfig, ReplyCacheStats};
 pub use error::Error;
 pub use rate::Rate;
+pub use requester::{
+    Disposition, Event, Reply, Requester, RequesterConfig, RequesterStats, Response, Transmit,
+};
 pub use sizing::{Sizer, SizingConfig};
