@@ -43,8 +43,8 @@ use unid_proto_fbs as fb;
 use crate::auth::{AuthKey, TAG_BYTES};
 use crate::message::{
     ErrorCode, FieldError, List, ListItem, Message, MessageType, NODE_TABLE_PAGE_MAX, NodeRole,
-    SEQUENCE_LIST_MAX, SERVERS_MAX, STATUS_SEQUENCES_MAX, Server, endpoint_from_fb, endpoint_to_fb,
-    u128_from_fb, u128_to_fb, width_from_wire,
+    SEQUENCE_LIST_MAX, SERVERS_MAX, STATUS_SEQUENCES_MAX, Server, WireVec, endpoint_from_fb,
+    endpoint_to_fb, u128_from_fb, u128_to_fb, width_from_wire,
 };
 use crate::types::{Block, Epoch, NodeId, SeqNo};
 
@@ -341,7 +341,7 @@ where
 fn servers<'a>(
     v: Option<flatbuffers::Vector<'a, fb::ServerEntry>>,
 ) -> Result<List<'a, Server>, FieldError> {
-    List::check_wire(v, "servers", SERVERS_MAX)
+    List::check_wire(v.map(WireVec::Servers), "servers", SERVERS_MAX)
 }
 
 fn decode_payload(t: MessageType, p: &[u8]) -> Result<Message<'_>, DecodeError> {
@@ -442,7 +442,11 @@ fn decode_payload(t: MessageType, p: &[u8]) -> Result<Message<'_>, DecodeError> 
                 version: m.version(),
                 page: m.page(),
                 page_count: m.page_count(),
-                nodes: List::check_wire(m.nodes(), "nodes", NODE_TABLE_PAGE_MAX)?,
+                nodes: List::check_wire(
+                    m.nodes().map(WireVec::Nodes),
+                    "nodes",
+                    NODE_TABLE_PAGE_MAX,
+                )?,
             }
         }
         T::LeaderChange => {
@@ -483,7 +487,7 @@ fn decode_payload(t: MessageType, p: &[u8]) -> Result<Message<'_>, DecodeError> 
         T::SequenceListReply => {
             let m = root::<fb::SequenceListReply>(p)?;
             Message::SequenceListReply {
-                names: List::check_wire(m.names(), "names", SEQUENCE_LIST_MAX)?,
+                names: List::check_wire(m.names().map(WireVec::Names), "names", SEQUENCE_LIST_MAX)?,
                 more: m.more(),
             }
         }
@@ -498,8 +502,16 @@ fn decode_payload(t: MessageType, p: &[u8]) -> Result<Message<'_>, DecodeError> 
             Message::StatusReply {
                 leader_id: m.leader_id(),
                 term: m.term(),
-                servers: List::check_wire(m.servers(), "servers", SERVERS_MAX)?,
-                sequences: List::check_wire(m.sequences(), "sequences", STATUS_SEQUENCES_MAX)?,
+                servers: List::check_wire(
+                    m.servers().map(WireVec::ServerStatus),
+                    "servers",
+                    SERVERS_MAX,
+                )?,
+                sequences: List::check_wire(
+                    m.sequences().map(WireVec::SequenceStatus),
+                    "sequences",
+                    STATUS_SEQUENCES_MAX,
+                )?,
                 more: m.more(),
             }
         }

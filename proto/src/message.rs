@@ -9,7 +9,7 @@
 use core::fmt;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use flatbuffers::{Follow, ForwardsUOffset, Vector};
+use flatbuffers::{ForwardsUOffset, Vector};
 use unid_proto_fbs as fb;
 
 use crate::types::{Block, Epoch, Id, NameError, NodeId, SequenceName, Width};
@@ -357,51 +357,59 @@ pub struct SequenceStatus<'a> {
 }
 
 mod sealed {
-    pub trait Sealed {}
-    impl Sealed for super::Server {}
-    impl Sealed for super::Node {}
-    impl Sealed for super::ServerStatus {}
-    impl Sealed for super::SequenceStatus<'_> {}
-    impl Sealed for &str {}
+    use super::{FieldError, ForwardsUOffset, Vector, fb};
+
+    /// A list read from the wire: one variant per list item type, so that
+    /// [`super::List`] stays covariant in its lifetime.
+    #[derive(Copy, Clone)]
+    pub enum WireVec<'a> {
+        Servers(Vector<'a, fb::ServerEntry>),
+        Nodes(Vector<'a, fb::NodeEntry>),
+        ServerStatus(Vector<'a, fb::ServerStatus>),
+        SequenceStatus(Vector<'a, ForwardsUOffset<fb::SequenceStatus<'a>>>),
+        Names(Vector<'a, ForwardsUOffset<&'a str>>),
+    }
+
+    impl WireVec<'_> {
+        pub fn len(&self) -> usize {
+            match self {
+                WireVec::Servers(v) => v.len(),
+                WireVec::Nodes(v) => v.len(),
+                WireVec::ServerStatus(v) => v.len(),
+                WireVec::SequenceStatus(v) => v.len(),
+                WireVec::Names(v) => v.len(),
+            }
+        }
+    }
+
+    pub trait Sealed<'a>: Sized {
+        /// Converts and checks item `index` (below `wire.len()`); `None` if
+        /// the list holds another item type.
+        fn from_wire(wire: WireVec<'a>, index: usize) -> Option<Result<Self, FieldError>>;
+    }
 }
+
+pub(crate) use sealed::WireVec;
 
 /// A type that can be an item of a [`List`]. Sealed: implemented by
-/// [`Server`], [`Node`], [`ServerStatus`], [`SequenceStatus`] and `&str`.
-pub trait ListItem<'a>: Copy + sealed::Sealed + 'a {
-    /// The generated FlatBuffers type of a list item.
-    #[doc(hidden)]
-    type Fb: Follow<'a> + 'a;
-
-    /// Converts and checks one item read from the wire.
-    #[doc(hidden)]
-    fn from_fb(fb: <Self::Fb as Follow<'a>>::Inner) -> Result<Self, FieldError>;
-}
+/// [`Server`], [`Node`], [`ServerStatus`], [`SequenceStatus`] and `&str`
+/// (a sequence name).
+pub trait ListItem<'a>: Copy + sealed::Sealed<'a> + 'a {}
 
 /// A bounded list inside a message: either a slice the caller built (to
 /// encode) or a view into a decoded datagram (every item already checked
 /// when the datagram was decoded, so iterating it never fails and never
 /// allocates).
-pub struct List<'a, T: ListItem<'a>> {
+#[derive(Copy, Clone)]
+pub struct List<'a, T> {
     repr: ListRepr<'a, T>,
 }
 
-enum ListRepr<'a, T: ListItem<'a>> {
+#[derive(Copy, Clone)]
+enum ListRepr<'a, T> {
     Slice(&'a [T]),
-    Wire(Vector<'a, T::Fb>),
+    Wire(WireVec<'a>),
 }
-
-impl<'a, T: ListItem<'a>> Clone for List<'a, T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<'a, T: ListItem<'a>> Copy for List<'a, T> {}
-impl<'a, T: ListItem<'a>> Clone for ListRepr<'a, T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<'a, T: ListItem<'a>> Copy for ListRepr<'a, T> {}
 
 impl<'a, T: ListItem<'a>> List<'a, T> {
     /// A list of these items.
@@ -416,29 +424,33 @@ impl<'a, T: ListItem<'a>> List<'a, T> {
         List::new(&[])
     }
 
-    /// A view of a decoded vector whose items have all passed
-    /// [`List::check_wire`].
-    pub(crate) fn wire(vector: Vector<'a, T::Fb>) -> Self {
-        List {
-            repr: ListRepr::Wire(vector),
-        }
-    }
-
-    /// Checks every item of a decoded vector (and its length, before reading
-    /// any item).
+    /// Checks the length of a decoded vector (before reading any item), then
+    /// every item, and wraps it.
     pub(crate) fn check_wire(
-        vector: Option<Vector<'a, T::Fb>>,
+        wire: Option<WireVec<'a>>,
         field: &'static str,
         max: usize,
     ) -> Result<Self, FieldError> {
-        let Some(vector) = vector else {
+        let Some(wire) = wire else {
             return Ok(List::empty());
         };
-        check_len(field, vector.len(), max)?;
-        for i in 0..vector.len() {
-            T::from_fb(vector.get(i))?;
+        check_len(field, wire.len(), max)?;
+        for i in 0..wire.len() {
+            match T::from_wire(wire, i) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(FieldError::ListTooLong {
+                        field,
+                        len: wire.len(),
+                        max: 0,
+                    });
+                }
+            }
         }
-        Ok(List::wire(vector))
+        Ok(List {
+            repr: ListRepr::Wire(wire),
+        })
     }
 
     /// How many items.
@@ -462,7 +474,7 @@ impl<'a, T: ListItem<'a>> List<'a, T> {
                 if index < v.len() {
                     // Checked at decode; a failure here cannot happen and
                     // would only hide the item, never panic.
-                    T::from_fb(v.get(index)).ok()
+                    T::from_wire(v, index).and_then(Result::ok)
                 } else {
                     None
                 }
@@ -491,9 +503,11 @@ impl<'a, T: ListItem<'a>> From<&'a [T]> for List<'a, T> {
     }
 }
 
-impl<'a, T: ListItem<'a> + PartialEq> PartialEq for List<'a, T> {
-    fn eq(&self, other: &Self) -> bool {
-        self.len() == other.len() && self.iter().eq(other.iter())
+impl<'a, 'b, T: ListItem<'a> + PartialEq<U>, U: ListItem<'b>> PartialEq<List<'b, U>>
+    for List<'a, T>
+{
+    fn eq(&self, other: &List<'b, U>) -> bool {
+        self.len() == other.len() && self.iter().zip(other.iter()).all(|(a, b)| a == b)
     }
 }
 
@@ -514,7 +528,7 @@ impl<'a, T: ListItem<'a>> IntoIterator for List<'a, T> {
 }
 
 /// Iterator over a [`List`].
-pub struct ListIter<'a, T: ListItem<'a>> {
+pub struct ListIter<'a, T> {
     list: List<'a, T>,
     next: usize,
 }
@@ -598,9 +612,18 @@ fn check_addr(field: &'static str, addr: &SocketAddr) -> Result<(), FieldError> 
     Ok(())
 }
 
-impl<'a> ListItem<'a> for Server {
-    type Fb = fb::ServerEntry;
-    fn from_fb(e: &'a fb::ServerEntry) -> Result<Self, FieldError> {
+impl ListItem<'_> for Server {}
+impl<'a> sealed::Sealed<'a> for Server {
+    fn from_wire(wire: WireVec<'a>, index: usize) -> Option<Result<Self, FieldError>> {
+        match wire {
+            WireVec::Servers(v) => Some(Server::from_fb(v.get(index))),
+            _ => None,
+        }
+    }
+}
+
+impl Server {
+    fn from_fb(e: &fb::ServerEntry) -> Result<Self, FieldError> {
         let server = Server {
             id: e.id(),
             addr: endpoint_from_fb(e.addr(), "server address")?,
@@ -608,18 +631,25 @@ impl<'a> ListItem<'a> for Server {
         server.check()?;
         Ok(server)
     }
-}
 
-impl Server {
     fn check(&self) -> Result<(), FieldError> {
         check_node_id("server id", self.id)?;
         check_addr("server address", &self.addr)
     }
 }
 
-impl<'a> ListItem<'a> for Node {
-    type Fb = fb::NodeEntry;
-    fn from_fb(e: &'a fb::NodeEntry) -> Result<Self, FieldError> {
+impl ListItem<'_> for Node {}
+impl<'a> sealed::Sealed<'a> for Node {
+    fn from_wire(wire: WireVec<'a>, index: usize) -> Option<Result<Self, FieldError>> {
+        match wire {
+            WireVec::Nodes(v) => Some(Node::from_fb(v.get(index))),
+            _ => None,
+        }
+    }
+}
+
+impl Node {
+    fn from_fb(e: &fb::NodeEntry) -> Result<Self, FieldError> {
         let node = Node {
             id: e.id(),
             addr: endpoint_from_fb(e.addr(), "node address")?,
@@ -628,18 +658,25 @@ impl<'a> ListItem<'a> for Node {
         node.check()?;
         Ok(node)
     }
-}
 
-impl Node {
     fn check(&self) -> Result<(), FieldError> {
         check_node_id("node id", self.id)?;
         check_addr("node address", &self.addr)
     }
 }
 
-impl<'a> ListItem<'a> for ServerStatus {
-    type Fb = fb::ServerStatus;
-    fn from_fb(e: &'a fb::ServerStatus) -> Result<Self, FieldError> {
+impl ListItem<'_> for ServerStatus {}
+impl<'a> sealed::Sealed<'a> for ServerStatus {
+    fn from_wire(wire: WireVec<'a>, index: usize) -> Option<Result<Self, FieldError>> {
+        match wire {
+            WireVec::ServerStatus(v) => Some(ServerStatus::from_fb(v.get(index))),
+            _ => None,
+        }
+    }
+}
+
+impl ServerStatus {
+    fn from_fb(e: &fb::ServerStatus) -> Result<Self, FieldError> {
         let status = ServerStatus {
             id: e.id(),
             addr: endpoint_from_fb(e.addr(), "server address")?,
@@ -650,17 +687,24 @@ impl<'a> ListItem<'a> for ServerStatus {
         status.check()?;
         Ok(status)
     }
-}
 
-impl ServerStatus {
     fn check(&self) -> Result<(), FieldError> {
         check_node_id("server id", self.id)?;
         check_addr("server address", &self.addr)
     }
 }
 
-impl<'a> ListItem<'a> for SequenceStatus<'a> {
-    type Fb = ForwardsUOffset<fb::SequenceStatus<'a>>;
+impl<'a> ListItem<'a> for SequenceStatus<'a> {}
+impl<'a> sealed::Sealed<'a> for SequenceStatus<'a> {
+    fn from_wire(wire: WireVec<'a>, index: usize) -> Option<Result<Self, FieldError>> {
+        match wire {
+            WireVec::SequenceStatus(v) => Some(SequenceStatus::from_fb(v.get(index))),
+            _ => None,
+        }
+    }
+}
+
+impl<'a> SequenceStatus<'a> {
     fn from_fb(e: fb::SequenceStatus<'a>) -> Result<Self, FieldError> {
         let status = SequenceStatus {
             name: e.name(),
@@ -671,9 +715,7 @@ impl<'a> ListItem<'a> for SequenceStatus<'a> {
         status.check()?;
         Ok(status)
     }
-}
 
-impl SequenceStatus<'_> {
     fn check(&self) -> Result<(), FieldError> {
         check_name("sequence status name", self.name)?;
         let limit = self.width.limit();
@@ -686,11 +728,16 @@ impl SequenceStatus<'_> {
     }
 }
 
-impl<'a> ListItem<'a> for &'a str {
-    type Fb = ForwardsUOffset<&'a str>;
-    fn from_fb(name: &'a str) -> Result<Self, FieldError> {
-        check_name("sequence list name", name)?;
-        Ok(name)
+impl<'a> ListItem<'a> for &'a str {}
+impl<'a> sealed::Sealed<'a> for &'a str {
+    fn from_wire(wire: WireVec<'a>, index: usize) -> Option<Result<Self, FieldError>> {
+        match wire {
+            WireVec::Names(v) => {
+                let name = v.get(index);
+                Some(check_name("sequence list name", name).map(|()| name))
+            }
+            _ => None,
+        }
     }
 }
 
