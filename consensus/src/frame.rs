@@ -110,7 +110,10 @@ impl NetStats {
 /// If `payload` is longer than [`FRAME_PAYLOAD_BYTES_MAX`] (a programming
 /// error: callers bound what they send).
 pub fn encode(payload: &[u8], key: Option<&AuthKey>) -> Vec<u8> {
-    assert!(payload.len() <= FRAME_PAYLOAD_BYTES_MAX, "frame payload too large");
+    assert!(
+        payload.len() <= FRAME_PAYLOAD_BYTES_MAX,
+        "frame payload too large"
+    );
     let mut out = Vec::with_capacity(4 + payload.len() + 4 + TAG_BYTES);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(payload);
@@ -126,7 +129,11 @@ pub fn encode(payload: &[u8], key: Option<&AuthKey>) -> Vec<u8> {
 /// Checks a whole frame held in memory and returns its payload.
 pub fn decode<'a>(frame: &'a [u8], key: Option<&AuthKey>) -> Result<&'a [u8], FrameError> {
     let short = || FrameError::Io(std::io::ErrorKind::UnexpectedEof.into());
-    let len_bytes: [u8; 4] = frame.get(..4).ok_or_else(short)?.try_into().map_err(|_| short())?;
+    let len_bytes: [u8; 4] = frame
+        .get(..4)
+        .ok_or_else(short)?
+        .try_into()
+        .map_err(|_| short())?;
     let len = u32::from_le_bytes(len_bytes) as usize;
     if len > FRAME_PAYLOAD_BYTES_MAX {
         return Err(FrameError::TooLarge(len));
@@ -230,11 +237,17 @@ mod tests {
         let key = AuthKey::from_secret(b"s");
         let mut good = encode(b"abc", Some(&key));
         let mut r: &[u8] = &good;
-        assert_eq!(read_frame(&mut r, Some(&key), &stats).await.unwrap(), b"abc");
+        assert_eq!(
+            read_frame(&mut r, Some(&key), &stats).await.unwrap(),
+            b"abc"
+        );
         good[4] ^= 0xff;
         let mut r: &[u8] = &good;
         assert!(read_frame(&mut r, Some(&key), &stats).await.is_err());
         let s = stats.snapshot();
-        assert_eq!((s.frames_ok, s.frames_bad_crc, s.connections_closed_bad), (1, 1, 1));
+        assert_eq!(
+            (s.frames_ok, s.frames_bad_crc, s.connections_closed_bad),
+            (1, 1, 1)
+        );
     }
 }

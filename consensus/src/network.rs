@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::BasicNode;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -22,7 +23,6 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -66,6 +66,13 @@ pub enum RpcRequest {
     },
     /// A client write forwarded by a follower to the leader.
     Write(Command),
+    /// The leader `from` tells the receiver it was removed from the cluster
+    /// (sent after the membership change committed; the removed server no
+    /// longer receives the log, so it would not learn it otherwise).
+    Removed {
+        /// The leader that removed it.
+        from: NodeId,
+    },
 }
 
 /// Why a forwarded write failed, as carried on the wire.
@@ -95,6 +102,8 @@ pub enum RpcResponse {
     Elect(bool),
     /// Answer to [`RpcRequest::Write`].
     Write(Result<Response, WriteFailure>),
+    /// Answer to [`RpcRequest::Removed`]: whether the receiver accepted it.
+    Removed(bool),
     /// The request was addressed to another node id.
     WrongTarget {
         /// The receiver's real id.
@@ -224,7 +233,10 @@ impl PeerClient {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
                 self.conn = None;
-                return Err(CallError::Network(format!("{} ({}): {e}", self.addr, self.target)));
+                return Err(CallError::Network(format!(
+                    "{} ({}): {e}",
+                    self.addr, self.target
+                )));
             }
             Err(_) => {
                 self.conn = None;
@@ -323,6 +335,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 pub(crate) trait Handler: Clone + Send + Sync + 'static {
     /// Handles a leader-handoff request.
     fn elect(&self, from: NodeId) -> bool;
+    /// Handles a removal notice.
+    fn removed(&self, from: NodeId) -> bool;
     /// Handles a forwarded write.
     fn write(
         &self,
@@ -370,17 +384,19 @@ pub(crate) fn serve<H: Handler>(
 async fn serve_conn<H: Handler>(mut stream: TcpStream, raft: Raft, cfg: NetConfig, handler: H) {
     let key = cfg.key.as_ref();
     loop {
-        let payload =
-            match tokio::time::timeout(IDLE_TIMEOUT, frame::read_frame(&mut stream, key, &cfg.stats))
-                .await
-            {
-                Ok(Ok(p)) => p,
-                Ok(Err(FrameError::Closed)) | Err(_) => return,
-                Ok(Err(e)) => {
-                    tracing::warn!(node = cfg.id, "dropping peer connection: {e}");
-                    return;
-                }
-            };
+        let payload = match tokio::time::timeout(
+            IDLE_TIMEOUT,
+            frame::read_frame(&mut stream, key, &cfg.stats),
+        )
+        .await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(FrameError::Closed)) | Err(_) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(node = cfg.id, "dropping peer connection: {e}");
+                return;
+            }
+        };
         let env: Envelope = match postcard::from_bytes(&payload) {
             Ok(env) => env,
             Err(e) => {
@@ -398,13 +414,16 @@ async fn serve_conn<H: Handler>(mut stream: TcpStream, raft: Raft, cfg: NetConfi
             RpcResponse::WrongTarget { actual: cfg.id }
         } else {
             match env.body {
-                RpcRequest::AppendEntries(r) => RpcResponse::AppendEntries(raft.append_entries(r).await),
+                RpcRequest::AppendEntries(r) => {
+                    RpcResponse::AppendEntries(raft.append_entries(r).await)
+                }
                 RpcRequest::Vote(r) => RpcResponse::Vote(raft.vote(r).await),
                 RpcRequest::InstallSnapshot(r) => {
                     RpcResponse::InstallSnapshot(raft.install_snapshot(r).await)
                 }
                 RpcRequest::Elect { from } => RpcResponse::Elect(handler.elect(from)),
                 RpcRequest::Write(cmd) => RpcResponse::Write(handler.write(cmd).await),
+                RpcRequest::Removed { from } => RpcResponse::Removed(handler.removed(from)),
             }
         };
         let bytes = match postcard::to_stdvec(&resp) {

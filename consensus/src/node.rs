@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
@@ -217,7 +218,9 @@ impl ConsensusNode {
         let (log, sm) = loop {
             match store::open(&config.data_dir) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < open_deadline && e.to_string().contains("already open") => {
+                Err(e)
+                    if Instant::now() < open_deadline && e.to_string().contains("already open") =>
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => return Err(e),
@@ -250,18 +253,22 @@ impl ConsensusNode {
         )
         .await
         .map_err(|e| Error::Stopped(e.to_string()))?;
-        let handler = NodeHandler {
-            id: config.id,
-            raft: raft.clone(),
-            timing: t,
-        };
-        let server_task = network::serve(listener, raft.clone(), net.clone(), handler);
+        let removed = Arc::new(AtomicBool::new(false));
         let (leader_tx, leader_rx) = watch::channel(LeaderInfo {
             leader: None,
             term: 0,
             member: false,
         });
-        let watch_task = tokio::spawn(watch_leader(config.id, raft.metrics(), leader_tx));
+        let leader_tx = Arc::new(leader_tx);
+        let handler = NodeHandler {
+            id: config.id,
+            raft: raft.clone(),
+            timing: t,
+            removed: removed.clone(),
+            leader_tx: leader_tx.clone(),
+        };
+        let server_task = network::serve(listener, raft.clone(), net.clone(), handler);
+        let watch_task = tokio::spawn(watch_leader(config.id, raft.metrics(), leader_tx, removed));
         Ok(ConsensusNode {
             id: config.id,
             raft,
@@ -332,7 +339,9 @@ impl ConsensusNode {
     /// log (or a snapshot). Leader only.
     pub async fn add_learner(&self, id: NodeId, addr: &str) -> Result<()> {
         if id == 0 || id >= AGENT_ID_FIRST {
-            return Err(Error::Config(format!("server id {id} not in 1..{AGENT_ID_FIRST}")));
+            return Err(Error::Config(format!(
+                "server id {id} not in 1..{AGENT_ID_FIRST}"
+            )));
         }
         let fut = self.raft.add_learner(id, BasicNode::new(addr), true);
         let d = self.membership_timeout();
@@ -375,10 +384,33 @@ impl ConsensusNode {
     /// server sees [`LeaderInfo::member`] turn `false` once it learns of it,
     /// and must stop serving. Leader only.
     pub async fn remove_server(&self, id: NodeId) -> Result<()> {
+        let addr = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        };
         let mut voters = self.metrics().voters;
         voters.remove(&id);
         self.change_membership(voters).await?;
         self.write(Command::RemoveNode { id }).await?;
+        // The removed server stops receiving the log before it sees the
+        // entry that removes it; tell it directly (best effort: if it is down
+        // now it finds out from the operator, or stays harmless — its vote
+        // requests lose to every up-to-date log).
+        if let Some(addr) = addr {
+            let mut c = PeerClient::new(self.net.clone(), id, addr);
+            let d = Duration::from_millis(self.timing.connect_timeout_ms * 2);
+            if let Err(e) = c.call(RpcRequest::Removed { from: self.id }, d).await {
+                tracing::warn!(
+                    node = self.id,
+                    removed = id,
+                    "removal notice not delivered: {e:?}"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -396,7 +428,13 @@ impl ConsensusNode {
         }
     }
 
-    async fn forward(&self, leader: NodeId, addr: String, cmd: Command, d: Duration) -> Result<Response> {
+    async fn forward(
+        &self,
+        leader: NodeId,
+        addr: String,
+        cmd: Command,
+        d: Duration,
+    ) -> Result<Response> {
         let mut client = PeerClient::new(self.net.clone(), leader, addr.clone());
         match client.call(RpcRequest::Write(cmd), d).await {
             Ok(RpcResponse::Write(Ok(r))) => Ok(r),
@@ -404,10 +442,9 @@ impl ConsensusNode {
                 Err(Error::NotLeader { leader })
             }
             Ok(RpcResponse::Write(Err(WriteFailure::Timeout))) => Err(Error::Timeout(d)),
-            Ok(RpcResponse::Write(Err(WriteFailure::Other(m)))) => Err(Error::Forward {
-                leader,
-                reason: m,
-            }),
+            Ok(RpcResponse::Write(Err(WriteFailure::Other(m)))) => {
+                Err(Error::Forward { leader, reason: m })
+            }
             Ok(other) => Err(Error::Forward {
                 leader,
                 reason: format!("unexpected answer {other:?}"),
@@ -421,7 +458,12 @@ impl ConsensusNode {
     }
 
     /// Creates a sequence; returns its initial ceiling (= `start`).
-    pub async fn create_sequence(&self, name: &SequenceName, width: Width, start: Id) -> Result<Id> {
+    pub async fn create_sequence(
+        &self,
+        name: &SequenceName,
+        width: Width,
+        start: Id,
+    ) -> Result<Id> {
         match self
             .write(Command::CreateSequence {
                 name: name.as_str().to_owned(),
@@ -590,19 +632,27 @@ impl ConsensusNode {
 
     async fn stop(self, handoff: bool) -> Result<()> {
         let successor = if handoff { self.successor() } else { None };
-        let res = self.raft.shutdown().await.map_err(|e| Error::Stopped(e.to_string()));
+        let res = self
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| Error::Stopped(e.to_string()));
         self.server_task.abort();
         self.watch_task.abort();
         let _ = self.server_task.await;
         let _ = self.watch_task.await;
         if let Some((id, addr)) = successor {
             let mut c = PeerClient::new(self.net.clone(), id, addr);
-            let d = Duration::from_millis(self.timing.connect_timeout_ms.max(self.timing.heartbeat_ms) * 2);
+            let d = Duration::from_millis(
+                self.timing.connect_timeout_ms.max(self.timing.heartbeat_ms) * 2,
+            );
             match c.call(RpcRequest::Elect { from: self.id }, d).await {
                 Ok(RpcResponse::Elect(true)) => {
                     tracing::info!(node = self.id, successor = id, "handed leadership off");
                 }
-                other => tracing::warn!(node = self.id, successor = id, "handoff refused: {other:?}"),
+                other => {
+                    tracing::warn!(node = self.id, successor = id, "handoff refused: {other:?}")
+                }
             }
         }
         res
@@ -641,7 +691,9 @@ fn write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
             leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
         },
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => Error::Raft(c.to_string()),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            Error::Raft(c.to_string())
+        }
         RaftError::Fatal(f) => Error::Stopped(f.to_string()),
     }
 }
@@ -654,10 +706,19 @@ async fn write_local(raft: &Raft, cmd: Command, d: Duration) -> Result<Response>
     }
 }
 
+fn publish(tx: &watch::Sender<LeaderInfo>, info: LeaderInfo) {
+    tx.send_if_modified(|cur| {
+        let changed = *cur != info;
+        *cur = info;
+        changed
+    });
+}
+
 async fn watch_leader(
     id: NodeId,
     mut metrics: watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
-    tx: watch::Sender<LeaderInfo>,
+    tx: Arc<watch::Sender<LeaderInfo>>,
+    removed: Arc<AtomicBool>,
 ) {
     loop {
         let info = {
@@ -666,14 +727,10 @@ async fn watch_leader(
             LeaderInfo {
                 leader: m.current_leader,
                 term: m.current_term,
-                member: mem.get_node(&id).is_some(),
+                member: mem.get_node(&id).is_some() && !removed.load(Ordering::Acquire),
             }
         };
-        tx.send_if_modified(|cur| {
-            let changed = *cur != info;
-            *cur = info;
-            changed
-        });
+        publish(&tx, info);
         if metrics.changed().await.is_err() {
             return;
         }
@@ -686,6 +743,8 @@ struct NodeHandler {
     id: NodeId,
     raft: Raft,
     timing: Timing,
+    removed: Arc<AtomicBool>,
+    leader_tx: Arc<watch::Sender<LeaderInfo>>,
 }
 
 impl Handler for NodeHandler {
@@ -704,7 +763,8 @@ impl Handler for NodeHandler {
         // The other voters heard from `from` at most a moment ago, and each
         // refuses any vote until its lease (election_max_ms) has run out.
         // Stand for election just after that, before any randomized timer.
-        let wait = Duration::from_millis(self.timing.election_max_ms + self.timing.heartbeat_ms / 2);
+        let wait =
+            Duration::from_millis(self.timing.election_max_ms + self.timing.heartbeat_ms / 2);
         let raft = self.raft.clone();
         let me = self.id;
         tokio::spawn(async move {
@@ -715,6 +775,31 @@ impl Handler for NodeHandler {
                 let _ = raft.trigger().elect().await;
             }
         });
+        true
+    }
+
+    fn removed(&self, from: NodeId) -> bool {
+        let leader = self.raft.metrics().borrow().current_leader;
+        if leader != Some(from) {
+            tracing::warn!(
+                node = self.id,
+                from,
+                ?leader,
+                "removal notice from a non-leader ignored"
+            );
+            return false;
+        }
+        tracing::info!(
+            node = self.id,
+            from,
+            "removed from the cluster: no more elections"
+        );
+        self.removed.store(true, Ordering::Release);
+        // Never stand for election again: this server is out.
+        self.raft.runtime_config().elect(false);
+        let mut info = *self.leader_tx.borrow();
+        info.member = false;
+        publish(&self.leader_tx, info);
         true
     }
 
