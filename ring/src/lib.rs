@@ -193,9 +193,8 @@ mod ring {
                 PushError::Exhausted => RingError::Exhausted,
             })?;
             if accepted > 0 && ProducerCore::waiters_present(&ring) {
-                let p = &ring.header().producer;
-                p.wake_seq.fetch_add(1, Ordering::Release);
-                shm::futex_wake_all(&p.wake_seq);
+                ProducerCore::bump_wake_seq(&ring);
+                shm::futex_wake_all(&ring.header().producer.wake_seq);
             }
             Ok(accepted)
         }
@@ -439,12 +438,11 @@ mod ring {
             loop {
                 // Register, then re-check: pairs with the producer's SeqCst fence before it reads
                 // `waiters` (see `ProducerCore::waiters_present`), so no wake-up is lost.
-                p.waiters.fetch_add(1, Ordering::SeqCst);
-                let seq = p.wake_seq.load(Ordering::SeqCst);
+                let seq = ring.register_waiter();
                 let got = self.try_take_range(max);
                 let now = Instant::now();
                 if !matches!(got, Err(RingError::WouldBlock)) || now >= deadline {
-                    p.waiters.fetch_sub(1, Ordering::SeqCst);
+                    ring.unregister_waiter();
                     return match got {
                         Err(RingError::WouldBlock) => Err(RingError::TimedOut),
                         other => other,
@@ -452,8 +450,8 @@ mod ring {
                 }
                 let slice = (deadline - now).min(Duration::from_millis(self.opts.sleep_slice_ms.max(1)));
                 shm::futex_wait(&p.wake_seq, seq, slice);
-                p.waiters.fetch_sub(1, Ordering::SeqCst);
-                if p.wake_seq.load(Ordering::Relaxed) == seq && self.opts.check_pid {
+                ring.unregister_waiter();
+                if ring.wake_seq() == seq && self.opts.check_pid {
                     // Slept a whole slice without a wake: is the agent still there?
                     let id = &ring.header().ident;
                     let pid = id.agent_pid.load(Ordering::Relaxed);

@@ -195,6 +195,34 @@ impl<'a> RingRef<'a> {
     }
 }
 
+impl RingRef<'_> {
+    /// Consumer side of the sleep protocol: registers in `waiters` (SeqCst, pairs with
+    /// [`ProducerCore::waiters_present`]) and returns the `wake_seq` value to sleep on. The caller
+    /// must re-check the ring after this, sleep only if it is still empty, and call
+    /// [`RingRef::unregister_waiter`] afterwards.
+    pub fn register_waiter(&self) -> u32 {
+        let p = &self.header.producer;
+        p.waiters.fetch_add(1, Ordering::SeqCst);
+        // The re-check's stamp load is only Acquire: without this fence the C++ model lets it
+        // read the old stamp while the producer's fenced load of `waiters` reads 0 (the loom
+        // model `no_lost_wakeup` fails without it). With a SeqCst fence on both sides, the one
+        // later in the SeqCst order sees the other side's write. (On x86 `lock xadd` is already a
+        // full barrier; the fence is on the sleep path only.)
+        fence(Ordering::SeqCst);
+        p.wake_seq.load(Ordering::SeqCst)
+    }
+
+    /// Undoes [`RingRef::register_waiter`].
+    pub fn unregister_waiter(&self) {
+        self.header.producer.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Current `wake_seq` (a changed value means the producer woke sleepers).
+    pub fn wake_seq(&self) -> u32 {
+        self.header.producer.wake_seq.load(Ordering::Acquire)
+    }
+}
+
 /// The producer's private state (lives in the agent's memory, not in the ring).
 pub struct ProducerCore {
     /// Next block index to publish (= `tail`).
@@ -288,6 +316,11 @@ impl ProducerCore {
     pub fn waiters_present(ring: &RingRef<'_>) -> bool {
         fence(Ordering::SeqCst);
         ring.header.producer.waiters.load(Ordering::Relaxed) != 0
+    }
+
+    /// Bumps the futex word after a push that found waiters; the caller then `FUTEX_WAKE`s it.
+    pub fn bump_wake_seq(ring: &RingRef<'_>) {
+        ring.header.producer.wake_seq.fetch_add(1, Ordering::Release);
     }
 
     /// Slots that can be published right now without waiting for consumers.
