@@ -18,7 +18,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
 }
 
 #[test]
-fn openraft_storage_suite() -> Result<(), StorageError> {
-    Suite::test_all(RedbBuilder)?;
-    Ok(())
+fn openraft_storage_suite() {
+    if let Err(e) = Suite::test_all(RedbBuilder) {
+        panic!("storage suite failed: {e}");
+    }
 }
