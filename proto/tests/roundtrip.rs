@@ -486,3 +486,147 @@ fn decoded_lists_iterate_like_the_originals() {
     assert!(datagram.len() <= DATAGRAM_BYTES_MAX);
     let _ = DecodeError::ZeroSeq;
 }
+
+/// Writes one valid datagram per message type (without and with the fuzz
+/// target's key, and in the fuzz target's "selector byte + payload" form) as
+/// a fuzzing seed corpus, when `UNID_FUZZ_SEEDS_DIR` is set:
+/// `UNID_FUZZ_SEEDS_DIR=$PWD/fuzz/corpus/decode cargo test -p unid-proto --test roundtrip write_fuzz_seeds`
+#[test]
+fn write_fuzz_seeds() {
+    let Some(dir) = std::env::var_os("UNID_FUZZ_SEEDS_DIR") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fuzz_key = AuthKey::from_secret(b"fuzz secret");
+    let servers = [
+        Server {
+            id: 1,
+            addr: "10.0.0.1:7000".parse().unwrap(),
+        },
+        Server {
+            id: 2,
+            addr: "[fe80::1]:7000".parse().unwrap(),
+        },
+    ];
+    let nodes = [Node {
+        id: 3,
+        addr: "10.0.0.3:7001".parse().unwrap(),
+        role: NodeRole::Agent,
+    }];
+    let statuses = [ServerStatus {
+        id: 1,
+        addr: servers[0].addr,
+        role: RaftRole::Leader,
+        term: 4,
+        health: Health::Healthy,
+    }];
+    let seqs = [SequenceStatus {
+        name: "orders",
+        width: Width::W8,
+        ceiling: 1 << 20,
+        remaining: 1 << 40,
+    }];
+    let names = ["a", "orders", "z.9"];
+    let messages = [
+        Message::Ping { sent_us: 1 },
+        Message::Pong {
+            echo_us: 1,
+            lease_ms: 3000,
+        },
+        Message::Hello {
+            role: NodeRole::Agent,
+            incarnation: 2,
+            name: "host-1",
+            listen: Some(servers[1].addr),
+            backup_of: Some(9),
+        },
+        Message::Welcome {
+            node_id: 9,
+            lease_ms: 3000,
+            servers: List::new(&servers),
+            truncated: false,
+        },
+        Message::BlockRequest {
+            sequence: "orders",
+            count: 100,
+        },
+        Message::BlockGrant {
+            sequence: "orders",
+            width: Width::W4,
+            block: Block::new(100, 100, Width::W4).unwrap(),
+        },
+        Message::NotLeader {
+            leader_id: 2,
+            leader: Some(servers[1].addr),
+            servers: List::new(&servers),
+            truncated: true,
+        },
+        Message::Error {
+            code: ErrorCode::RateLimited,
+            sequence: Some("orders"),
+            retry_after_ms: 5,
+            text: "slow down",
+        },
+        Message::NodeTableRequest { page: 1 },
+        Message::NodeTable {
+            version: 1,
+            page: 0,
+            page_count: 2,
+            nodes: List::new(&nodes),
+        },
+        Message::LeaderChange {
+            leader_id: 2,
+            leader: servers[1].addr,
+            servers: List::new(&servers),
+            truncated: false,
+        },
+        Message::SequenceCreate {
+            name: "orders",
+            width: Width::W16,
+            start: 1,
+        },
+        Message::SequenceDescribe { name: "orders" },
+        Message::SequenceList { after: Some("a") },
+        Message::SequenceInfo {
+            name: "orders",
+            width: Width::W2,
+            start: 1,
+            next: 10,
+            ceiling: 100,
+        },
+        Message::SequenceListReply {
+            names: List::new(&names),
+            more: true,
+        },
+        Message::StatusRequest {
+            sequences_after: None,
+        },
+        Message::StatusReply {
+            leader_id: 1,
+            term: 4,
+            servers: List::new(&statuses),
+            sequences: List::new(&seqs),
+            more: false,
+        },
+    ];
+    let mut codec = Codec::new();
+    let mut buf = [0u8; DATAGRAM_BYTES_MAX];
+    let h = Header {
+        sender: 42,
+        seq: 1,
+        reply_to: 0,
+        epoch: 0,
+    };
+    for m in &messages {
+        let t = m.message_type().as_u8();
+        for (suffix, k) in [("plain", None), ("auth", Some(&fuzz_key))] {
+            let len = codec.encode(&h, m, k, &mut buf).unwrap();
+            std::fs::write(dir.join(format!("seed-{t:02}-{suffix}")), &buf[..len]).unwrap();
+            // Selector byte + payload: type index (t - 1), top bit = keyed.
+            let mut framed = vec![(t - 1) | if k.is_some() { 0x80 } else { 0 }];
+            framed.extend_from_slice(&buf[40..len - 4 - if k.is_some() { 16 } else { 0 }]);
+            std::fs::write(dir.join(format!("seed-{t:02}-{suffix}-payload")), framed).unwrap();
+        }
+    }
+}
