@@ -260,7 +260,10 @@ impl SequenceState {
         debug_assert!(self.next <= self.committed_ceiling);
         debug_assert!(self.committed_ceiling <= self.proposed_max);
         debug_assert!(self.proposed_max <= limit);
-        debug_assert!(self.raise.is_none_or(|r| r > self.committed_ceiling && r <= limit));
+        debug_assert!(
+            self.raise
+                .is_none_or(|r| r > self.committed_ceiling && r <= limit)
+        );
     }
 }
 
@@ -301,13 +304,18 @@ impl LeaderAllocator {
     pub fn add_sequence(&mut self, now_us: u64, c: CommittedCeiling) -> Result<(), Error> {
         let now_us = self.tick(now_us);
         if c.ceiling > c.width.limit() {
-            return Err(Error::CeilingOutOfRange { ceiling: c.ceiling, limit: c.width.limit() });
+            return Err(Error::CeilingOutOfRange {
+                ceiling: c.ceiling,
+                limit: c.width.limit(),
+            });
         }
         if self.sequences.contains_key(&c.sequence) {
             return Err(Error::DuplicateSequence);
         }
         if self.sequences.len() >= self.config.sequences_max {
-            return Err(Error::TooManySequences { max: self.config.sequences_max });
+            return Err(Error::TooManySequences {
+                max: self.config.sequences_max,
+            });
         }
         let state = SequenceState {
             width: c.width,
@@ -453,22 +461,38 @@ impl LeaderAllocator {
         s.proposed_max = s.proposed_max.max(target);
         s.check();
         self.stats.raises_proposed += 1;
-        Some(Raise { sequence: name, ceiling: target })
+        Some(Raise {
+            sequence: name,
+            ceiling: target,
+        })
     }
 
     /// Applies a committed ceiling for `sequence` (max semantics: a repeat or
     /// lower value changes nothing). Clears the outstanding raise if this
     /// covers it. Refuses, without applying, a ceiling above the width's
     /// limit or above anything this leader proposed.
-    pub fn on_raise_committed(&mut self, sequence: &SequenceName, ceiling: Id) -> Result<(), Error> {
-        let s = self.sequences.get_mut(sequence).ok_or(Error::UnknownSequence)?;
+    pub fn on_raise_committed(
+        &mut self,
+        sequence: &SequenceName,
+        ceiling: Id,
+    ) -> Result<(), Error> {
+        let s = self
+            .sequences
+            .get_mut(sequence)
+            .ok_or(Error::UnknownSequence)?;
         if ceiling > s.width.limit() {
             self.stats.commits_refused += 1;
-            return Err(Error::CeilingOutOfRange { ceiling, limit: s.width.limit() });
+            return Err(Error::CeilingOutOfRange {
+                ceiling,
+                limit: s.width.limit(),
+            });
         }
         if ceiling > s.proposed_max {
             self.stats.commits_refused += 1;
-            return Err(Error::CeilingNotProposed { ceiling, proposed_max: s.proposed_max });
+            return Err(Error::CeilingNotProposed {
+                ceiling,
+                proposed_max: s.proposed_max,
+            });
         }
         if ceiling > s.committed_ceiling {
             s.committed_ceiling = ceiling;
@@ -494,7 +518,10 @@ impl LeaderAllocator {
     ) -> Result<(), Error> {
         let now_us = self.tick(now_us);
         let retry_ms = self.config.raise_retry_ms;
-        let s = self.sequences.get_mut(sequence).ok_or(Error::UnknownSequence)?;
+        let s = self
+            .sequences
+            .get_mut(sequence)
+            .ok_or(Error::UnknownSequence)?;
         if s.raise == Some(ceiling) {
             s.raise = None;
             s.retry_at_us = now_us.saturating_add(retry_ms.saturating_mul(1000));
@@ -522,12 +549,16 @@ impl LeaderAllocator {
 
     /// The ids left below the width's limit for `sequence` from its `next`.
     pub fn ids_left(&self, sequence: &SequenceName) -> Option<u128> {
-        self.sequences.get(sequence).map(|s| ids_left(s.width, s.next))
+        self.sequences
+            .get(sequence)
+            .map(|s| ids_left(s.width, s.next))
     }
 
     /// The headroom (committed ceiling − next) for `sequence`, saturated.
     pub fn headroom_ids(&self, sequence: &SequenceName) -> Option<u64> {
-        self.sequences.get(sequence).map(|s| saturate_u64(s.committed_ceiling - s.next))
+        self.sequences
+            .get(sequence)
+            .map(|s| saturate_u64(s.committed_ceiling - s.next))
     }
 }
 

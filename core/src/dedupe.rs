@@ -70,8 +70,11 @@ pub struct ReplyCacheConfig {
 
 impl ReplyCacheConfig {
     /// Defaults: 65,536 agents, 64 replies each, 60 s lease.
-    pub const DEFAULT: ReplyCacheConfig =
-        ReplyCacheConfig { agents_max: 1 << 16, replies_per_agent_max: 64, lease_ms: 60_000 };
+    pub const DEFAULT: ReplyCacheConfig = ReplyCacheConfig {
+        agents_max: 1 << 16,
+        replies_per_agent_max: 64,
+        lease_ms: 60_000,
+    };
 
     /// Checks every bound.
     pub fn validate(&self) -> Result<(), Error> {
@@ -80,7 +83,10 @@ impl ReplyCacheConfig {
             return bad("agents_max", "must be in 1..=AGENTS_MAX_LIMIT");
         }
         if !(1..=REPLIES_PER_AGENT_MAX_LIMIT).contains(&self.replies_per_agent_max) {
-            return bad("replies_per_agent_max", "must be in 1..=REPLIES_PER_AGENT_MAX_LIMIT");
+            return bad(
+                "replies_per_agent_max",
+                "must be in 1..=REPLIES_PER_AGENT_MAX_LIMIT",
+            );
         }
         if !(1..=LEASE_MS_MAX).contains(&self.lease_ms) {
             return bad("lease_ms", "must be in 1..=LEASE_MS_MAX");
@@ -229,7 +235,11 @@ impl<R> ReplyCache<R> {
                 self.stats.agents_evicted += 1;
             }
             assert!(self.agents.len() < self.config.agents_max);
-            let agent = Agent { last_seen_us: now_us, replies: VecDeque::new(), floor: 0 };
+            let agent = Agent {
+                last_seen_us: now_us,
+                replies: VecDeque::new(),
+                floor: 0,
+            };
             self.agents.insert(node, agent);
             self.by_last_seen.insert((now_us, node));
         } else {
@@ -300,8 +310,11 @@ mod tests {
     const MS: u64 = 1000;
 
     fn cache(agents_max: usize, replies: usize, lease_ms: u64) -> ReplyCache<u32> {
-        let config =
-            ReplyCacheConfig { agents_max, replies_per_agent_max: replies, lease_ms };
+        let config = ReplyCacheConfig {
+            agents_max,
+            replies_per_agent_max: replies,
+            lease_ms,
+        };
         ReplyCache::new(config).unwrap()
     }
 
@@ -312,7 +325,10 @@ mod tests {
         c.agents_max = 0;
         assert!(matches!(
             ReplyCache::<u8>::new(c),
-            Err(Error::InvalidConfig { field: "agents_max", .. })
+            Err(Error::InvalidConfig {
+                field: "agents_max",
+                ..
+            })
         ));
         let mut c = ReplyCacheConfig::DEFAULT;
         c.replies_per_agent_max = REPLIES_PER_AGENT_MAX_LIMIT + 1;

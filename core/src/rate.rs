@@ -42,7 +42,12 @@ impl Rate {
     /// (clamped to `1..=RATE_TAU_MS_MAX`; configs validate it first).
     pub fn new(now_us: u64, tau_ms: u64) -> Rate {
         let tau_ms = tau_ms.clamp(1, RATE_TAU_MS_MAX);
-        Rate { tau_us: tau_ms as f64 * 1000.0, origin_us: now_us, at_us: now_us, acc: 0.0 }
+        Rate {
+            tau_us: tau_ms as f64 * 1000.0,
+            origin_us: now_us,
+            at_us: now_us,
+            acc: 0.0,
+        }
     }
 
     /// Records `ids` consumed (or granted) at `now_us`.
@@ -87,7 +92,11 @@ mod tests {
         for ms in 1..=300u64 {
             r.record(ms * 1000, 1);
             if ms >= 200 {
-                assert!(close(r.per_s(ms * 1000), 1000.0, 0.05), "{}", r.per_s(ms * 1000));
+                assert!(
+                    close(r.per_s(ms * 1000), 1000.0, 0.05),
+                    "{}",
+                    r.per_s(ms * 1000)
+                );
             }
         }
         for ms in 301..=10_000u64 {

@@ -138,7 +138,10 @@ impl RequesterConfig {
             return bad("attempts_max", "must be in 1..=ATTEMPTS_MAX_LIMIT");
         }
         if !(1..=REQUEST_TIMEOUT_MS_MAX).contains(&self.request_timeout_ms) {
-            return bad("request_timeout_ms", "must be in 1..=REQUEST_TIMEOUT_MS_MAX");
+            return bad(
+                "request_timeout_ms",
+                "must be in 1..=REQUEST_TIMEOUT_MS_MAX",
+            );
         }
         if self.silent_timeouts_max == 0 {
             return bad("silent_timeouts_max", "must be at least 1");
@@ -152,7 +155,11 @@ impl RequesterConfig {
         debug_assert!(attempt >= 1);
         let shift = attempt.saturating_sub(1).min(63);
         let ms = self.rto_initial_ms.checked_shl(shift).unwrap_or(u64::MAX);
-        let ms = if ms >> shift != self.rto_initial_ms { u64::MAX } else { ms };
+        let ms = if ms >> shift != self.rto_initial_ms {
+            u64::MAX
+        } else {
+            ms
+        };
         ms.min(self.rto_max_ms) * 1000
     }
 }
@@ -334,7 +341,11 @@ impl<Q: Clone, P> Requester<Q, P> {
         if servers.len() > config.servers_max {
             return bad("servers", "must be at most servers_max");
         }
-        if servers.iter().enumerate().any(|(i, a)| servers[..i].contains(a)) {
+        if servers
+            .iter()
+            .enumerate()
+            .any(|(i, a)| servers[..i].contains(a))
+        {
             return bad("servers", "must not repeat an address");
         }
         if first_seq == 0 {
@@ -385,7 +396,9 @@ impl<Q: Clone, P> Requester<Q, P> {
     pub fn send(&mut self, now_us: u64, request: Q) -> Result<SeqNo, Error> {
         let now_us = self.tick(now_us);
         if self.outstanding() >= self.config.requests_max {
-            return Err(Error::TooManyOutstanding { max: self.config.requests_max });
+            return Err(Error::TooManyOutstanding {
+                max: self.config.requests_max,
+            });
         }
         let seq = self.next_seq.ok_or(Error::SeqNoExhausted)?;
         assert!(seq >= 1);
@@ -425,7 +438,12 @@ impl<Q: Clone, P> Requester<Q, P> {
         if p.attempts > 1 {
             self.stats.retransmits += 1;
         }
-        Some(Transmit { seq: p.seq, destination, attempt: p.attempts, request: p.request.clone() })
+        Some(Transmit {
+            seq: p.seq,
+            destination,
+            attempt: p.attempts,
+            request: p.request.clone(),
+        })
     }
 
     /// Handles a response datagram from `from` at `now_us`. See
@@ -525,7 +543,13 @@ impl<Q: Clone, P> Requester<Q, P> {
     pub fn poll_timeout(&self) -> Option<u64> {
         self.pending
             .iter()
-            .map(|p| if p.due || p.attempts == 0 { p.deadline_us } else { p.timer_us.min(p.deadline_us) })
+            .map(|p| {
+                if p.due || p.attempts == 0 {
+                    p.deadline_us
+                } else {
+                    p.timer_us.min(p.deadline_us)
+                }
+            })
             .min()
     }
 
@@ -576,7 +600,10 @@ impl<Q: Clone, P> Requester<Q, P> {
     fn retransmit_now(&mut self, at: usize) -> bool {
         let p = &mut self.pending[at];
         if p.attempts >= self.config.attempts_max {
-            let error = Error::AttemptsExhausted { seq: p.seq, attempts: p.attempts };
+            let error = Error::AttemptsExhausted {
+                seq: p.seq,
+                attempts: p.attempts,
+            };
             self.fail(at, error);
             true
         } else {

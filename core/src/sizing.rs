@@ -173,7 +173,10 @@ mod tests {
         c.block_ids_min = 0;
         assert!(matches!(
             Sizer::new(c, 0),
-            Err(Error::InvalidConfig { field: "block_ids_min", .. })
+            Err(Error::InvalidConfig {
+                field: "block_ids_min",
+                ..
+            })
         ));
         let mut c = SizingConfig::DEFAULT;
         c.block_ids_max = c.block_ids_min - 1;
@@ -270,10 +273,19 @@ mod tests {
         consume(&mut s, 0, 1000 * MS, 1_000_000_000);
         let limit = Width::W4.limit();
         assert_eq!(s.block_ids(1000 * MS, Width::W4, limit - 7), Ok(7));
-        assert_eq!(s.block_ids(1000 * MS, Width::W4, limit), Err(Error::Exhausted));
-        assert_eq!(s.block_ids(1000 * MS, Width::W4, limit + 5), Err(Error::Exhausted));
+        assert_eq!(
+            s.block_ids(1000 * MS, Width::W4, limit),
+            Err(Error::Exhausted)
+        );
+        assert_eq!(
+            s.block_ids(1000 * MS, Width::W4, limit + 5),
+            Err(Error::Exhausted)
+        );
         // Small width: capped at limit / 1024 whatever the rate.
         assert_eq!(s.block_ids(1000 * MS, Width::W2, 0), Ok(63));
-        assert_eq!(s.block_ids(1000 * MS, Width::W2, Width::W2.limit() - 3), Ok(3));
+        assert_eq!(
+            s.block_ids(1000 * MS, Width::W2, Width::W2.limit() - 3),
+            Ok(3)
+        );
     }
 }

@@ -23,12 +23,27 @@ const MS: u64 = 1000;
 #[derive(Clone, Debug)]
 enum Op {
     Elect,
-    Grant { leader: usize, seq: usize, want: u64 },
-    Poll { leader: usize },
-    Commit { pick: usize },
-    Deliver { pick: usize, twice: bool },
-    Lose { pick: usize },
-    Advance { ms: u64 },
+    Grant {
+        leader: usize,
+        seq: usize,
+        want: u64,
+    },
+    Poll {
+        leader: usize,
+    },
+    Commit {
+        pick: usize,
+    },
+    Deliver {
+        pick: usize,
+        twice: bool,
+    },
+    Lose {
+        pick: usize,
+    },
+    Advance {
+        ms: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -90,7 +105,9 @@ struct Model {
 
 impl Model {
     fn new(starts: &[(Width, Id)]) -> Model {
-        let names = (0..starts.len()).map(|i| SequenceName::new(&format!("s{i}")).unwrap()).collect();
+        let names = (0..starts.len())
+            .map(|i| SequenceName::new(&format!("s{i}")).unwrap())
+            .collect();
         Model {
             names,
             widths: starts.iter().map(|s| s.0).collect(),
@@ -164,9 +181,17 @@ impl Model {
                 let li = leader % self.leaders.len();
                 let l = &mut self.leaders[li];
                 while let Some(raise) = l.alloc.poll_raise(self.now_us) {
-                    let si = self.names.iter().position(|n| *n == raise.sequence).unwrap();
+                    let si = self
+                        .names
+                        .iter()
+                        .position(|n| *n == raise.sequence)
+                        .unwrap();
                     assert!(raise.ceiling <= self.widths[si].limit());
-                    self.proposals.push(Proposal { leader: li, term: l.term, raise });
+                    self.proposals.push(Proposal {
+                        leader: li,
+                        term: l.term,
+                        raise,
+                    });
                 }
             }
             Op::Commit { pick } => {
@@ -179,7 +204,11 @@ impl Model {
                     let si = self.seq_index(&p.raise.sequence);
                     self.committed[si] = self.committed[si].max(p.raise.ceiling);
                 }
-                self.reports.push(Report { leader: p.leader, raise: p.raise, committed });
+                self.reports.push(Report {
+                    leader: p.leader,
+                    raise: p.raise,
+                    committed,
+                });
             }
             Op::Deliver { pick, twice } => {
                 if self.reports.is_empty() {
@@ -189,9 +218,13 @@ impl Model {
                 let l = &mut self.leaders[r.leader];
                 for _ in 0..if twice { 2 } else { 1 } {
                     if r.committed {
-                        l.alloc.on_raise_committed(&r.raise.sequence, r.raise.ceiling).unwrap();
+                        l.alloc
+                            .on_raise_committed(&r.raise.sequence, r.raise.ceiling)
+                            .unwrap();
                     } else {
-                        l.alloc.on_raise_failed(self.now_us, &r.raise.sequence, r.raise.ceiling).unwrap();
+                        l.alloc
+                            .on_raise_failed(self.now_us, &r.raise.sequence, r.raise.ceiling)
+                            .unwrap();
                     }
                 }
             }
@@ -209,7 +242,12 @@ impl Model {
             let mut sorted = grants.clone();
             sorted.sort_by_key(|b| b.first());
             for pair in sorted.windows(2) {
-                assert!(!pair[0].overlaps(&pair[1]), "seq {si}: {:?} overlaps {:?}", pair[0], pair[1]);
+                assert!(
+                    !pair[0].overlaps(&pair[1]),
+                    "seq {si}: {:?} overlaps {:?}",
+                    pair[0],
+                    pair[1]
+                );
             }
         }
     }
@@ -276,10 +314,17 @@ fn one_leader_with_prompt_commits_loses_nothing() {
         m.apply(Op::Poll { leader: 0 });
         while !m.proposals.is_empty() {
             m.apply(Op::Commit { pick: 0 });
-            m.apply(Op::Deliver { pick: 0, twice: false });
+            m.apply(Op::Deliver {
+                pick: 0,
+                twice: false,
+            });
         }
         for (si, done) in exhausted.iter_mut().enumerate() {
-            m.apply(Op::Grant { leader: 0, seq: si, want: 500 });
+            m.apply(Op::Grant {
+                leader: 0,
+                seq: si,
+                want: 500,
+            });
             *done = m.leaders[0].alloc.ids_left(&m.names[si]) == Some(0);
         }
     }

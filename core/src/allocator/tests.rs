@@ -19,7 +19,11 @@ fn config() -> AllocatorConfig {
 }
 
 fn leader(width: Width, ceiling: Id) -> LeaderAllocator {
-    let c = CommittedCeiling { sequence: name("s"), width, ceiling };
+    let c = CommittedCeiling {
+        sequence: name("s"),
+        width,
+        ceiling,
+    };
     LeaderAllocator::new(config(), 0, [c]).unwrap()
 }
 
@@ -33,11 +37,14 @@ fn commit_all(a: &mut LeaderAllocator, now_us: u64) {
 #[test]
 fn config_is_validated() {
     assert!(AllocatorConfig::DEFAULT.validate().is_ok());
-    let cases: [(&str, fn(&mut AllocatorConfig)); 8] = [
+    type Breaker = (&'static str, fn(&mut AllocatorConfig));
+    let cases: [Breaker; 8] = [
         ("raise_lead_ms", |c| c.raise_lead_ms = 0),
         ("rate_tau_ms", |c| c.rate_tau_ms = 0),
         ("window_ids_min", |c| c.window_ids_min = 0),
-        ("window_ids_max", |c| c.window_ids_max = c.window_ids_min - 1),
+        ("window_ids_max", |c| {
+            c.window_ids_max = c.window_ids_min - 1
+        }),
         ("block_ids_max", |c| c.block_ids_max = 0),
         ("window_ids_max", |c| c.block_ids_max = c.window_ids_max + 1),
         ("raise_retry_ms", |c| c.raise_retry_ms = RAISE_MS_MAX + 1),
@@ -185,14 +192,26 @@ fn commits_have_max_semantics_and_are_idempotent() {
     assert_eq!(a.stats().raises_committed, 1);
     // Not proposed by this leader: refused, not applied.
     let err = a.on_raise_committed(&s, r1.ceiling + 1).unwrap_err();
-    assert_eq!(err, Error::CeilingNotProposed { ceiling: r1.ceiling + 1, proposed_max: r1.ceiling });
+    assert_eq!(
+        err,
+        Error::CeilingNotProposed {
+            ceiling: r1.ceiling + 1,
+            proposed_max: r1.ceiling
+        }
+    );
     assert_eq!(
         a.on_raise_committed(&s, u128::MAX),
-        Err(Error::CeilingOutOfRange { ceiling: u128::MAX, limit: Width::W8.limit() })
+        Err(Error::CeilingOutOfRange {
+            ceiling: u128::MAX,
+            limit: Width::W8.limit()
+        })
     );
     assert_eq!(a.sequence(&s).unwrap().committed_ceiling, r1.ceiling);
     assert_eq!(a.stats().commits_refused, 2);
-    assert_eq!(a.on_raise_committed(&name("zz"), 1), Err(Error::UnknownSequence));
+    assert_eq!(
+        a.on_raise_committed(&name("zz"), 1),
+        Err(Error::UnknownSequence)
+    );
 }
 
 #[test]
@@ -203,7 +222,7 @@ fn failed_raise_is_retried_after_the_retry_delay() {
     // A stale failure (other ceiling) changes nothing.
     a.on_raise_failed(0, &s, r.ceiling + 1).unwrap();
     assert_eq!(a.sequence(&s).unwrap().raise, Some(r.ceiling));
-    a.on_raise_failed(1 * MS, &s, r.ceiling).unwrap();
+    a.on_raise_failed(MS, &s, r.ceiling).unwrap();
     assert_eq!(a.sequence(&s).unwrap().raise, None);
     assert_eq!(a.poll_raise(2 * MS), None);
     assert_eq!(a.poll_timeout(), Some(6 * MS));
@@ -249,7 +268,11 @@ fn small_width_windows_and_blocks_scale_down() {
     assert_eq!(c.block_ids_max_for(Width::W2), 63);
     assert_eq!(c.block_ids_max_for(Width::W8), 1 << 16);
     // One leader drains a whole 2-byte sequence: no overlap, nothing lost.
-    let seq = CommittedCeiling { sequence: name("s"), width: Width::W2, ceiling: 1 };
+    let seq = CommittedCeiling {
+        sequence: name("s"),
+        width: Width::W2,
+        ceiling: 1,
+    };
     let mut a = LeaderAllocator::new(c, 0, [seq]).unwrap();
     let s = name("s");
     let mut end = 1;
@@ -287,11 +310,19 @@ fn leader_change_loses_at_most_one_window_on_small_widths() {
         let mut a = LeaderAllocator::new(
             c.clone(),
             round * 1000 * MS,
-            [CommittedCeiling { sequence: s.clone(), width: Width::W2, ceiling: committed }],
+            [CommittedCeiling {
+                sequence: s.clone(),
+                width: Width::W2,
+                ceiling: committed,
+            }],
         )
         .unwrap();
         // Skipped ids: from the old leader's last grant to this start.
-        assert!(committed - highest_end <= cap, "lost {} ids", committed - highest_end);
+        assert!(
+            committed - highest_end <= cap,
+            "lost {} ids",
+            committed - highest_end
+        );
         let grants = round % 7;
         for g in 0..=grants {
             let now = round * 1000 * MS + g * MS;
@@ -299,7 +330,7 @@ fn leader_change_loses_at_most_one_window_on_small_widths() {
                 a.on_raise_committed(&s, r.ceiling).unwrap();
                 committed = committed.max(r.ceiling);
             }
-            if let Ok(b) = a.grant(now, &s, 13 * (round as u64 + 1)) {
+            if let Ok(b) = a.grant(now, &s, 13 * (round + 1)) {
                 assert!(b.first() >= highest_end);
                 highest_end = b.end();
             }
@@ -319,15 +350,37 @@ fn leader_change_loses_at_most_one_window_on_small_widths() {
 fn sequences_are_bounded_and_unique() {
     let mut a = LeaderAllocator::new(config(), 0, []).unwrap();
     for i in 0..4 {
-        let c = CommittedCeiling { sequence: name(&format!("s{i}")), width: Width::W4, ceiling: 0 };
+        let c = CommittedCeiling {
+            sequence: name(&format!("s{i}")),
+            width: Width::W4,
+            ceiling: 0,
+        };
         a.add_sequence(0, c).unwrap();
     }
-    let c = CommittedCeiling { sequence: name("s9"), width: Width::W4, ceiling: 0 };
-    assert_eq!(a.add_sequence(0, c), Err(Error::TooManySequences { max: 4 }));
-    let c = CommittedCeiling { sequence: name("s0"), width: Width::W4, ceiling: 0 };
+    let c = CommittedCeiling {
+        sequence: name("s9"),
+        width: Width::W4,
+        ceiling: 0,
+    };
+    assert_eq!(
+        a.add_sequence(0, c),
+        Err(Error::TooManySequences { max: 4 })
+    );
+    let c = CommittedCeiling {
+        sequence: name("s0"),
+        width: Width::W4,
+        ceiling: 0,
+    };
     assert_eq!(a.add_sequence(0, c), Err(Error::DuplicateSequence));
-    let c = CommittedCeiling { sequence: name("s0"), width: Width::W2, ceiling: 1 << 16 };
-    assert!(matches!(a.add_sequence(0, c), Err(Error::CeilingOutOfRange { .. })));
+    let c = CommittedCeiling {
+        sequence: name("s0"),
+        width: Width::W2,
+        ceiling: 1 << 16,
+    };
+    assert!(matches!(
+        a.add_sequence(0, c),
+        Err(Error::CeilingOutOfRange { .. })
+    ));
     assert_eq!(a.grant(0, &name("nope"), 1), Err(Error::UnknownSequence));
     // Every sequence gets its first raise, one poll each.
     let mut raised = 0;

@@ -29,7 +29,11 @@ fn requester(config: RequesterConfig, servers: u8) -> R {
 }
 
 fn done(reply_to: SeqNo, epoch: Epoch, payload: u32) -> Response<u32> {
-    Response { reply_to, epoch, reply: Reply::Done(payload) }
+    Response {
+        reply_to,
+        epoch,
+        reply: Reply::Done(payload),
+    }
 }
 
 /// Fires the timer if it is due at `now_us`.
@@ -42,7 +46,8 @@ fn fire(r: &mut R, now_us: u64, rng: &mut SmallRng) {
 #[test]
 fn config_and_servers_are_validated() {
     assert!(RequesterConfig::DEFAULT.validate().is_ok());
-    let cases: [(&str, fn(&mut RequesterConfig)); 8] = [
+    type Breaker = (&'static str, fn(&mut RequesterConfig));
+    let cases: [Breaker; 8] = [
         ("requests_max", |c| c.requests_max = 0),
         ("servers_max", |c| c.servers_max = SERVERS_MAX_LIMIT + 1),
         ("rto_initial_ms", |c| c.rto_initial_ms = 0),
@@ -65,7 +70,10 @@ fn config_and_servers_are_validated() {
         other => panic!("{other:?}"),
     };
     assert_eq!(field(R::new(config(), &[], 1, 0)), "servers");
-    assert_eq!(field(R::new(config(), &[addr(1), addr(1)], 1, 0)), "servers");
+    assert_eq!(
+        field(R::new(config(), &[addr(1), addr(1)], 1, 0)),
+        "servers"
+    );
     let many: Vec<_> = (1..=9).map(addr).collect();
     assert_eq!(field(R::new(config(), &many, 1, 0)), "servers");
     assert_eq!(field(R::new(config(), &[addr(1)], 0, 0)), "first_seq");
@@ -90,15 +98,28 @@ fn seqs_increase_from_first_seq_and_outstanding_is_bounded() {
     }
     assert_eq!(r.send(0, "x"), Err(Error::TooManyOutstanding { max: 4 }));
     let t = r.poll_transmit(0).unwrap();
-    assert_eq!((t.seq, t.destination, t.attempt, t.request), (500, addr(1), 1, "x"));
+    assert_eq!(
+        (t.seq, t.destination, t.attempt, t.request),
+        (500, addr(1), 1, "x")
+    );
     for seq in 501..504 {
         assert_eq!(r.poll_transmit(0).unwrap().seq, seq);
     }
     assert_eq!(r.poll_transmit(0), None);
     // A completion not yet taken still counts.
-    assert_eq!(r.handle_response(1, addr(1), done(500, 1, 9)), Disposition::Accepted);
+    assert_eq!(
+        r.handle_response(1, addr(1), done(500, 1, 9)),
+        Disposition::Accepted
+    );
     assert_eq!(r.send(2, "y"), Err(Error::TooManyOutstanding { max: 4 }));
-    assert!(matches!(r.poll_event(), Some(Event::Completed { seq: 500, payload: 9, .. })));
+    assert!(matches!(
+        r.poll_event(),
+        Some(Event::Completed {
+            seq: 500,
+            payload: 9,
+            ..
+        })
+    ));
     assert_eq!(r.send(3, "y"), Ok(504));
 }
 
@@ -107,18 +128,41 @@ fn completes_once_and_drops_duplicates_and_unknown_seqs() {
     let mut r = requester(config(), 1);
     let seq = r.send(0, "a").unwrap();
     r.poll_transmit(0).unwrap();
-    assert_eq!(r.handle_response(1, addr(1), done(seq, 3, 7)), Disposition::Accepted);
+    assert_eq!(
+        r.handle_response(1, addr(1), done(seq, 3, 7)),
+        Disposition::Accepted
+    );
     assert_eq!(
         r.poll_event(),
-        Some(Event::Completed { seq, epoch: 3, from: addr(1), payload: 7 })
+        Some(Event::Completed {
+            seq,
+            epoch: 3,
+            from: addr(1),
+            payload: 7
+        })
     );
     // The same response again, a different payload for the same seq, a seq
     // never sent, seq 0: all dropped.
-    assert_eq!(r.handle_response(2, addr(1), done(seq, 3, 7)), Disposition::UnknownSeq);
-    assert_eq!(r.handle_response(2, addr(1), done(seq, 3, 8)), Disposition::UnknownSeq);
-    assert_eq!(r.handle_response(2, addr(1), done(99, 3, 8)), Disposition::UnknownSeq);
-    assert_eq!(r.handle_response(2, addr(1), done(0, 3, 8)), Disposition::UnknownSeq);
-    assert_eq!(r.handle_response(2, addr(9), done(seq, 3, 8)), Disposition::UnknownSource);
+    assert_eq!(
+        r.handle_response(2, addr(1), done(seq, 3, 7)),
+        Disposition::UnknownSeq
+    );
+    assert_eq!(
+        r.handle_response(2, addr(1), done(seq, 3, 8)),
+        Disposition::UnknownSeq
+    );
+    assert_eq!(
+        r.handle_response(2, addr(1), done(99, 3, 8)),
+        Disposition::UnknownSeq
+    );
+    assert_eq!(
+        r.handle_response(2, addr(1), done(0, 3, 8)),
+        Disposition::UnknownSeq
+    );
+    assert_eq!(
+        r.handle_response(2, addr(9), done(seq, 3, 8)),
+        Disposition::UnknownSource
+    );
     assert_eq!(r.poll_event(), None);
     assert_eq!(r.stats().unknown_seq, 4);
     assert_eq!(r.stats().unknown_source, 1);
@@ -143,10 +187,16 @@ fn retransmits_with_the_same_seq_on_the_backoff_schedule() {
     // 5 attempts at 0, 10, 30, 70, 110 ms; then given up at 150 ms.
     let times: Vec<_> = sent_at.iter().map(|(t, _)| t / MS).collect();
     assert_eq!(times, [0, 10, 30, 70, 110]);
-    assert_eq!(sent_at.iter().map(|(_, a)| *a).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    assert_eq!(
+        sent_at.iter().map(|(_, a)| *a).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
     assert_eq!(
         r.poll_event(),
-        Some(Event::Failed { seq, error: Error::AttemptsExhausted { seq, attempts: 5 } })
+        Some(Event::Failed {
+            seq,
+            error: Error::AttemptsExhausted { seq, attempts: 5 }
+        })
     );
     assert_eq!(r.stats().retransmits, 4);
     assert_eq!(r.stats().failed, 1);
@@ -193,15 +243,31 @@ fn stale_epochs_are_never_used() {
     let a = r.send(0, "a").unwrap();
     let b = r.send(0, "b").unwrap();
     while r.poll_transmit(0).is_some() {}
-    assert_eq!(r.handle_response(1, addr(1), done(a, 5, 1)), Disposition::Accepted);
+    assert_eq!(
+        r.handle_response(1, addr(1), done(a, 5, 1)),
+        Disposition::Accepted
+    );
     assert_eq!(r.highest_epoch(), 5);
     // An older leader's answer to b: dropped, b still outstanding.
-    assert_eq!(r.handle_response(2, addr(2), done(b, 4, 2)), Disposition::StaleEpoch);
-    let redirect = Response { reply_to: b, epoch: 4, reply: Reply::Redirect { leader: None } };
-    assert_eq!(r.handle_response(2, addr(1), redirect), Disposition::StaleEpoch);
+    assert_eq!(
+        r.handle_response(2, addr(2), done(b, 4, 2)),
+        Disposition::StaleEpoch
+    );
+    let redirect = Response {
+        reply_to: b,
+        epoch: 4,
+        reply: Reply::Redirect { leader: None },
+    };
+    assert_eq!(
+        r.handle_response(2, addr(1), redirect),
+        Disposition::StaleEpoch
+    );
     assert_eq!(r.outstanding(), 2);
     // Same or newer epoch: used.
-    assert_eq!(r.handle_response(3, addr(1), done(b, 5, 3)), Disposition::Accepted);
+    assert_eq!(
+        r.handle_response(3, addr(1), done(b, 5, 3)),
+        Disposition::Accepted
+    );
     assert_eq!(r.stats().stale_epoch, 2);
 }
 
@@ -210,29 +276,54 @@ fn follows_a_redirect_to_the_named_leader_with_the_same_seq() {
     let mut r = requester(config(), 3);
     let seq = r.send(0, "a").unwrap();
     assert_eq!(r.poll_transmit(0).unwrap().destination, addr(1));
-    let redirect = |to| Response { reply_to: seq, epoch: 2, reply: Reply::Redirect { leader: to } };
-    assert_eq!(r.handle_response(1, addr(1), redirect(Some(addr(3)))), Disposition::Redirected);
+    let redirect = |to| Response {
+        reply_to: seq,
+        epoch: 2,
+        reply: Reply::Redirect { leader: to },
+    };
+    assert_eq!(
+        r.handle_response(1, addr(1), redirect(Some(addr(3)))),
+        Disposition::Redirected
+    );
     assert_eq!(r.leader(), addr(3));
     let t = r.poll_transmit(1).unwrap();
     assert_eq!((t.seq, t.destination, t.attempt), (seq, addr(3), 2));
     // A late redirect answering the first transmission is stale.
-    assert_eq!(r.handle_response(2, addr(1), redirect(Some(addr(2)))), Disposition::StaleRedirect);
+    assert_eq!(
+        r.handle_response(2, addr(1), redirect(Some(addr(2)))),
+        Disposition::StaleRedirect
+    );
     assert_eq!(r.leader(), addr(3));
     // A redirect naming an unknown server, or none: rotate to the next.
-    assert_eq!(r.handle_response(3, addr(3), redirect(Some(addr(9)))), Disposition::Redirected);
+    assert_eq!(
+        r.handle_response(3, addr(3), redirect(Some(addr(9)))),
+        Disposition::Redirected
+    );
     assert_eq!(r.leader(), addr(1));
     assert_eq!(r.poll_transmit(3).unwrap().destination, addr(1));
-    assert_eq!(r.handle_response(4, addr(1), redirect(None)), Disposition::Redirected);
+    assert_eq!(
+        r.handle_response(4, addr(1), redirect(None)),
+        Disposition::Redirected
+    );
     assert_eq!(r.leader(), addr(2));
     assert_eq!(r.poll_transmit(4).unwrap().destination, addr(2));
     // The redirects count as attempts: the loop is bounded.
-    assert_eq!(r.handle_response(5, addr(2), redirect(Some(addr(1)))), Disposition::Redirected);
+    assert_eq!(
+        r.handle_response(5, addr(2), redirect(Some(addr(1)))),
+        Disposition::Redirected
+    );
     assert_eq!(r.poll_transmit(5).unwrap().attempt, 5);
-    assert_eq!(r.handle_response(6, addr(1), redirect(Some(addr(2)))), Disposition::Redirected);
+    assert_eq!(
+        r.handle_response(6, addr(1), redirect(Some(addr(2)))),
+        Disposition::Redirected
+    );
     assert_eq!(r.poll_transmit(6), None);
     assert_eq!(
         r.poll_event(),
-        Some(Event::Failed { seq, error: Error::AttemptsExhausted { seq, attempts: 5 } })
+        Some(Event::Failed {
+            seq,
+            error: Error::AttemptsExhausted { seq, attempts: 5 }
+        })
     );
 }
 
@@ -254,7 +345,10 @@ fn rotates_away_from_a_silent_server() {
     assert_eq!(dests, [addr(1), addr(1), addr(2), addr(2), addr(3)]);
     assert_eq!(r.stats().rotations, 2);
     // The third server answers.
-    assert_eq!(r.handle_response(now, addr(3), done(seq, 1, 1)), Disposition::Accepted);
+    assert_eq!(
+        r.handle_response(now, addr(3), done(seq, 1, 1)),
+        Disposition::Accepted
+    );
     assert_eq!(r.leader(), addr(3));
 }
 
@@ -264,14 +358,24 @@ fn try_later_keeps_the_server_and_the_schedule() {
     let mut r = requester(config(), 2);
     let seq = r.send(0, "a").unwrap();
     r.poll_transmit(0).unwrap();
-    let later = Response { reply_to: seq, epoch: 1, reply: Reply::TryLater };
-    assert_eq!(r.handle_response(MS, addr(1), later.clone()), Disposition::TryLater);
+    let later = Response {
+        reply_to: seq,
+        epoch: 1,
+        reply: Reply::TryLater,
+    };
+    assert_eq!(
+        r.handle_response(MS, addr(1), later.clone()),
+        Disposition::TryLater
+    );
     assert_eq!(r.poll_transmit(MS), None);
     assert_eq!(r.poll_timeout(), Some(10 * MS));
     r.handle_timeout(10 * MS, &mut rng);
     assert_eq!(r.poll_transmit(10 * MS).unwrap().destination, addr(1));
     // An answer from the leader resets its silence count: no rotation.
-    assert_eq!(r.handle_response(11 * MS, addr(1), later), Disposition::TryLater);
+    assert_eq!(
+        r.handle_response(11 * MS, addr(1), later),
+        Disposition::TryLater
+    );
     r.handle_timeout(30 * MS, &mut rng);
     assert_eq!(r.poll_transmit(30 * MS).unwrap().destination, addr(1));
     assert_eq!(r.stats().rotations, 0);
@@ -307,7 +411,10 @@ fn every_server_refusing_fails_after_attempts_max() {
     assert_eq!(sends, 5);
     assert_eq!(
         r.poll_event(),
-        Some(Event::Failed { seq, error: Error::AttemptsExhausted { seq, attempts: 5 } })
+        Some(Event::Failed {
+            seq,
+            error: Error::AttemptsExhausted { seq, attempts: 5 }
+        })
     );
 }
 
@@ -333,6 +440,12 @@ fn deadline_bounds_a_request() {
     assert!(last_send < 100 * MS);
     assert_eq!(
         r.poll_event(),
-        Some(Event::Failed { seq, error: Error::DeadlineExceeded { seq, waited_ms: 100 } })
+        Some(Event::Failed {
+            seq,
+            error: Error::DeadlineExceeded {
+                seq,
+                waited_ms: 100
+            }
+        })
     );
 }
