@@ -630,3 +630,75 @@ fn write_fuzz_seeds() {
         }
     }
 }
+
+fn raw_block_grant(width: u8, first: u128, count: u64) -> Vec<u8> {
+    common::raw_datagram(MessageType::BlockGrant.as_u8(), |fbb| {
+        let sequence = fbb.create_string("orders");
+        let first = unid_proto_fbs::U128::new(first as u64, (first >> 64) as u64);
+        let root = unid_proto_fbs::BlockGrant::create(
+            fbb,
+            &unid_proto_fbs::BlockGrantArgs {
+                sequence: Some(sequence),
+                width,
+                first: Some(&first),
+                count,
+            },
+        );
+        fbb.finish_minimal(root);
+    })
+}
+
+proptest! {
+    #[test]
+    fn out_of_range_widths_are_rejected(
+        w in any::<u8>().prop_filter("not a width", |w| Width::from_bytes(*w).is_none()),
+    ) {
+        let d = raw_block_grant(w, 1, 1);
+        let r = decode(&d, None);
+        prop_assert!(matches!(
+            r,
+            Err(DecodeError::Field(unid_proto::FieldError::BadWidth { bytes, .. })) if bytes == w
+        ), "{:?}", r);
+    }
+
+    #[test]
+    fn blocks_past_the_limit_are_rejected(
+        (w, first, count) in width().prop_flat_map(|w| {
+            // first + count > limit.
+            (Just(w), 0..=w.limit()).prop_flat_map(move |(w, first)| {
+                let min = (w.limit() - first).saturating_add(1).min(u64::MAX as u128) as u64;
+                (Just(w), Just(first), min..=u64::MAX)
+            })
+        }),
+    ) {
+        prop_assume!(first.checked_add(count as u128).is_none_or(|end| end > w.limit()));
+        let d = raw_block_grant(w.bytes(), first, count);
+        let r = decode(&d, None);
+        prop_assert!(matches!(
+            r,
+            Err(DecodeError::Field(unid_proto::FieldError::BlockOutOfRange { .. }))
+        ), "{:?}", r);
+    }
+
+    #[test]
+    fn zero_counts_are_rejected(w in width(), first in any::<u64>()) {
+        let d = raw_block_grant(w.bytes(), first as u128 % w.limit(), 0);
+        let r = decode(&d, None);
+        prop_assert!(matches!(
+            r,
+            Err(DecodeError::Field(unid_proto::FieldError::ZeroCount { .. }))
+        ), "{:?}", r);
+    }
+
+    #[test]
+    fn bad_names_are_rejected(name in "[^A-Za-z0-9]\\PC{0,10}|[A-Za-z0-9]{65,80}|[a-z]{1,5}[ /:@é][a-z]{0,5}") {
+        let m = Message::BlockRequest { sequence: &name, count: 1 };
+        let mut buf = [0u8; DATAGRAM_BYTES_MAX];
+        let err = Codec::new().encode(&common::header(), &m, None, &mut buf).unwrap_err();
+        prop_assert!(
+            matches!(err, unid_proto::EncodeError::Field(unid_proto::FieldError::BadName { .. })),
+            "{:?}",
+            err
+        );
+    }
+}
