@@ -1,8 +1,8 @@
 //! Raft RPCs over TCP: the client side ([`NetworkFactory`], one
-//! [`PeerClient`] per target) and the server ([`serve`]) that dispatches to
+//! [`PeerClient`] per target) and the server (`serve`) that dispatches to
 //! the local [`Raft`].
 //!
-//! Each request and response is one [frame](crate::frame) whose payload is a
+//! Each request and response is one [`crate::frame`] frame whose payload is a
 //! postcard-encoded [`Envelope`] / [`RpcResponse`]. A client keeps one
 //! connection per target and sends one request at a time on it (openraft
 //! calls a `RaftNetwork` sequentially). Every connect and every request has a

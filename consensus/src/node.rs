@@ -567,9 +567,9 @@ impl ConsensusNode {
         }
     }
 
-    /// Every sequence with its committed ceiling, as [`ready_state`]
-    /// (Self::ready_state) reads them: the only ceilings a leader may grant
-    /// under.
+    /// Every sequence with its committed ceiling, read as
+    /// [`ready_state`](Self::ready_state) reads them: the only ceilings a
+    /// leader may grant under.
     pub async fn ready_ceilings(&self) -> Result<BTreeMap<String, SequenceState>> {
         Ok(self.ready_state().await?.state.sequences)
     }
