@@ -48,7 +48,9 @@
 //! 1. Build the allocator only once every raise an older leader could still
 //!    get committed has been applied. In Raft: after this leader's first entry
 //!    of its term (openraft's blank entry) is applied; from then on entries
-//!    of older terms cannot commit.
+//!    of older terms cannot commit. `unid-consensus`'s
+//!    `ConsensusNode::ready_ceilings` reads exactly these ceilings
+//!    (`ensure_linearizable`, then the applied state).
 //! 2. The replicated ceiling is applied with max semantics.
 //! 3. Report to each allocator only the commits of raises it proposed. A
 //!    ceiling above anything it proposed is refused with
@@ -468,7 +470,8 @@ impl LeaderAllocator {
     }
 
     /// Applies a committed ceiling for `sequence` (max semantics: a repeat or
-    /// lower value changes nothing). Clears the outstanding raise if this
+    /// lower value changes nothing). Pass what consensus answered for this
+    /// leader's raise: the replicated ceiling after applying it. Clears the outstanding raise if this
     /// covers it. Refuses, without applying, a ceiling above the width's
     /// limit or above anything this leader proposed.
     pub fn on_raise_committed(

@@ -149,10 +149,9 @@ impl RequesterConfig {
         Ok(())
     }
 
-    /// The retransmission timeout after transmission `attempt` (1-based),
-    /// before jitter, in microseconds.
+    /// The retransmission timeout after transmission `attempt` (1-based; 0
+    /// is taken as 1), before jitter, in microseconds.
     pub fn rto_us(&self, attempt: u32) -> u64 {
-        debug_assert!(attempt >= 1);
         let shift = attempt.saturating_sub(1).min(63);
         let ms = self.rto_initial_ms.checked_shl(shift).unwrap_or(u64::MAX);
         let ms = if ms >> shift != self.rto_initial_ms {

@@ -76,7 +76,8 @@ pub fn saturate_u64(value: u128) -> u64 {
 }
 
 /// Carves a block of up to `want` ids starting at `next`, never reaching
-/// `bound` (exclusive) nor the width's limit.
+/// `bound` (exclusive) nor the width's limit (a `bound` above the limit is
+/// treated as the limit).
 ///
 /// - [`Error::EmptyRequest`] if `want` is 0.
 /// - [`Error::Exhausted`] if `next` has reached the width's limit.
@@ -85,7 +86,7 @@ pub fn saturate_u64(value: u128) -> u64 {
 /// - Otherwise a block of `min(want, bound - next, limit - next)` ids: a
 ///   request crossing the limit is granted what remains.
 pub fn carve(width: Width, next: Id, want: u64, bound: Id) -> Result<Block, Error> {
-    assert!(bound <= width.limit(), "bound above the width's limit");
+    let bound = bound.min(width.limit());
     if want == 0 {
         return Err(Error::EmptyRequest);
     }
@@ -148,6 +149,9 @@ mod tests {
         assert_eq!((b.first(), b.count()), (90, 10));
         let b = carve(w, 10, 5, 100).unwrap();
         assert_eq!((b.first(), b.count()), (10, 5));
+        // A bound above the limit is the limit.
+        let b = carve(Width::W2, 0xFFF0, 100, u128::MAX).unwrap();
+        assert_eq!(b.end(), Width::W2.limit());
     }
 
     #[test]

@@ -2,17 +2,20 @@
 //! leaders and a model of Raft commit.
 //!
 //! The model: the replicated state holds one committed ceiling per sequence,
-//! applied with max semantics. Leaders are elected with increasing terms; a
-//! new leader is built from the committed ceilings at the moment it is
-//! elected. A raise proposed by a leader of term `t` commits only if no
-//! leader of a higher term has been elected yet; otherwise it fails. Commit
+//! applied with max semantics. Leaders of increasing terms become ready (in
+//! the real system: `ready_ceilings` returns, after the term's first entry is
+//! applied) and are built from the committed ceilings at that moment. A raise
+//! proposed by a leader of term `t` commits only if no leader of a higher
+//! term has become ready yet; otherwise it fails. Commit
 //! and failure reports reach the proposing leader late, twice, or never.
 //! Every leader, deposed or not (a partitioned old leader), keeps taking
 //! grant requests and answers them from the ceilings it saw committed.
 //!
 //! Checked: no two grants overlap anywhere; every grant is inside its width
 //! and below the replicated committed ceiling; each leader's grants of a
-//! sequence are increasing; exhaustion is only reported when nothing is left.
+//! sequence are increasing; exhaustion is only reported when nothing is left;
+//! each leader change skips at most one window of ids (the small-width loss
+//! bound of `unid_core::sequence`).
 
 use proptest::prelude::*;
 use unid_core::{AllocatorConfig, CommittedCeiling, Error, LeaderAllocator, Raise};
@@ -122,6 +125,19 @@ impl Model {
     }
 
     fn elect(&mut self) {
+        // The ids the outgoing leader had not granted below the committed
+        // ceiling are lost: at most one window per sequence.
+        if let Some(prev) = self.leaders.last() {
+            for (si, name) in self.names.iter().enumerate() {
+                let next = prev.alloc.sequence(name).unwrap().next;
+                let lost = self.committed[si] - next;
+                let window_max = config().window_ids_max_for(self.widths[si]) as u128;
+                assert!(
+                    lost <= window_max,
+                    "leader change loses {lost} > {window_max} ids"
+                );
+            }
+        }
         self.highest_term += 1;
         let ceilings = (0..self.names.len()).map(|i| CommittedCeiling {
             sequence: self.names[i].clone(),
