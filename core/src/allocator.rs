@@ -364,7 +364,8 @@ impl LeaderAllocator {
     /// [`Error::Exhausted`] (final), [`Error::NotReady`],
     /// [`Error::AwaitingRaise`] (the last two: retry shortly).
     ///
-    /// Call [`poll_raise`](Self::poll_raise) after grants: a grant may have
+    /// Call [`poll_raise_for`](Self::poll_raise_for) (or
+    /// [`poll_raise`](Self::poll_raise)) after grants: a grant may have
     /// crossed the low-water mark.
     pub fn grant(
         &mut self,
@@ -434,39 +435,61 @@ impl LeaderAllocator {
     /// yet ready, or whose headroom is below half a window, with no raise
     /// outstanding, not exhausted, and past its retry time. Call until `None`;
     /// each returned raise is outstanding until reported committed or failed.
+    /// Scans every sequence (O(`sequences_max`)); after a grant,
+    /// [`poll_raise_for`](Self::poll_raise_for) checks just that sequence.
     pub fn poll_raise(&mut self, now_us: u64) -> Option<Raise> {
         let now_us = self.tick(now_us);
-        let mut chosen = None;
-        for (name, s) in &self.sequences {
-            if s.raise.is_some() || now_us < s.retry_at_us {
-                continue;
-            }
-            let limit = s.width.limit();
-            if s.committed_ceiling >= limit {
-                continue; // Nothing left to raise to.
-            }
-            let window = self.window_of(s, now_us);
-            let headroom = s.committed_ceiling - s.next;
-            let low_water = window.div_ceil(2) as u128;
-            if s.ready() && headroom >= low_water {
-                continue;
-            }
-            let target = s.next + (window as u128).min(ids_left(s.width, s.next));
-            assert!(target > s.committed_ceiling);
-            assert!(target <= limit);
-            chosen = Some((name.clone(), target));
-            break;
+        let (name, target) = self
+            .sequences
+            .iter()
+            .find_map(|(name, s)| self.raise_needed(s, now_us).map(|t| (name, t)))?;
+        let name = name.clone();
+        Some(self.propose(name, target))
+    }
+
+    /// Like [`poll_raise`](Self::poll_raise) for one sequence only
+    /// (O(log `sequences_max`)). `None` also for an unknown sequence.
+    pub fn poll_raise_for(&mut self, now_us: u64, sequence: &SequenceName) -> Option<Raise> {
+        let now_us = self.tick(now_us);
+        let s = self.sequences.get(sequence)?;
+        let target = self.raise_needed(s, now_us)?;
+        Some(self.propose(sequence.clone(), target))
+    }
+
+    /// The ceiling to propose for `s` at `now_us`, if it needs a raise.
+    fn raise_needed(&self, s: &SequenceState, now_us: u64) -> Option<Id> {
+        if s.raise.is_some() || now_us < s.retry_at_us {
+            return None;
         }
-        let (name, target) = chosen?;
-        let s = self.sequences.get_mut(&name).expect("just found");
+        let limit = s.width.limit();
+        if s.committed_ceiling >= limit {
+            return None; // Nothing left to raise to.
+        }
+        let window = self.window_of(s, now_us);
+        let headroom = s.committed_ceiling - s.next;
+        let low_water = window.div_ceil(2) as u128;
+        if s.ready() && headroom >= low_water {
+            return None;
+        }
+        // Sized from `next`, so `ceiling - next <= window` always holds: the
+        // bound on ids lost at a leader change.
+        let target = s.next + (window as u128).min(ids_left(s.width, s.next));
+        assert!(target > s.committed_ceiling);
+        assert!(target <= limit);
+        Some(target)
+    }
+
+    fn propose(&mut self, name: SequenceName, target: Id) -> Raise {
+        let s = self.sequences.get_mut(&name).expect("caller found it");
+        debug_assert!(s.raise.is_none());
         s.raise = Some(target);
         s.proposed_max = s.proposed_max.max(target);
         s.check();
         self.stats.raises_proposed += 1;
-        Some(Raise {
+        Raise {
             sequence: name,
             ceiling: target,
-        })
+        }
     }
 
     /// Applies a committed ceiling for `sequence` (max semantics: a repeat or

@@ -54,7 +54,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Elect),
         8 => (any::<usize>(), any::<usize>(), 1..2000u64)
             .prop_map(|(leader, seq, want)| Op::Grant { leader, seq, want }),
-        4 => any::<usize>().prop_map(|leader| Op::Poll { leader }),
+        2 => any::<usize>().prop_map(|leader| Op::Poll { leader }),
+        2 => (any::<usize>(), any::<usize>()).prop_map(|(leader, seq)| Op::PollFor { leader, seq }),
         4 => any::<usize>().prop_map(|pick| Op::Commit { pick }),
         4 => (any::<usize>(), any::<bool>()).prop_map(|(pick, twice)| Op::Deliver { pick, twice }),
         1 => any::<usize>().prop_map(|pick| Op::Lose { pick }),
@@ -202,6 +203,20 @@ impl Model {
                         .iter()
                         .position(|n| *n == raise.sequence)
                         .unwrap();
+                    assert!(raise.ceiling <= self.widths[si].limit());
+                    self.proposals.push(Proposal {
+                        leader: li,
+                        term: l.term,
+                        raise,
+                    });
+                }
+            }
+            Op::PollFor { leader, seq } => {
+                let li = leader % self.leaders.len();
+                let si = seq % self.names.len();
+                let l = &mut self.leaders[li];
+                if let Some(raise) = l.alloc.poll_raise_for(self.now_us, &self.names[si]) {
+                    assert_eq!(raise.sequence, self.names[si]);
                     assert!(raise.ceiling <= self.widths[si].limit());
                     self.proposals.push(Proposal {
                         leader: li,

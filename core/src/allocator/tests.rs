@@ -151,9 +151,10 @@ fn raises_ahead_of_demand_so_grants_never_wait_in_steady_state() {
                 }
             }
         }
-        while let Some(r) = a.poll_raise(now) {
+        while let Some(r) = a.poll_raise_for(now, &s) {
             in_flight.push((now + commit_ms * MS, r));
         }
+        assert_eq!(a.poll_raise(now), None);
     }
     assert_eq!(stalls_after_warmup, 0);
     // The window tracks rate × lead: 1M/s × 100 ms = 100k ids.
