@@ -34,6 +34,10 @@ enum Op {
     Poll {
         leader: usize,
     },
+    PollFor {
+        leader: usize,
+        seq: usize,
+    },
     Commit {
         pick: usize,
     },
