@@ -13,7 +13,9 @@ pub enum RingError {
         path: PathBuf,
     },
     /// The file exists but this process may not open it read-write (mode 0600/0660, group).
-    #[error("permission denied opening ring {path}: the consumer must be the agent's user or in its group")]
+    #[error(
+        "permission denied opening ring {path}: the consumer must be the agent's user or in its group"
+    )]
     PermissionDenied {
         /// The ring file's path.
         path: PathBuf,

@@ -211,8 +211,14 @@ pub const fn id_max(width: u8) -> u128 {
 mod asserts {
     use super::*;
     use core::mem::{align_of, offset_of, size_of};
-    const _: () = assert!(size_of::<CachePadded<u64>>() == 128, "layout needs 128-byte CachePadded");
-    const _: () = assert!(cfg!(target_endian = "little"), "the file layout is little-endian");
+    const _: () = assert!(
+        size_of::<CachePadded<u64>>() == 128,
+        "layout needs 128-byte CachePadded"
+    );
+    const _: () = assert!(
+        cfg!(target_endian = "little"),
+        "the file layout is little-endian"
+    );
     const _: () = assert!(size_of::<Ident>() == 128);
     const _: () = assert!(offset_of!(Ident, magic) == 0);
     const _: () = assert!(offset_of!(Ident, version) == 8);

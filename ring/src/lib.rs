@@ -42,7 +42,8 @@ pub use ring::*;
 mod ring {
     use crate::error::RingError;
     use crate::layout::{
-        self, CAPACITY_MAX, CAPACITY_MIN, FLAG_CLOSED, HEADER_SIZE, LAYOUT_VERSION, MAGIC, SLOT_SIZE,
+        self, CAPACITY_MAX, CAPACITY_MIN, FLAG_CLOSED, HEADER_SIZE, LAYOUT_VERSION, MAGIC,
+        SLOT_SIZE,
     };
     use crate::raw::{IdRange, ProducerCore, PushError, RingRef, Take};
     use crate::shm::{self, Mapping};
@@ -58,7 +59,11 @@ mod ring {
     pub const DEFAULT_DIR: &str = "/dev/shm/unid";
 
     fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RingError + 'a {
-        move |source| RingError::Io { op, path: path.to_path_buf(), source }
+        move |source| RingError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     fn ring_path(dir: &Path, name: &str) -> Result<PathBuf, RingError> {
@@ -67,7 +72,9 @@ mod ring {
             || name.starts_with('.')
             || name.bytes().any(|b| b == b'/' || b == 0);
         if bad {
-            return Err(RingError::InvalidName { name: name.to_owned() });
+            return Err(RingError::InvalidName {
+                name: name.to_owned(),
+            });
         }
         Ok(dir.join(name))
     }
@@ -88,7 +95,12 @@ mod ring {
     impl ProducerOptions {
         /// Defaults for a `width`-byte sequence: 1024 slots, mode 0600.
         pub fn new(width: u8) -> Self {
-            ProducerOptions { width, capacity: 1024, mode: 0o600, group: None }
+            ProducerOptions {
+                width,
+                capacity: 1024,
+                mode: 0o600,
+                group: None,
+            }
         }
     }
 
@@ -108,9 +120,15 @@ mod ring {
         /// temporary name and renamed into place, so no consumer ever maps a half-initialised
         /// ring. Creates `dir` if missing. Consumers of a replaced ring keep their old mapping
         /// and see its agent as dead or closed, then reopen.
-        pub fn create(dir: &Path, name: &str, opts: &ProducerOptions) -> Result<Producer, RingError> {
+        pub fn create(
+            dir: &Path,
+            name: &str,
+            opts: &ProducerOptions,
+        ) -> Result<Producer, RingError> {
             if !layout::width_ok(opts.width) {
-                return Err(RingError::InvalidConfig { reason: "width must be 2, 4, 8 or 16" });
+                return Err(RingError::InvalidConfig {
+                    reason: "width must be 2, 4, 8 or 16",
+                });
             }
             if !opts.capacity.is_power_of_two()
                 || !(CAPACITY_MIN..=CAPACITY_MAX).contains(&opts.capacity)
@@ -120,7 +138,9 @@ mod ring {
                 });
             }
             if opts.mode != 0o600 && opts.mode != 0o660 {
-                return Err(RingError::InvalidConfig { reason: "mode must be 0o600 or 0o660" });
+                return Err(RingError::InvalidConfig {
+                    reason: "mode must be 0o600 or 0o660",
+                });
             }
             let path = ring_path(dir, name)?;
             std::fs::create_dir_all(dir).map_err(io_err("create_dir", dir))?;
@@ -164,7 +184,8 @@ mod ring {
             id.slot_size.store(SLOT_SIZE as u32, Ordering::Relaxed);
             id.file_size.store(len as u64, Ordering::Relaxed);
             id.agent_pid.store(std::process::id(), Ordering::Relaxed);
-            id.heartbeat_ms.store(shm::monotonic_ms(), Ordering::Relaxed);
+            id.heartbeat_ms
+                .store(shm::monotonic_ms(), Ordering::Relaxed);
             id.magic.store(MAGIC, Ordering::Release);
             // rename(2) is atomic: consumers see the old file or this complete one.
             std::fs::rename(tmp, path).map_err(io_err("rename", path))?;
@@ -188,8 +209,14 @@ mod ring {
         pub fn push(&mut self, first: u128, count: u64) -> Result<u64, RingError> {
             let ring = self.map.ring();
             let accepted = self.core.push(&ring, first, count).map_err(|e| match e {
-                PushError::NotIncreasing { next_min } => RingError::NotIncreasing { first, next_min },
-                PushError::OutOfRange => RingError::OutOfRange { first, count, width: self.width },
+                PushError::NotIncreasing { next_min } => {
+                    RingError::NotIncreasing { first, next_min }
+                }
+                PushError::OutOfRange => RingError::OutOfRange {
+                    first,
+                    count,
+                    width: self.width,
+                },
                 PushError::Exhausted => RingError::Exhausted,
             })?;
             if accepted > 0 && ProducerCore::waiters_present(&ring) {
@@ -212,7 +239,11 @@ mod ring {
         /// Records liveness: `now_ms` on the [`monotonic_ms`](crate::monotonic_ms) clock. Call it
         /// well within consumers' `agent_stale_ms` (e.g. every 100 ms for the 5 s default).
         pub fn heartbeat(&self, now_ms: u64) {
-            self.ring().header().ident.heartbeat_ms.store(now_ms, Ordering::Release);
+            self.ring()
+                .header()
+                .ident
+                .heartbeat_ms
+                .store(now_ms, Ordering::Release);
         }
 
         /// [`Producer::heartbeat`] with the current time.
@@ -257,7 +288,12 @@ mod ring {
 
     impl Default for ConsumerOptions {
         fn default() -> Self {
-            ConsumerOptions { agent_stale_ms: 5000, check_pid: true, spin_attempts: 64, sleep_slice_ms: 50 }
+            ConsumerOptions {
+                agent_stale_ms: 5000,
+                check_pid: true,
+                spin_attempts: 64,
+                sleep_slice_ms: 50,
+            }
         }
     }
 
@@ -276,7 +312,11 @@ mod ring {
         }
 
         /// Opens `dir/name`, refusing with a typed error a file this build does not understand.
-        pub fn open_with(dir: &Path, name: &str, opts: ConsumerOptions) -> Result<Consumer, RingError> {
+        pub fn open_with(
+            dir: &Path,
+            name: &str,
+            opts: ConsumerOptions,
+        ) -> Result<Consumer, RingError> {
             let path = ring_path(dir, name)?;
             let file = OpenOptions::new()
                 .read(true)
@@ -285,17 +325,33 @@ mod ring {
                 .open(&path)
                 .map_err(|e| match e.kind() {
                     io::ErrorKind::NotFound => RingError::NotFound { path: path.clone() },
-                    io::ErrorKind::PermissionDenied => RingError::PermissionDenied { path: path.clone() },
-                    _ => RingError::Io { op: "open", path: path.clone(), source: e },
+                    io::ErrorKind::PermissionDenied => {
+                        RingError::PermissionDenied { path: path.clone() }
+                    }
+                    _ => RingError::Io {
+                        op: "open",
+                        path: path.clone(),
+                        source: e,
+                    },
                 })?;
             Self::from_file(&file, path, opts)
         }
 
-        fn from_file(file: &File, path: PathBuf, opts: ConsumerOptions) -> Result<Consumer, RingError> {
-            let corrupt = |reason| RingError::Corrupt { path: path.clone(), reason };
+        fn from_file(
+            file: &File,
+            path: PathBuf,
+            opts: ConsumerOptions,
+        ) -> Result<Consumer, RingError> {
+            let corrupt = |reason| RingError::Corrupt {
+                path: path.clone(),
+                reason,
+            };
             let len = file.metadata().map_err(io_err("fstat", &path))?.len();
             if len < 8 {
-                return Err(RingError::BadMagic { path: path.clone(), found: 0 });
+                return Err(RingError::BadMagic {
+                    path: path.clone(),
+                    found: 0,
+                });
             }
             if len < HEADER_SIZE as u64 {
                 return Err(corrupt("shorter than the header"));
@@ -305,7 +361,10 @@ mod ring {
             let id = &map.header().ident;
             let magic = id.magic.load(Ordering::Acquire);
             if magic != MAGIC {
-                return Err(RingError::BadMagic { path: path.clone(), found: magic });
+                return Err(RingError::BadMagic {
+                    path: path.clone(),
+                    found: magic,
+                });
             }
             let version = id.version.load(Ordering::Relaxed);
             if version != LAYOUT_VERSION {
@@ -326,14 +385,21 @@ mod ring {
             if id.header_size.load(Ordering::Relaxed) != HEADER_SIZE as u32
                 || id.slot_size.load(Ordering::Relaxed) != SLOT_SIZE as u32
             {
-                return Err(corrupt("header or slot size differs from this layout version"));
+                return Err(corrupt(
+                    "header or slot size differs from this layout version",
+                ));
             }
             let file_size = id.file_size.load(Ordering::Relaxed);
             if file_size != layout::file_size(capacity) as u64 || file_size != len as u64 {
                 return Err(corrupt("file size does not match capacity"));
             }
             map.set_capacity(capacity as usize);
-            Ok(Consumer { map, path, width, opts })
+            Ok(Consumer {
+                map,
+                path,
+                width,
+                opts,
+            })
         }
 
         /// Id width in bytes (2, 4, 8 or 16); ids are returned as `u128` whatever the width.
@@ -366,7 +432,10 @@ mod ring {
         }
 
         fn corrupt(&self) -> RingError {
-            RingError::Corrupt { path: self.path.clone(), reason: "slot inconsistent with head" }
+            RingError::Corrupt {
+                path: self.path.clone(),
+                reason: "slot inconsistent with head",
+            }
         }
 
         /// Slow path of an empty take: tells "empty for now" from "closed" and "agent dead".
@@ -404,7 +473,10 @@ mod ring {
             let pid = id.agent_pid.load(Ordering::Relaxed);
             let age = shm::monotonic_ms().saturating_sub(id.heartbeat_ms.load(Ordering::Acquire));
             if age > self.opts.agent_stale_ms || (self.opts.check_pid && !shm::pid_alive(pid)) {
-                return Err(RingError::AgentDead { pid, heartbeat_age_ms: age });
+                return Err(RingError::AgentDead {
+                    pid,
+                    heartbeat_age_ms: age,
+                });
             }
             Ok(())
         }
@@ -418,7 +490,11 @@ mod ring {
         /// then sleeps on the shared futex `wake_seq` in slices of at most `sleep_slice_ms`,
         /// checking the agent's liveness between slices. Never spins unboundedly; returns
         /// [`RingError::TimedOut`], `Closed` or `AgentDead` instead of hanging.
-        pub fn take_range_timeout(&self, max: u64, timeout: Duration) -> Result<IdRange, RingError> {
+        pub fn take_range_timeout(
+            &self,
+            max: u64,
+            timeout: Duration,
+        ) -> Result<IdRange, RingError> {
             match self.try_take_range(max) {
                 Err(RingError::WouldBlock) => {}
                 other => return other,
@@ -448,7 +524,8 @@ mod ring {
                         other => other,
                     };
                 }
-                let slice = (deadline - now).min(Duration::from_millis(self.opts.sleep_slice_ms.max(1)));
+                let slice =
+                    (deadline - now).min(Duration::from_millis(self.opts.sleep_slice_ms.max(1)));
                 shm::futex_wait(&p.wake_seq, seq, slice);
                 ring.unregister_waiter();
                 if ring.wake_seq() == seq && self.opts.check_pid {

@@ -59,9 +59,9 @@ pub struct IdRange {
 }
 
 impl IdRange {
-    /// One past the last id.
-    pub fn end(&self) -> u128 {
-        self.first + u128::from(self.count)
+    /// The last id (`first + count - 1`; no overflow even when it is `u128::MAX`).
+    pub fn last(&self) -> u128 {
+        self.first + u128::from(self.count.max(1) - 1)
     }
 }
 
@@ -104,7 +104,10 @@ impl<'a> RingRef<'a> {
     /// # Panics
     /// If `slots.len()` is not a nonzero power of two.
     pub fn new(header: &'a Header, slots: &'a [Slot]) -> Self {
-        assert!(slots.len().is_power_of_two(), "slot count must be a power of two");
+        assert!(
+            slots.len().is_power_of_two(),
+            "slot count must be a power of two"
+        );
         RingRef { header, slots }
     }
 
@@ -229,8 +232,8 @@ pub struct ProducerCore {
     next_block: u64,
     /// Last observed block index of `head` (a lower bound of the real one).
     head_block_seen: u64,
-    /// Smallest id the next block may start at (`None`: nothing pushed yet).
-    next_id_min: Option<u128>,
+    /// Last id pushed (`None`: nothing pushed yet); the next block must start above it.
+    last_id: Option<u128>,
     /// Ids pushed before block `b`, stored at `b % capacity` (for `ids_available`).
     ids_before: Vec<u128>,
     /// Ids pushed in total.
@@ -245,7 +248,7 @@ impl ProducerCore {
         ProducerCore {
             next_block: 0,
             head_block_seen: 0,
-            next_id_min: None,
+            last_id: None,
             ids_before: vec![0; capacity as usize],
             ids_total: 0,
             id_max,
@@ -270,9 +273,12 @@ impl ProducerCore {
         if count == 0 {
             return Err(PushError::OutOfRange);
         }
-        if let Some(next_min) = self.next_id_min {
-            if first < next_min {
-                return Err(PushError::NotIncreasing { next_min });
+        if let Some(last) = self.last_id {
+            if last >= self.id_max {
+                return Err(PushError::OutOfRange); // the width's last id was pushed
+            }
+            if first <= last {
+                return Err(PushError::NotIncreasing { next_min: last + 1 });
             }
         }
         match first.checked_add(u128::from(count) - 1) {
@@ -305,7 +311,7 @@ impl ProducerCore {
             self.next_block = b + 1;
             ring.header.producer.tail.store(b + 1, Ordering::Release);
             accepted += n;
-            self.next_id_min = Some(start + u128::from(n));
+            self.last_id = Some(start + u128::from(n - 1));
         }
         Ok(accepted)
     }
@@ -320,7 +326,10 @@ impl ProducerCore {
 
     /// Bumps the futex word after a push that found waiters; the caller then `FUTEX_WAKE`s it.
     pub fn bump_wake_seq(ring: &RingRef<'_>) {
-        ring.header.producer.wake_seq.fetch_add(1, Ordering::Release);
+        ring.header
+            .producer
+            .wake_seq
+            .fetch_add(1, Ordering::Release);
     }
 
     /// Slots that can be published right now without waiting for consumers.
@@ -400,7 +409,7 @@ mod tests {
                 match ring.take(1 + round % 4) {
                     Take::Got(r) => {
                         assert_eq!(r.first, next);
-                        next = r.end();
+                        next = r.last() + 1;
                     }
                     Take::Empty => break,
                     Take::Corrupt => panic!("corrupt"),
@@ -422,17 +431,47 @@ mod tests {
         assert_eq!(p.free_slots(&ring), 0);
         assert_eq!(p.push(&ring, 20, 5), Ok(0));
         // Partly claiming block 0 does not free its slot...
-        assert_eq!(ring.take(2), Take::Got(IdRange { first: 10, count: 2 }));
+        assert_eq!(
+            ring.take(2),
+            Take::Got(IdRange {
+                first: 10,
+                count: 2
+            })
+        );
         assert_eq!(p.push(&ring, 20, 5), Ok(0));
         // ...finishing it does.
-        assert_eq!(ring.take(100), Take::Got(IdRange { first: 12, count: 3 }));
+        assert_eq!(
+            ring.take(100),
+            Take::Got(IdRange {
+                first: 12,
+                count: 3
+            })
+        );
         assert_eq!(p.push(&ring, 20, 5), Ok(5));
-        assert_eq!(ring.take(100), Take::Got(IdRange { first: 15, count: 5 }));
-        assert_eq!(ring.take(100), Take::Got(IdRange { first: 20, count: 5 }));
+        assert_eq!(
+            ring.take(100),
+            Take::Got(IdRange {
+                first: 15,
+                count: 5
+            })
+        );
+        assert_eq!(
+            ring.take(100),
+            Take::Got(IdRange {
+                first: 20,
+                count: 5
+            })
+        );
         // Empty but advanced: head = (3, 0), block 3 not published.
         assert_eq!(ring.take(1), Take::Empty);
         assert_eq!(p.push(&ring, 30, 1), Ok(1));
-        assert_eq!(ring.take(8), Take::Got(IdRange { first: 30, count: 1 }));
+        assert_eq!(
+            ring.take(8),
+            Take::Got(IdRange {
+                first: 30,
+                count: 1
+            })
+        );
     }
 
     #[test]
@@ -452,12 +491,21 @@ mod tests {
         let mut p = ProducerCore::new(2, id_max(16));
         let base = u128::MAX - 3 * BLOCK_IDS_MAX as u128;
         // 3 blocks' worth into 2 slots: two accepted.
-        assert_eq!(p.push(&ring, base, 3 * BLOCK_IDS_MAX), Ok(2 * BLOCK_IDS_MAX));
+        assert_eq!(
+            p.push(&ring, base, 3 * BLOCK_IDS_MAX),
+            Ok(2 * BLOCK_IDS_MAX)
+        );
         assert_eq!(
             ring.take(u64::MAX),
-            Take::Got(IdRange { first: base, count: BLOCK_IDS_MAX })
+            Take::Got(IdRange {
+                first: base,
+                count: BLOCK_IDS_MAX
+            })
         );
-        assert_eq!(p.push(&ring, base + 2 * BLOCK_IDS_MAX as u128, BLOCK_IDS_MAX), Ok(BLOCK_IDS_MAX));
+        assert_eq!(
+            p.push(&ring, base + 2 * BLOCK_IDS_MAX as u128, BLOCK_IDS_MAX),
+            Ok(BLOCK_IDS_MAX)
+        );
         assert_eq!(p.push(&ring, u128::MAX, 1), Ok(0));
     }
 
@@ -485,7 +533,9 @@ mod tests {
                     loop {
                         let finished = done.load(std::sync::atomic::Ordering::Acquire);
                         match ring.take(1 + (i as u64 % 3) * 2) {
-                            Take::Got(r) => got.extend((0..r.count).map(|k| r.first + u128::from(k))),
+                            Take::Got(r) => {
+                                got.extend((0..r.count).map(|k| r.first + u128::from(k)))
+                            }
                             Take::Empty if finished => break,
                             Take::Empty => std::thread::yield_now(),
                             Take::Corrupt => panic!("corrupt"),

@@ -29,7 +29,10 @@ impl Mapping {
     /// The caller checked `len >= HEADER_SIZE` and, before calling [`Mapping::ring`], that
     /// `len == HEADER_SIZE + capacity * SLOT_SIZE` for the capacity passed to [`Mapping::set_capacity`].
     pub(crate) fn map(file: &File, len: usize) -> io::Result<Mapping> {
-        assert!(len >= HEADER_SIZE, "a ring mapping holds at least the header");
+        assert!(
+            len >= HEADER_SIZE,
+            "a ring mapping holds at least the header"
+        );
         // SAFETY: a fresh mapping (addr NULL) of an open fd; the kernel picks the address and
         // checks the fd's access mode against PROT_READ | PROT_WRITE. No existing memory is touched.
         let ptr = unsafe {
@@ -45,8 +48,13 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
-        Ok(Mapping { ptr, len, capacity: 0 })
+        let ptr =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
+        Ok(Mapping {
+            ptr,
+            len,
+            capacity: 0,
+        })
     }
 
     /// The header at offset 0.
@@ -64,7 +72,9 @@ impl Mapping {
         assert!(capacity.is_power_of_two(), "capacity is a power of two");
         assert_eq!(
             Some(self.len),
-            capacity.checked_mul(crate::layout::SLOT_SIZE).and_then(|s| s.checked_add(HEADER_SIZE)),
+            capacity
+                .checked_mul(crate::layout::SLOT_SIZE)
+                .and_then(|s| s.checked_add(HEADER_SIZE)),
             "mapping length matches capacity"
         );
         self.capacity = capacity;
@@ -78,7 +88,10 @@ impl Mapping {
         // `capacity` slots start at offset HEADER_SIZE (a multiple of align_of::<Slot>() == 8 on
         // a page-aligned base) inside the mapping; slots are all-atomic like the header.
         let slots = unsafe {
-            std::slice::from_raw_parts(self.ptr.as_ptr().add(HEADER_SIZE).cast::<Slot>(), self.capacity)
+            std::slice::from_raw_parts(
+                self.ptr.as_ptr().add(HEADER_SIZE).cast::<Slot>(),
+                self.capacity,
+            )
         };
         // SAFETY: `capacity` is a nonzero power of two (asserted in `set_capacity`; `ring` is only
         // called after it, checked by the debug_assert above and by `Producer`/`Consumer`).
@@ -130,7 +143,10 @@ pub(crate) fn futex_wake_all(word: &AtomicU32) {
 /// CLOCK_MONOTONIC in milliseconds: the clock of the header's `heartbeat_ms`, shared by all
 /// processes of the host (same boot, same time namespace).
 pub fn monotonic_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec to the valid pointer we pass.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     debug_assert_eq!(rc, 0, "CLOCK_MONOTONIC is always available on Linux");

@@ -25,7 +25,10 @@ fn take_into(ring: &MemRing, max: u64, out: &mut Vec<u128>) -> bool {
 fn check(per_consumer: &[Vec<u128>], drained: &[u128], total: u128) {
     let mut all: Vec<u128> = Vec::new();
     for got in per_consumer {
-        assert!(got.windows(2).all(|w| w[0] < w[1]), "per-consumer order: {got:?}");
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "per-consumer order: {got:?}"
+        );
         all.extend(got);
     }
     all.extend(drained);
@@ -108,8 +111,11 @@ fn no_lost_wakeup() {
         }
         let (seq, r) = consumer.join().unwrap();
         if r == Take::Empty {
-            assert_ne!(ring.wake_seq(), seq, "consumer would sleep through the publication");
+            assert_ne!(
+                ring.wake_seq(),
+                seq,
+                "consumer would sleep through the publication"
+            );
         }
     });
 }
-
