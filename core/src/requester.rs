@@ -246,8 +246,8 @@ pub enum Disposition {
     StaleRedirect,
     /// Its epoch is below the highest seen: dropped.
     StaleEpoch,
-    /// No outstanding request has that seq (duplicate, finished or never
-    /// sent): dropped.
+    /// No outstanding request has that seq, or it was never sent to that
+    /// server (a duplicate, a finished request, a seq never sent): dropped.
     UnknownSeq,
     /// Not from a known server: dropped.
     UnknownSource,
@@ -295,6 +295,9 @@ struct Pending<Q> {
     attempts: u32,
     /// The server index of the latest transmission.
     sent_to: Option<usize>,
+    /// Bit `i` set: transmitted to server `i` at least once. Responses from
+    /// other servers are not answers to this request.
+    sent_mask: u64,
     /// Waiting for `poll_transmit`.
     due: bool,
     /// When the latest transmission times out (meaningful if sent and not due).
@@ -337,6 +340,7 @@ impl<Q: Clone, P> Requester<Q, P> {
         if servers.is_empty() {
             return bad("servers", "must not be empty");
         }
+        const _: () = assert!(SERVERS_MAX_LIMIT <= u64::BITS as usize); // `sent_mask`
         if servers.len() > config.servers_max {
             return bad("servers", "must be at most servers_max");
         }
@@ -409,6 +413,7 @@ impl<Q: Clone, P> Requester<Q, P> {
             deadline_us: now_us.saturating_add(self.config.request_timeout_ms * 1000),
             attempts: 0,
             sent_to: None,
+            sent_mask: 0,
             due: true,
             timer_us: 0,
             jitter_percent: 0,
@@ -429,6 +434,7 @@ impl<Q: Clone, P> Requester<Q, P> {
         p.attempts += 1;
         p.due = false;
         p.sent_to = Some(leader);
+        p.sent_mask |= 1 << leader;
         let rto_us = config.rto_us(p.attempts);
         let jitter_us = rto_us / 100 * u64::from(p.jitter_percent);
         p.timer_us = now_us.saturating_add(rto_us - jitter_us);
@@ -466,7 +472,12 @@ impl<Q: Clone, P> Requester<Q, P> {
         if source == self.leader {
             self.silent = 0;
         }
-        let Some(at) = self.pending.iter().position(|p| p.seq == response.reply_to) else {
+        let bit = 1u64 << source;
+        let Some(at) = self
+            .pending
+            .iter()
+            .position(|p| p.seq == response.reply_to && p.sent_mask & bit != 0)
+        else {
             self.stats.unknown_seq += 1;
             return Disposition::UnknownSeq;
         };

@@ -125,7 +125,7 @@ fn seqs_increase_from_first_seq_and_outstanding_is_bounded() {
 
 #[test]
 fn completes_once_and_drops_duplicates_and_unknown_seqs() {
-    let mut r = requester(config(), 1);
+    let mut r = requester(config(), 2);
     let seq = r.send(0, "a").unwrap();
     r.poll_transmit(0).unwrap();
     assert_eq!(
@@ -163,8 +163,19 @@ fn completes_once_and_drops_duplicates_and_unknown_seqs() {
         r.handle_response(2, addr(9), done(seq, 3, 8)),
         Disposition::UnknownSource
     );
+    // A response for an outstanding seq from a server it was never sent to,
+    // or for a seq not transmitted yet, answers some other request.
+    let b = r.send(3, "b").unwrap();
+    let d = r.handle_response(3, addr(1), done(b, 3, 1));
+    assert_eq!(d, Disposition::UnknownSeq);
+    r.poll_transmit(3).unwrap();
+    let d = r.handle_response(3, addr(2), done(b, 3, 1));
+    assert_eq!(d, Disposition::UnknownSeq);
+    let d = r.handle_response(3, addr(1), done(b, 3, 1));
+    assert_eq!(d, Disposition::Accepted);
+    r.poll_event().unwrap();
     assert_eq!(r.poll_event(), None);
-    assert_eq!(r.stats().unknown_seq, 4);
+    assert_eq!(r.stats().unknown_seq, 6);
     assert_eq!(r.stats().unknown_source, 1);
     assert_eq!(r.poll_timeout(), None);
 }
