@@ -494,9 +494,13 @@ impl LeaderAllocator {
 
     /// Applies a committed ceiling for `sequence` (max semantics: a repeat or
     /// lower value changes nothing). Pass what consensus answered for this
-    /// leader's raise: the replicated ceiling after applying it. Clears the outstanding raise if this
-    /// covers it. Refuses, without applying, a ceiling above the width's
-    /// limit or above anything this leader proposed.
+    /// leader's raise: the replicated ceiling after applying it. Clears the
+    /// outstanding raise if this covers it.
+    ///
+    /// Refuses, without applying, a ceiling above the width's limit or above
+    /// anything this leader proposed ([`Error::CeilingNotProposed`]): some
+    /// other leader raised the ceiling, so this one is deposed and should be
+    /// dropped; its outstanding raise stays outstanding.
     pub fn on_raise_committed(
         &mut self,
         sequence: &SequenceName,
