@@ -424,3 +424,68 @@ mod tests {
         assert_eq!(c.lookup(0, 3, 1), Lookup::Hit(&3));
     }
 }
+
+#[cfg(test)]
+mod model {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Lookup { node: NodeId, seq: SeqNo },
+        Insert { node: NodeId, seq: SeqNo },
+        Advance { ms: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..8u64, 0..24u64).prop_map(|(node, seq)| Op::Lookup { node, seq }),
+            4 => (0..8u64, 0..24u64).prop_map(|(node, seq)| Op::Insert { node, seq }),
+            1 => (0..60u64).prop_map(|ms| Op::Advance { ms }),
+        ]
+    }
+
+    proptest! {
+        /// A hit is always the first reply inserted for that exact (agent,
+        /// seq), and memory stays within its bounds.
+        #[test]
+        fn hits_are_the_first_reply_and_memory_is_bounded(
+            agents_max in 1..5usize,
+            replies in 1..5usize,
+            ops in prop::collection::vec(op(), 1..200),
+        ) {
+            let config =
+                ReplyCacheConfig { agents_max, replies_per_agent_max: replies, lease_ms: 100 };
+            let mut cache: ReplyCache<(NodeId, SeqNo, u32)> = ReplyCache::new(config).unwrap();
+            let mut first: BTreeMap<(NodeId, SeqNo), (NodeId, SeqNo, u32)> = BTreeMap::new();
+            let mut now = 0;
+            let mut n = 0u32;
+            for op in ops {
+                match op {
+                    Op::Advance { ms } => now += ms * 1000,
+                    Op::Lookup { node, seq } => match cache.lookup(now, node, seq) {
+                        Lookup::Hit(r) => {
+                            prop_assert_eq!(Some(r), first.get(&(node, seq)));
+                        }
+                        Lookup::Invalid => prop_assert_eq!(seq, 0),
+                        Lookup::Miss | Lookup::Forgotten => {}
+                    },
+                    Op::Insert { node, seq } => {
+                        n += 1;
+                        let stored = cache.insert(now, node, seq, (node, seq, n));
+                        if stored {
+                            // Once forgotten, a later first reply may differ.
+                            first.insert((node, seq), (node, seq, n));
+                        }
+                        prop_assert!(seq != 0 || !stored);
+                    }
+                }
+                prop_assert!(cache.agents() <= agents_max);
+                prop_assert!(cache.replies() <= agents_max * replies);
+            }
+        }
+    }
+}
