@@ -497,6 +497,37 @@ where
     }
 }
 
+/// Waits, through glommio's io_uring, until a [`UdpSocket`] has a datagram or a pending error.
+///
+/// It holds a duplicate descriptor of the socket and waits with a 1-byte `MSG_PEEK` receive
+/// (first tried as a nonblocking syscall, then submitted to the ring), which leaves the datagram
+/// queued for [`UdpSocket::recv_batch`]. Dropping the future cancels the ring operation.
+#[derive(Debug)]
+pub struct Readiness {
+    waiter: glommio::net::UdpSocket,
+    peek_buf: [u8; 1],
+}
+
+impl Readiness {
+    /// A waiter for `socket`.
+    ///
+    /// # Panics
+    /// If called outside a glommio executor thread.
+    pub fn new(socket: &UdpSocket) -> Result<Self> {
+        Ok(Self {
+            waiter: glommio::net::UdpSocket::from(socket.try_clone_socket()?),
+            peek_buf: [0],
+        })
+    }
+
+    /// Returns when the socket is readable: a datagram is queued, or an error is pending
+    /// (which [`UdpSocket::recv_batch`] absorbs and [`UdpSocket::drain_errors`] reads).
+    pub async fn readable(&mut self) {
+        // Any outcome means there is something to look at.
+        let _ = self.waiter.peek_from(&mut self.peek_buf).await;
+    }
+}
+
 /// What ended a wait.
 enum Wake<M> {
     Readable,
@@ -555,14 +586,14 @@ async fn run_shard<H: Handler>(
         batch_datagrams,
     } = parts;
     let setup = (|| -> Result<_> {
-        let waiter = glommio::net::UdpSocket::from(socket.try_clone_socket()?);
+        let waiter = Readiness::new(&socket)?;
         Ok((
             waiter,
             RecvBatch::new(batch_datagrams)?,
             SendBatch::new(batch_datagrams)?,
         ))
     })();
-    let (waiter, mut recv, out) = match setup {
+    let (mut waiter, mut recv, out) = match setup {
         Ok(parts) => {
             let _ = ready.send(Ok(()));
             parts
@@ -575,7 +606,6 @@ async fn run_shard<H: Handler>(
     drop(ready);
     let mut errors: Vec<PeerError> = Vec::with_capacity(ERRORS_PER_DRAIN_MAX);
     let mut channel_open = true;
-    let mut peek_buf = [0u8; 1];
     let mut lp = Loop {
         socket: &mut socket,
         handler,
@@ -687,15 +717,7 @@ async fn run_shard<H: Handler>(
             break;
         }
         lp.stats.waits += 1;
-        let wake = wait(
-            &waiter,
-            &mut peek_buf,
-            deadline,
-            &messages,
-            channel_open,
-            &wake,
-        )
-        .await;
+        let wake = wait(&mut waiter, deadline, &messages, channel_open, &wake).await;
         match wake {
             Wake::Readable | Wake::Deadline | Wake::Stop => {}
             Wake::Message(msg) => pending_message = Some(msg),
@@ -717,16 +739,14 @@ async fn run_shard<H: Handler>(
 
 /// Waits for the socket to be readable, `deadline_us`, a message or a stop request.
 async fn wait<M>(
-    waiter: &glommio::net::UdpSocket,
-    peek_buf: &mut [u8],
+    waiter: &mut Readiness,
     deadline_us: Option<u64>,
     messages: &flume::Receiver<M>,
     channel_open: bool,
     stop: &flume::Receiver<()>,
 ) -> Wake<M> {
     let readable = async {
-        // Any outcome (data, or a pending error) means there is something to look at.
-        let _ = waiter.peek_from(peek_buf).await;
+        waiter.readable().await;
         Wake::Readable
     };
     let deadline = async {
