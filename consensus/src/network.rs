@@ -3,10 +3,11 @@
 //! the local [`Raft`].
 //!
 //! Each request and response is one [`crate::frame`] frame whose payload is a
-//! postcard-encoded [`Envelope`] / [`RpcResponse`]. A client keeps one
+//! postcard-encoded [`Envelope`] / [`RpcResponse`]. A client holds one
 //! connection per target and sends one request at a time on it (openraft
-//! calls a `RaftNetwork` sequentially). Every connect and every request has a
-//! timeout; any error closes the connection and the next call reconnects.
+//! calls a `RaftNetwork` sequentially); idle connections go back to a small
+//! per-node [`ConnPool`]. Every connect and every request has a timeout; any
+//! error closes the connection and the next call reconnects.
 //!
 //! The server checks that a request is addressed to its own node id, so an
 //! address reused by another node is not mistaken for the old one.
@@ -124,6 +125,8 @@ pub struct NetConfig {
     pub connect_timeout: Duration,
     /// Backoff before retrying an unreachable peer.
     pub backoff: Duration,
+    /// Idle connections for reuse.
+    pub pool: Arc<ConnPool>,
 }
 
 /// Why one call failed.
@@ -169,6 +172,35 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     }
 }
 
+/// Idle connections kept per target for reuse.
+pub const POOL_PER_TARGET_MAX: usize = 4;
+
+/// Idle client connections, by target id, shared by a node's clients.
+/// openraft makes a new client for every election and leadership check;
+/// reusing connections keeps those calls to one round trip.
+#[derive(Debug, Default)]
+pub struct ConnPool {
+    idle: std::sync::Mutex<std::collections::HashMap<NodeId, Vec<(String, TcpStream)>>>,
+}
+
+impl ConnPool {
+    fn take(&self, target: NodeId, addr: &str) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(&target)?;
+        // Drop connections to an old address of this target.
+        list.retain(|(a, _)| a == addr);
+        list.pop().map(|(_, c)| c)
+    }
+
+    fn put(&self, target: NodeId, addr: String, conn: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(target).or_default();
+        if list.len() < POOL_PER_TARGET_MAX {
+            list.push((addr, conn));
+        }
+    }
+}
+
 /// A client connection to one peer.
 #[derive(Debug)]
 pub struct PeerClient {
@@ -178,8 +210,17 @@ pub struct PeerClient {
     conn: Option<TcpStream>,
 }
 
+impl Drop for PeerClient {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.cfg.pool.put(self.target, self.addr.clone(), c);
+        }
+    }
+}
+
 impl PeerClient {
-    /// A client for `target` at `addr`; connects lazily.
+    /// A client for `target` at `addr`; connects lazily (or reuses an idle
+    /// pooled connection).
     pub fn new(cfg: NetConfig, target: NodeId, addr: String) -> PeerClient {
         PeerClient {
             cfg,
@@ -189,12 +230,31 @@ impl PeerClient {
         }
     }
 
+    async fn connect(&self) -> Result<TcpStream, CallError> {
+        let c = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| {
+                CallError::Unreachable(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect to {} timed out", self.addr),
+                ))
+            })?
+            .map_err(CallError::Unreachable)?;
+        let _ = c.set_nodelay(true);
+        Ok(c)
+    }
+
     /// Sends one request and waits at most `timeout` for the answer.
+    ///
+    /// Raft RPCs that fail on a reused connection (the peer may have closed
+    /// it meanwhile) are retried once on a fresh one: Raft RPCs may be
+    /// repeated safely. Forwarded writes are never retried here.
     pub(crate) async fn call(
         &mut self,
         body: RpcRequest,
         timeout: Duration,
     ) -> Result<RpcResponse, CallError> {
+        let retryable = !matches!(body, RpcRequest::Write(_));
         let env = Envelope {
             target: self.target,
             body,
@@ -206,61 +266,72 @@ impl PeerClient {
                 payload.len()
             )));
         }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut reused = false;
         if self.conn.is_none() {
-            let c = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(&self.addr))
-                .await
-                .map_err(|_| {
-                    CallError::Unreachable(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("connect to {} timed out", self.addr),
-                    ))
-                })?
-                .map_err(CallError::Unreachable)?;
-            let _ = c.set_nodelay(true);
-            self.conn = Some(c);
+            self.conn = self.cfg.pool.take(self.target, &self.addr);
+            reused = self.conn.is_some();
         }
-        let Some(conn) = self.conn.as_mut() else {
+        loop {
+            if self.conn.is_none() {
+                self.conn = Some(self.connect().await?);
+            }
+            match self.exchange(&payload, deadline).await {
+                Err(CallError::Network(_)) if reused && retryable => {
+                    // Stale pooled connection: one retry on a fresh one.
+                    reused = false;
+                    continue;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn exchange(
+        &mut self,
+        payload: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Result<RpcResponse, CallError> {
+        let Some(mut conn) = self.conn.take() else {
             return Err(CallError::Network("no connection".into()));
         };
         let key = self.cfg.key.as_ref();
         let stats = self.cfg.stats.clone();
-        let exchange = async {
-            frame::write_frame(conn, &payload, key).await?;
-            frame::read_frame(conn, key, &stats).await
-        };
-        let res = tokio::time::timeout(timeout, exchange).await;
+        let res = tokio::time::timeout_at(deadline, async {
+            frame::write_frame(&mut conn, payload, key).await?;
+            frame::read_frame(&mut conn, key, &stats).await
+        })
+        .await;
+        // On any failure below, `conn` is dropped (closed), never reused.
         let bytes = match res {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
-                self.conn = None;
                 return Err(CallError::Network(format!(
                     "{} ({}): {e}",
                     self.addr, self.target
                 )));
             }
             Err(_) => {
-                self.conn = None;
                 return Err(CallError::Network(format!(
-                    "{} ({}): no answer within {timeout:?}",
+                    "{} ({}): no answer in time",
                     self.addr, self.target
                 )));
             }
         };
         match postcard::from_bytes::<RpcResponse>(&bytes) {
-            Ok(RpcResponse::WrongTarget { actual }) => {
-                self.conn = None;
-                Err(CallError::Network(format!(
-                    "{} is node {actual}, not {}",
-                    self.addr, self.target
-                )))
+            Ok(RpcResponse::WrongTarget { actual }) => Err(CallError::Network(format!(
+                "{} is node {actual}, not {}",
+                self.addr, self.target
+            ))),
+            Ok(r) => {
+                self.conn = Some(conn);
+                Ok(r)
             }
-            Ok(r) => Ok(r),
             Err(e) => {
                 self.cfg
                     .stats
                     .frames_undecodable
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.conn = None;
                 Err(CallError::Network(format!("undecodable answer: {e}")))
             }
         }

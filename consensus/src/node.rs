@@ -243,6 +243,7 @@ impl ConsensusNode {
             stats: Arc::new(NetStats::default()),
             connect_timeout: Duration::from_millis(t.connect_timeout_ms),
             backoff: Duration::from_millis(t.backoff_ms),
+            pool: Arc::new(network::ConnPool::default()),
         };
         let raft = Raft::new(
             config.id,
@@ -554,16 +555,26 @@ impl ConsensusNode {
     /// Fails with [`Error::NotLeader`] on a follower.
     pub async fn ready_state(&self) -> Result<AppliedState> {
         let d = Duration::from_millis(self.timing.write_timeout_ms);
-        match tokio::time::timeout(d, self.raft.ensure_linearizable()).await {
-            Err(_) => Err(Error::Timeout(d)),
-            Ok(Ok(_)) => Ok(self.sm.applied()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                Err(Error::NotLeader {
-                    leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-                })
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            let res = tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await;
+            match res {
+                Err(_) => return Err(Error::Timeout(d)),
+                Ok(Ok(_)) => return Ok(self.sm.applied()),
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                    return Err(Error::NotLeader {
+                        leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+                    });
+                }
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
+                    // openraft gives each confirming heartbeat one heartbeat
+                    // interval; a slow peer fails it. Try again until the
+                    // deadline: only a quorum's answer is good enough.
+                    tracing::debug!(node = self.id, "leadership not confirmed yet: {q}");
+                    tokio::time::sleep(Duration::from_millis(self.timing.heartbeat_ms)).await;
+                }
+                Ok(Err(RaftError::Fatal(f))) => return Err(Error::Stopped(f.to_string())),
             }
-            Ok(Err(RaftError::APIError(e))) => Err(Error::Raft(e.to_string())),
-            Ok(Err(RaftError::Fatal(f))) => Err(Error::Stopped(f.to_string())),
         }
     }
 

@@ -650,3 +650,91 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Membership};
+
+    use super::*;
+    use crate::state::Command;
+
+    fn entry(term: u64, index: u64, cmd: Command) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    fn raise(c: u128) -> Command {
+        Command::RaiseCeiling {
+            name: "s".into(),
+            ceiling: c,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn applied_state_survives_reopen_and_snapshot_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let membership = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Membership(Membership::new(
+                vec![std::collections::BTreeSet::from([1u64])],
+                None,
+            )),
+        };
+        {
+            let (_log, mut sm) = open(dir.path()).unwrap();
+            let create = Command::CreateSequence {
+                name: "s".into(),
+                width: 4,
+                start: 7,
+            };
+            let r = sm
+                .apply(vec![
+                    membership,
+                    entry(1, 2, create),
+                    entry(1, 3, raise(100)),
+                    entry(2, 4, raise(50)),
+                ])
+                .await
+                .unwrap();
+            assert_eq!(
+                r[1..],
+                [
+                    Response::Created { ceiling: 7 },
+                    Response::Ceiling { ceiling: 100 },
+                    Response::Ceiling { ceiling: 100 }
+                ]
+            );
+        }
+        // Reopen: the applied state is exactly what it was.
+        let (_log, mut sm) = open(dir.path()).unwrap();
+        let a = sm.applied();
+        assert_eq!(a.state.sequences["s"].ceiling, 100);
+        assert_eq!(a.last_applied.map(|l| l.index), Some(4));
+        assert_eq!(sm.applied_state().await.unwrap().1, a.membership);
+
+        // Snapshot, install into a fresh node, reopen that: same state.
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let other = tempfile::tempdir().unwrap();
+        {
+            let (_l2, mut sm2) = open(other.path()).unwrap();
+            sm2.install_snapshot(&snap.meta, snap.snapshot)
+                .await
+                .unwrap();
+            assert_eq!(sm2.applied(), a);
+        }
+        let (_l2, mut sm2) = open(other.path()).unwrap();
+        assert_eq!(sm2.applied(), a);
+        let cur = sm2.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(cur.meta, snap.meta);
+        // A later raise on top of the installed snapshot still only rises.
+        let r = sm2.apply(vec![entry(2, 5, raise(90))]).await.unwrap();
+        assert_eq!(r, [Response::Ceiling { ceiling: 100 }]);
+    }
+}

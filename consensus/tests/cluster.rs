@@ -230,7 +230,10 @@ async fn three_nodes_elect_raise_and_fail_over() {
     let failover = t0.elapsed();
     eprintln!("crash failover: new leader {l3} after {failover:?}");
     assert!(c.nodes[&l3].metrics().term > term);
-    let ceilings = c.nodes[&l3].ready_ceilings().await.unwrap();
+    let ceilings = c.nodes[&l3]
+        .ready_ceilings()
+        .await
+        .expect("ready ceilings after crash");
     assert!(ceilings["orders"].ceiling >= committed_max);
     c.shutdown().await;
 }
