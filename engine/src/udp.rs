@@ -183,6 +183,9 @@ pub struct UdpCounters {
     pub unknown_source_in: u64,
     /// Stale asynchronous errors (`sk_err`) that `recvmmsg` reported and that were skipped.
     pub recv_stale_errors: u64,
+    /// `recvmmsg` calls that failed with `ENOMEM`/`ENOBUFS` (kernel memory pressure; reported as
+    /// an empty receive).
+    pub recv_transient_errors: u64,
     /// `sendmmsg` calls that sent at least one datagram.
     pub send_batches: u64,
     /// Datagrams handed to the kernel.
@@ -651,6 +654,11 @@ impl UdpSocket {
             if errno == libc::EAGAIN || errno == libc::EWOULDBLOCK {
                 return Ok(0);
             }
+            if errno == libc::ENOMEM || errno == libc::ENOBUFS {
+                // Kernel memory pressure: transient; the datagrams stay queued.
+                self.counters.recv_transient_errors += 1;
+                return Ok(0);
+            }
             let retryable = errno == libc::EINTR || is_async_error(errno);
             if !retryable {
                 return Err(self.io_error("recvmmsg", err));
@@ -831,7 +839,8 @@ impl UdpSocket {
             if rc < 0 {
                 let err = io::Error::last_os_error();
                 match errno_of(&err) {
-                    libc::EAGAIN => break,
+                    // Empty queue, or memory pressure (the entry stays queued for next time).
+                    libc::EAGAIN | libc::ENOMEM | libc::ENOBUFS => break,
                     libc::EINTR if interrupts < SYSCALL_RETRIES_MAX => {
                         interrupts += 1;
                         continue;
