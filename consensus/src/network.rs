@@ -127,6 +127,9 @@ pub struct NetConfig {
     pub backoff: Duration,
     /// Idle connections for reuse.
     pub pool: Arc<ConnPool>,
+    /// Fault injection: while set, this node neither sends nor answers any
+    /// peer request, as if cut off by a network partition.
+    pub isolated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Why one call failed.
@@ -254,6 +257,13 @@ impl PeerClient {
         body: RpcRequest,
         timeout: Duration,
     ) -> Result<RpcResponse, CallError> {
+        if self.cfg.isolated.load(std::sync::atomic::Ordering::Relaxed) {
+            self.conn = None;
+            return Err(CallError::Unreachable(std::io::Error::new(
+                std::io::ErrorKind::NetworkUnreachable,
+                "isolated (fault injection)",
+            )));
+        }
         let retryable = !matches!(body, RpcRequest::Write(_));
         let env = Envelope {
             target: self.target,
@@ -481,6 +491,10 @@ async fn serve_conn<H: Handler>(mut stream: TcpStream, raft: Raft, cfg: NetConfi
                 return;
             }
         };
+        if cfg.isolated.load(std::sync::atomic::Ordering::Relaxed) {
+            // Partitioned: the request is lost, and so is the connection.
+            return;
+        }
         let resp = if env.target != cfg.id {
             RpcResponse::WrongTarget { actual: cfg.id }
         } else {

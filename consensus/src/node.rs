@@ -244,6 +244,7 @@ impl ConsensusNode {
             connect_timeout: Duration::from_millis(t.connect_timeout_ms),
             backoff: Duration::from_millis(t.backoff_ms),
             pool: Arc::new(network::ConnPool::default()),
+            isolated: Arc::new(AtomicBool::new(false)),
         };
         let raft = Raft::new(
             config.id,
@@ -619,6 +620,13 @@ impl ConsensusNode {
     /// change, term change or removal of this node.
     pub fn leader_watch(&self) -> watch::Receiver<LeaderInfo> {
         self.leader_rx.clone()
+    }
+
+    /// Fault injection for tests: while `true`, this node sends no peer
+    /// request and answers none (each is dropped with its connection), as if
+    /// a network partition cut it off. Its Raft keeps running.
+    pub fn set_isolated(&self, isolated: bool) {
+        self.net.isolated.store(isolated, Ordering::Relaxed);
     }
 
     /// Frame counters of this node's peer connections.

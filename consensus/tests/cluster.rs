@@ -472,3 +472,71 @@ async fn bad_frames_are_dropped_counted_and_close_the_connection() {
         .unwrap();
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_old_leader_cannot_raise_and_new_leader_starts_above() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let c = Cluster::start(3, short_writes).await;
+    let l1 = c.leader(ELECTION_WAIT).await;
+    let seq = name("p");
+    c.nodes[&l1]
+        .create_sequence(&seq, Width::W16, 0)
+        .await
+        .unwrap();
+    let committed_by_l1 = c.nodes[&l1].raise_ceiling(&seq, 1_000).await.unwrap();
+
+    // Cut the leader off. The other two elect a new leader while the old one
+    // still believes it leads.
+    c.nodes[&l1].set_isolated(true);
+    let deadline = Instant::now() + ELECTION_WAIT;
+    let l2 = loop {
+        let found = c
+            .nodes
+            .iter()
+            .find(|(id, n)| **id != l1 && n.metrics().role == Role::Leader);
+        if let Some((id, _)) = found {
+            break *id;
+        }
+        assert!(Instant::now() < deadline, "majority elected no leader");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let old = &c.nodes[&l1];
+    let new = &c.nodes[&l2];
+    // Two nodes think they lead; only one can commit or serve ceilings.
+    let r = old.raise_ceiling(&seq, 1_000_000).await;
+    // A timeout in openraft 0.9 (a leader without quorum does not step
+    // down); any error would do, success would be a bug.
+    assert!(r.is_err(), "isolated leader committed: {r:?}");
+    assert!(
+        old.ready_ceilings().await.is_err(),
+        "isolated leader served ceilings"
+    );
+    let ready = new.ready_ceilings().await.unwrap()["p"].ceiling;
+    assert!(
+        ready >= committed_by_l1,
+        "new leader reads {ready} < {committed_by_l1}"
+    );
+    assert_eq!(new.raise_ceiling(&seq, 2_000).await.unwrap(), 2_000);
+
+    // Heal: the old leader steps down and drops its uncommitted raise.
+    old.set_isolated(false);
+    let deadline = Instant::now() + ELECTION_WAIT;
+    loop {
+        let st = old.state().state;
+        if st.sequences["p"].ceiling == 2_000 && old.metrics().role != Role::Leader {
+            break;
+        }
+        assert!(
+            st.sequences["p"].ceiling <= 2_000,
+            "uncommitted raise was applied"
+        );
+        assert!(Instant::now() < deadline, "old leader did not rejoin");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let l = c.leader(ELECTION_WAIT).await;
+    assert_eq!(
+        c.nodes[&l].ready_ceilings().await.unwrap()["p"].ceiling,
+        2_000
+    );
+    c.shutdown().await;
+}
