@@ -367,3 +367,72 @@ fn unprivileged_start() {
         "glommio complained about memlock"
     );
 }
+
+#[test]
+fn truncated_datagrams_are_dropped_and_counted() {
+    let shards = Shards::start(config(1), |_| Echo).unwrap();
+    let socket = client();
+    socket.send_to(&[1u8; 3000], shards.local_addr()).unwrap();
+    socket.send_to(b"short", shards.local_addr()).unwrap();
+    let mut buf = [0u8; 4096];
+    let (n, _) = socket.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"short", "only the short datagram is echoed");
+    let stats = shards.shutdown().unwrap();
+    assert_eq!(stats[0].datagrams_dropped_in, 1);
+    assert_eq!(stats[0].udp.truncated_in, 1);
+    assert_eq!(stats[0].datagrams_handled, 1);
+}
+
+#[test]
+fn shards_serve_ipv6() {
+    let Ok(probe) = StdSocket::bind("[::1]:0") else {
+        eprintln!("skipping shards_serve_ipv6: cannot bind ::1");
+        return;
+    };
+    drop(probe);
+    let shards = Shards::start(ShardConfig::new(2, "[::1]:0".parse().unwrap()), |_| Echo).unwrap();
+    let clients: Vec<StdSocket> = (0..4)
+        .map(|_| {
+            let socket = StdSocket::bind("[::1]:0").unwrap();
+            socket.set_read_timeout(Some(DEADLINE)).unwrap();
+            socket
+        })
+        .collect();
+    echo_round_trip(shards.local_addr(), &clients, 100, 16);
+    let stats = shards.shutdown().unwrap();
+    assert_eq!(stats.iter().map(|s| s.datagrams_handled).sum::<u64>(), 400);
+}
+
+#[test]
+fn more_shards_than_cpus_run_unbound() {
+    let cpus = allowed_cpu_count();
+    let shards = Shards::start(config(cpus + 1), |_| Echo).unwrap();
+    let placements = shards.placements().to_vec();
+    assert!(
+        placements[..cpus]
+            .iter()
+            .all(|p| matches!(p, ShardPlacement::Fixed(_)))
+    );
+    assert!(
+        matches!(&placements[cpus], ShardPlacement::Unbound { reason } if reason.contains("CPUs"))
+    );
+    let clients: Vec<StdSocket> = (0..4).map(|_| client()).collect();
+    echo_round_trip(shards.local_addr(), &clients, 50, 8);
+    shards.shutdown().unwrap();
+}
+
+/// CPUs in this process's affinity mask, from `Cpus_allowed_list` in `/proc/self/status`.
+fn allowed_cpu_count() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    list.split(',')
+        .map(|range| match range.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
