@@ -38,8 +38,9 @@
 //! Each shard has a bounded channel ([`ShardConfig::channel_messages_max`]); [`Shards::sender`]
 //! gives a [`ShardSender`] usable from any thread: [`ShardSender::try_send`] (never blocks),
 //! [`ShardSender::send`] (async, runtime-agnostic, so a tokio task can await it) and
-//! [`ShardSender::send_blocking`] (plain threads). glommio wakes the shard's task from a foreign
-//! thread through the executor's eventfd. No lock is taken on this path.
+//! [`ShardSender::send_blocking`] (plain threads). The channel is `flume`'s, whose internal lock
+//! is held only for the queue operation itself, never across I/O; glommio wakes the shard's task
+//! from a foreign thread through the executor's eventfd.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -109,9 +110,12 @@ pub struct ShardConfig {
     pub addr: SocketAddr,
     /// Socket options (`reuse_port` must be on for more than one shard).
     pub udp: UdpConfig,
-    /// Pin shard `i` to the `i`-th CPU this process may run on. If there are fewer CPUs, or
-    /// pinning fails, the shard runs unbound and [`Shards::placements`] says why.
+    /// Pin shards to CPUs: shard `i` to `cpus[i]`, or without [`Self::cpus`] to the `i`-th CPU
+    /// this process may run on (`sched_getaffinity`). A shard without a CPU, or whose pinning
+    /// fails, runs unbound; [`Shards::placements`] says why and a line goes to stderr.
     pub pin_cpus: bool,
+    /// Explicit CPUs for the shards (e.g. to leave one core to the consensus thread).
+    pub cpus: Option<Vec<usize>>,
     /// glommio `io_memory` per executor, in bytes (see the module docs; at least 512 KiB).
     pub io_memory_bytes: usize,
     /// glommio `spin_before_park`: how long an idle shard spins before sleeping. Spinning cuts
@@ -133,6 +137,7 @@ impl ShardConfig {
             addr,
             udp: UdpConfig::default(),
             pin_cpus: true,
+            cpus: None,
             io_memory_bytes: 512 << 10,
             spin_before_park: None,
             channel_messages_max: 1024,
@@ -354,7 +359,10 @@ impl<M: Send + 'static> Shards<M> {
         for _ in 1..config.shards {
             sockets.push(UdpSocket::bind(local_addr, &config.udp)?);
         }
-        let cpus = allowed_cpus();
+        let cpus = match &config.cpus {
+            Some(cpus) => cpus.clone(),
+            None => allowed_cpus(),
+        };
         let make_handler = Arc::new(make_handler);
         let stopping = Arc::new(AtomicBool::new(false));
         let mut shards = Self {
@@ -373,7 +381,7 @@ impl<M: Send + 'static> Shards<M> {
                 (true, Some(&cpu)) => ShardPlacement::Fixed(cpu),
                 (true, None) => ShardPlacement::Unbound {
                     reason: format!(
-                        "only {} CPUs available for {} shards",
+                        "only {} CPUs listed or available for {} shards",
                         cpus.len(),
                         config.shards
                     ),

@@ -436,3 +436,19 @@ fn allowed_cpu_count() -> usize {
         })
         .sum()
 }
+
+#[test]
+fn failed_pinning_falls_back_to_unbound() {
+    let mut cfg = config(1);
+    // No such CPU: glommio refuses Placement::Fixed, the shard must still start, unbound.
+    cfg.cpus = Some(vec![4095]);
+    let shards = Shards::start(cfg, |_| Echo).unwrap();
+    let placement = &shards.placements()[0];
+    assert!(
+        matches!(placement, ShardPlacement::Unbound { reason } if reason.contains("failed")),
+        "{placement:?}"
+    );
+    let clients = [client()];
+    echo_round_trip(shards.local_addr(), &clients, 10, 4);
+    shards.shutdown().unwrap();
+}
