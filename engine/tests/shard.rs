@@ -452,3 +452,48 @@ fn failed_pinning_falls_back_to_unbound() {
     echo_round_trip(shards.local_addr(), &clients, 10, 4);
     shards.shutdown().unwrap();
 }
+
+/// The consensus thread runs tokio: it must reach shards through the bounded channel, awaiting
+/// room without blocking its runtime, and learn when a shard is gone.
+#[test]
+fn tokio_task_sends_to_shards() {
+    let mut cfg = config(2);
+    cfg.channel_messages_max = 2;
+    let shards = Shards::start(cfg, |_| Echo).unwrap();
+    let receiver = client();
+    let dest = receiver.local_addr().unwrap();
+    let senders: Vec<_> = (0..2).map(|i| shards.sender(i).unwrap()).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tasks: Vec<_> = senders
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(index, tx)| {
+                tokio::spawn(async move {
+                    for i in 0..50u8 {
+                        tx.send((dest, vec![index as u8, i])).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    let mut seen = HashSet::new();
+    while seen.len() < 100 {
+        let mut buf = [0u8; 8];
+        let (n, _) = receiver
+            .recv_from(&mut buf)
+            .expect("datagram within deadline");
+        assert_eq!(n, 2);
+        assert!(seen.insert((buf[0], buf[1])));
+    }
+    shards.shutdown().unwrap();
+    let closed = runtime.block_on(senders[0].send((dest, vec![])));
+    assert!(matches!(closed, Err(SendError::Closed(_))));
+}
