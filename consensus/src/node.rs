@@ -649,7 +649,7 @@ impl ConsensusNode {
         self.stop(false).await
     }
 
-    async fn stop(self, handoff: bool) -> Result<()> {
+    async fn stop(mut self, handoff: bool) -> Result<()> {
         let successor = if handoff { self.successor() } else { None };
         let res = self
             .raft
@@ -658,8 +658,8 @@ impl ConsensusNode {
             .map_err(|e| Error::Stopped(e.to_string()));
         self.server_task.abort();
         self.watch_task.abort();
-        let _ = self.server_task.await;
-        let _ = self.watch_task.await;
+        let _ = (&mut self.server_task).await;
+        let _ = (&mut self.watch_task).await;
         if let Some((id, addr)) = successor {
             let mut c = PeerClient::new(self.net.clone(), id, addr);
             let d = Duration::from_millis(
@@ -691,6 +691,23 @@ impl ConsensusNode {
             .max_by_key(|id| repl.get(id).cloned().flatten())?;
         let node = mem.get_node(&best)?;
         Some((best, node.addr.clone()))
+    }
+}
+
+impl Drop for ConsensusNode {
+    /// A node dropped without [`shutdown`](ConsensusNode::shutdown) stops
+    /// too (no handoff): its peer server and watcher are aborted at once and
+    /// Raft is told to stop on the current tokio runtime, if there is one.
+    /// The database closes when Raft's tasks have ended.
+    fn drop(&mut self) {
+        self.server_task.abort();
+        self.watch_task.abort();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let raft = self.raft.clone();
+            rt.spawn(async move {
+                let _ = raft.shutdown().await;
+            });
+        }
     }
 }
 
