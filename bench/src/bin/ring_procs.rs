@@ -1,0 +1,211 @@
+//! Measurements criterion cannot make: two consumer *processes* taking single ids from one ring
+//! against two threads doing `fetch_add` on one counter (and two consumer threads), and the
+//! latency distribution of a single take while a producer thread keeps refilling the ring.
+//!
+//! `CARGO_TARGET_DIR=/work/target-ring cargo run --release -p unid-bench --bin ring_procs`
+//! (optional arguments: runs, ids per consumer). Child mode (internal): `--child DIR NAME N START_MS`.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use unid_bench::BenchRing;
+use unid_ring::{Consumer, ProducerOptions, RingError, monotonic_ms};
+
+fn take_spin(c: &Consumer) -> u128 {
+    loop {
+        match c.try_take() {
+            Ok(id) => return id,
+            Err(RingError::WouldBlock) => std::hint::spin_loop(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn child(args: &[String]) {
+    let (dir, name) = (Path::new(&args[0]), &args[1]);
+    let n: u64 = args[2].parse().unwrap();
+    let start_ms: u64 = args[3].parse().unwrap();
+    let c = Consumer::open(dir, name).unwrap();
+    while monotonic_ms() < start_ms {
+        std::hint::spin_loop();
+    }
+    let t0 = Instant::now();
+    let mut last = 0;
+    for _ in 0..n {
+        let id = take_spin(&c);
+        assert!(id > last, "ids increase per consumer");
+        last = id;
+    }
+    println!("{}", t0.elapsed().as_nanos());
+}
+
+/// Two threads, `n` ops each, started together; ops/s over the slower thread's time.
+fn threads_rate(n: u64, op: &(dyn Fn() + Sync)) -> f64 {
+    let barrier = Barrier::new(2);
+    let el = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    for _ in 0..n {
+                        op();
+                    }
+                    t0.elapsed()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).max().unwrap()
+    });
+    2.0 * n as f64 / el.as_secs_f64()
+}
+
+fn procs_rate(ring: &mut BenchRing, name: &str, n: u64) -> f64 {
+    ring.refill();
+    let exe = std::env::current_exe().unwrap();
+    let start_ms = monotonic_ms() + 300;
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(&exe)
+                .arg("--child")
+                .arg(ring.dir())
+                .args([name.to_string(), n.to_string(), start_ms.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut el_ns = 0u128;
+    let mut outs = Vec::new();
+    for ch in children {
+        outs.push(std::thread::spawn(move || ch.wait_with_output().unwrap()));
+    }
+    while outs.iter().any(|h| !h.is_finished()) {
+        ring.refill();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for h in outs {
+        let out = h.join().unwrap();
+        assert!(out.status.success(), "child failed");
+        el_ns = el_ns.max(
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap(),
+        );
+    }
+    2.0 * n as f64 / (el_ns as f64 / 1e9)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn latency() {
+    // A producer thread refills in blocks of 4096 ids, so a consumer crosses a block boundary
+    // (and the producer rewrites a nearby slot) every 4096 takes.
+    let dir = std::path::PathBuf::from(format!("/dev/shm/unid-bench-lat-{}", std::process::id()));
+    let opts = ProducerOptions {
+        capacity: 64,
+        ..ProducerOptions::new(8)
+    };
+    let mut producer = unid_ring::Producer::create(&dir, "lat", &opts).unwrap();
+    let consumer = Consumer::open(&dir, "lat").unwrap();
+    let stop = AtomicBool::new(false);
+    let pushes = AtomicU64::new(0);
+    let samples_n = 2_000_000usize;
+    let mut samples = Vec::with_capacity(samples_n);
+    let mut timer = Vec::with_capacity(samples_n);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut next = 1u128;
+            while !stop.load(Ordering::Relaxed) {
+                let got = producer.push(next, 4096).unwrap();
+                next += u128::from(got);
+                if got == 0 {
+                    std::thread::yield_now();
+                } else {
+                    pushes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        // Let the producer fill the ring first.
+        std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..samples_n {
+            let t0 = Instant::now();
+            black_box(take_spin(&consumer));
+            samples.push(t0.elapsed().as_nanos() as u64);
+            let t0 = Instant::now();
+            timer.push(t0.elapsed().as_nanos() as u64);
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    samples.sort_unstable();
+    timer.sort_unstable();
+    let pct = |v: &[u64], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    println!(
+        "latency of one take while refilling ({samples_n} samples, {} refills): \
+         p50 {} ns, p99 {} ns, p99.9 {} ns, p99.99 {} ns, max {} ns",
+        pushes.load(Ordering::Relaxed),
+        pct(&samples, 0.5),
+        pct(&samples, 0.99),
+        pct(&samples, 0.999),
+        pct(&samples, 0.9999),
+        samples[samples.len() - 1]
+    );
+    println!(
+        "  timer alone (Instant::now pair): p50 {} ns, p99.9 {} ns",
+        pct(&timer, 0.5),
+        pct(&timer, 0.999)
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--child") {
+        return child(&args[1..]);
+    }
+    let runs: usize = args.first().map_or(5, |a| a.parse().unwrap());
+    let n: u64 = args.get(1).map_or(20_000_000, |a| a.parse().unwrap());
+    let mut ring = BenchRing::new("procs", 1024);
+    let consumer = ring.consumer("procs");
+    let counter = AtomicU64::new(0);
+    let (mut fa, mut rt, mut rp) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        fa.push(threads_rate(n, &|| {
+            black_box(counter.fetch_add(1, Ordering::Relaxed));
+        }));
+        ring.refill();
+        assert!(
+            ring.producer.ids_available() >= 2 * n,
+            "ring holds a whole run"
+        );
+        rt.push(threads_rate(n, &|| {
+            black_box(take_spin(&consumer));
+        }));
+        rp.push(procs_rate(&mut ring, "procs", n));
+    }
+    let (fa, rt, rp) = (median(fa), median(rt), median(rp));
+    println!("{runs} runs x 2 x {n} ops, medians:");
+    println!(
+        "  2 threads fetch_add one counter : {:8.1} M ops/s",
+        fa / 1e6
+    );
+    println!(
+        "  2 threads ring take             : {:8.1} M ids/s ({:.2} of fetch_add)",
+        rt / 1e6,
+        rt / fa
+    );
+    println!(
+        "  2 processes ring take           : {:8.1} M ids/s ({:.2} of fetch_add)",
+        rp / 1e6,
+        rp / fa
+    );
+    latency();
+}
