@@ -491,12 +491,12 @@ fn is_async_error(errno: i32) -> bool {
     )
 }
 
-fn set_int_option(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
-    // SAFETY: `fd` is an open socket owned by the caller; the option value is a valid `c_int` on
-    // the stack and its exact size is passed, as setsockopt(2) requires.
+fn set_int_option(socket: &Socket, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `socket` keeps its descriptor open for the call; the option value is a valid
+    // `c_int` on the stack and its exact size is passed, as setsockopt(2) requires.
     let rc = unsafe {
         libc::setsockopt(
-            fd,
+            socket.as_raw_fd(),
             level,
             name,
             (&raw const value).cast(),
@@ -540,14 +540,13 @@ impl UdpSocket {
                 .set_send_buffer_size(bytes)
                 .map_err(io_err("set SO_SNDBUF"))?;
         }
-        let fd = socket.as_raw_fd();
         if addr.is_ipv6() {
-            set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)
+            set_int_option(&socket, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)
                 .map_err(io_err("set IPV6_RECVERR"))?;
             // For v4-mapped peers of a dual-stack socket; harmless if the socket is v6-only.
-            let _ = set_int_option(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 1);
+            let _ = set_int_option(&socket, libc::IPPROTO_IP, libc::IP_RECVERR, 1);
         } else {
-            set_int_option(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 1)
+            set_int_option(&socket, libc::IPPROTO_IP, libc::IP_RECVERR, 1)
                 .map_err(io_err("set IP_RECVERR"))?;
         }
         socket.bind(&addr.into()).map_err(io_err("bind"))?;
@@ -555,7 +554,7 @@ impl UdpSocket {
             .local_addr()
             .map_err(io_err("getsockname"))?
             .as_socket()
-            .ok_or(Error::Io {
+            .ok_or_else(|| Error::Io {
                 op: "getsockname",
                 addr,
                 source: io::Error::new(io::ErrorKind::InvalidData, "not an IP address"),
