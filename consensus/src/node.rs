@@ -629,6 +629,18 @@ impl ConsensusNode {
         self.net.isolated.store(isolated, Ordering::Relaxed);
     }
 
+    /// Fault injection for tests: while `true`, every write to this node's
+    /// database fails, as with a failing disk. openraft stops the node at
+    /// the first failed write; nothing unpersisted is acknowledged.
+    pub fn set_storage_fault(&self, on: bool) {
+        self.sm.inject_write_fault(on);
+    }
+
+    /// Whether Raft is still running (it stops for good on a storage error).
+    pub fn is_running(&self) -> bool {
+        self.raft.metrics().borrow().running_state.is_ok()
+    }
+
     /// Frame counters of this node's peer connections.
     pub fn net_stats(&self) -> NetStatsSnapshot {
         self.net.stats.snapshot()

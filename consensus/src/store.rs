@@ -28,6 +28,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -68,7 +69,10 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), Error> {
     let path = dir.join(DB_FILE);
     let db = Database::create(&path)
         .map_err(|e| Error::Storage(format!("open {}: {e}", path.display())))?;
-    let db = Arc::new(db);
+    let db = Arc::new(Db {
+        inner: db,
+        fault: AtomicBool::new(false),
+    });
     init_tables(&db).map_err(|e| Error::Storage(format!("init {}: {e}", path.display())))?;
     let data = load_sm(&db).map_err(|e| Error::Storage(format!("load {}: {e}", path.display())))?;
     let log = LogStore { db: db.clone() };
@@ -78,6 +82,26 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), Error> {
     };
     Ok((log, sm))
 }
+
+/// The database and its fault-injection switch.
+struct Db {
+    inner: Database,
+    /// While set, every write transaction fails (see
+    /// [`StateMachineStore::inject_write_fault`]).
+    fault: AtomicBool,
+}
+
+impl std::ops::Deref for Db {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        &self.inner
+    }
+}
+
+/// The error of an injected write fault.
+#[derive(Debug, thiserror::Error)]
+#[error("injected storage write fault")]
+struct InjectedFault;
 
 fn init_tables(db: &Database) -> Result<(), redb::Error> {
     let mut tx = db.begin_write()?;
@@ -130,7 +154,10 @@ where
     }
 }
 
-fn write_tx(db: &Database) -> Result<redb::WriteTransaction, AnyError> {
+fn write_tx(db: &Db) -> Result<redb::WriteTransaction, AnyError> {
+    if db.fault.load(Ordering::Acquire) {
+        return Err(AnyError::new(&InjectedFault));
+    }
     let mut tx = db.begin_write().map_err(any)?;
     tx.set_durability(Durability::Immediate).map_err(any)?;
     Ok(tx)
@@ -145,7 +172,7 @@ fn get_meta<T: for<'de> Deserialize<'de>>(db: &Database, key: &str) -> Result<Op
     }
 }
 
-fn put_meta<T: Serialize>(db: &Database, key: &str, v: &T) -> Result<(), AnyError> {
+fn put_meta<T: Serialize>(db: &Db, key: &str, v: &T) -> Result<(), AnyError> {
     let bytes = encode(v)?;
     let tx = write_tx(db)?;
     {
@@ -159,7 +186,7 @@ fn put_meta<T: Serialize>(db: &Database, key: &str, v: &T) -> Result<(), AnyErro
 /// database); a clone is also the log reader.
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
+    db: Arc<Db>,
 }
 
 impl Debug for LogStore {
@@ -455,7 +482,7 @@ fn persist_touched(
 /// redb on every apply. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct StateMachineStore {
-    db: Arc<Database>,
+    db: Arc<Db>,
     data: Arc<RwLock<AppliedState>>,
 }
 
@@ -469,6 +496,13 @@ impl StateMachineStore {
     /// A copy of the applied state.
     pub fn applied(&self) -> AppliedState {
         self.data.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Fault injection for tests: while `on`, every write to this node's
+    /// database (log appends, votes, applies, snapshots) fails, as a full or
+    /// failing disk would. openraft then stops the node (fail-stop).
+    pub fn inject_write_fault(&self, on: bool) {
+        self.db.fault.store(on, Ordering::Release);
     }
 
     /// Reads the applied state through `f` without copying all of it.

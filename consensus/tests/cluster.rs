@@ -541,3 +541,42 @@ async fn partitioned_old_leader_cannot_raise_and_new_leader_starts_above() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_disk_stops_the_node_and_nothing_unpersisted_is_acknowledged() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut c = Cluster::start(3, short_writes).await;
+    let l = c.leader(ELECTION_WAIT).await;
+    let seq = name("d");
+    c.nodes[&l]
+        .create_sequence(&seq, Width::W8, 0)
+        .await
+        .unwrap();
+    assert_eq!(c.nodes[&l].raise_ceiling(&seq, 10).await.unwrap(), 10);
+
+    // The leader's disk fails: its next append fails, Raft stops, and the
+    // raise is not acknowledged.
+    c.nodes[&l].set_storage_fault(true);
+    let r = c.nodes[&l].raise_ceiling(&seq, 20).await;
+    assert!(
+        r.is_err(),
+        "raise acknowledged by a leader whose disk failed: {r:?}"
+    );
+    let deadline = Instant::now() + ELECTION_WAIT;
+    while c.nodes[&l].is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "node kept running after a storage error"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(c.nodes[&l].state().state.sequences["d"].ceiling, 10);
+
+    // The other two carry on, with every committed ceiling.
+    let dead = c.nodes.remove(&l).unwrap();
+    let (l2, _) = c.any_leader(ELECTION_WAIT).await;
+    assert!(c.nodes[&l2].ready_ceilings().await.unwrap()["d"].ceiling >= 10);
+    assert_eq!(c.nodes[&l2].raise_ceiling(&seq, 30).await.unwrap(), 30);
+    drop(dead);
+    c.shutdown().await;
+}
