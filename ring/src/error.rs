@@ -73,6 +73,15 @@ pub enum RingError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `Producer::create` found a ring at this path whose agent (another live process) is still
+    /// serving it: not closed, heartbeat fresh, pid present.
+    #[error("ring {path} is served by a live agent (pid {pid})")]
+    InUse {
+        /// The ring file's path.
+        path: PathBuf,
+        /// The other agent's pid.
+        pid: u32,
+    },
     /// A sequence name that cannot be a file name (empty, `/`, leading `.`, NUL, > 200 bytes).
     #[error("invalid ring name {name:?}")]
     InvalidName {

@@ -119,7 +119,9 @@ mod ring {
         /// Creates (or atomically replaces) the ring file `dir/name`: the file is built under a
         /// temporary name and renamed into place, so no consumer ever maps a half-initialised
         /// ring. Creates `dir` if missing. Consumers of a replaced ring keep their old mapping
-        /// and see its agent as dead or closed, then reopen.
+        /// and see its agent as dead or closed, then reopen. Refuses ([`RingError::InUse`]) to
+        /// replace a ring whose agent is another live process (not closed, heartbeat fresh, pid
+        /// present); this check is advisory (two agents starting at the same instant both pass).
         pub fn create(
             dir: &Path,
             name: &str,
@@ -143,6 +145,18 @@ mod ring {
                 });
             }
             let path = ring_path(dir, name)?;
+            // One agent per ring: refuse to replace a ring another live agent still serves.
+            if let Ok(existing) = Consumer::open(dir, name) {
+                let pid = existing
+                    .map
+                    .header()
+                    .ident
+                    .agent_pid
+                    .load(Ordering::Relaxed);
+                if pid != std::process::id() && existing.check_agent().is_ok() {
+                    return Err(RingError::InUse { path, pid });
+                }
+            }
             std::fs::create_dir_all(dir).map_err(io_err("create_dir", dir))?;
             let tmp = dir.join(format!(
                 ".{name}.tmp.{}.{}",

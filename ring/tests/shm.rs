@@ -360,6 +360,16 @@ fn closed_after_drain_and_agent_dead() {
     assert!(matches!(c.try_take(), Err(RingError::Closed)));
     let c2 = Consumer::open(dir.path(), "t").unwrap();
     assert_eq!(c2.try_take().unwrap(), 1);
+
+    // A ring served by another live agent (pid 1, fresh heartbeat) is not replaced.
+    let mut bytes = std::fs::read(dir.path().join("t")).unwrap();
+    bytes[40..44].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(dir.path().join("owned"), &bytes).unwrap();
+    assert!(matches!(
+        Producer::create(dir.path(), "owned", &opts(8, 4)),
+        Err(RingError::InUse { pid: 1, .. })
+    ));
+    drop(p2);
 }
 
 #[test]
