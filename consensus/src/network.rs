@@ -278,7 +278,9 @@ impl PeerClient {
         }
         let deadline = tokio::time::Instant::now() + timeout;
         let mut reused = false;
-        if self.conn.is_none() {
+        // A request that must not be repeated never rides a pooled
+        // connection, which may have gone stale.
+        if self.conn.is_none() && retryable {
             self.conn = self.cfg.pool.take(self.target, &self.addr);
             reused = self.conn.is_some();
         }

@@ -108,6 +108,25 @@ impl NodeConfig {
 
     fn raft_config(&self) -> Result<openraft::Config> {
         let t = &self.timing;
+        for (field, v) in [
+            ("heartbeat_ms", t.heartbeat_ms),
+            ("connect_timeout_ms", t.connect_timeout_ms),
+            ("write_timeout_ms", t.write_timeout_ms),
+            ("install_snapshot_timeout_ms", t.install_snapshot_timeout_ms),
+            ("backoff_ms", t.backoff_ms),
+            ("snapshot_logs", self.snapshot_logs),
+            ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
+        ] {
+            if v == 0 {
+                return Err(Error::Config(format!("{field} must be at least 1")));
+            }
+        }
+        if self.snapshot_chunk_bytes > (crate::frame::FRAME_PAYLOAD_BYTES_MAX / 2) as u64 {
+            return Err(Error::Config(format!(
+                "snapshot_chunk_bytes {} exceeds half the frame limit",
+                self.snapshot_chunk_bytes
+            )));
+        }
         let c = openraft::Config {
             cluster_name: "unid".into(),
             heartbeat_interval: t.heartbeat_ms,
@@ -420,6 +439,11 @@ impl ConsensusNode {
     /// is committed and applied. On a follower the command is forwarded to
     /// the leader (one hop). Fails with [`Error::Timeout`] if it does not
     /// commit within `Timing::write_timeout_ms` (e.g. no quorum).
+    ///
+    /// An error does not prove the command was not applied (it may commit
+    /// after the timeout, or the answer may be lost). `RaiseCeiling` is safe
+    /// to repeat (max semantics); a repeated `CreateSequence` answers
+    /// `SequenceExists`; a repeated `RegisterAgent` wastes an id.
     pub async fn write(&self, cmd: Command) -> Result<Response> {
         let d = Duration::from_millis(self.timing.write_timeout_ms);
         match write_local(&self.raft, cmd.clone(), d).await {

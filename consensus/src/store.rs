@@ -20,6 +20,12 @@
 //! (last applied, membership, counters and settings), `sequences`
 //! (name → sequence), `nodes` (id → record), `snapshot` (the current one).
 //!
+//! `apply` updates the in-memory state and then persists it; if persisting
+//! fails, openraft stops the node, and the in-memory state may be ahead of
+//! the disk until the process restarts (it is reloaded from disk and the
+//! log). Only a running leader's linearizable reads are used for granting,
+//! so a stopped node's view is never used.
+//!
 //! Blocking redb calls run on tokio's blocking pool (`spawn_blocking`) so an
 //! fsync never stalls the Raft core's executor thread.
 
