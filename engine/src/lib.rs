@@ -22,10 +22,11 @@
 //! and answers with one `sendmmsg`. When idle, a shard sleeps in the ring like any glommio task,
 //! so timers and cross-thread channels share the same executor.
 //!
-//! Measured here (`results/udp-echo.md`, `udp_echo` example, loaded 2-core VM): the batched shard
-//! echoed a median 113k datagrams/s against 79k for the same server written with glommio's
-//! `recv_from`/`send_to`, but its CPU cost per datagram was only ~10% lower (4.2 vs 4.7 µs): on
-//! loopback the kernel's UDP path costs more than the syscalls saved. Batching matters most when
+//! Measured here (`results/udp-echo.md`, `udp_echo` example, 2-core VM shared with other work):
+//! the batched shards echoed a median 236k datagrams/s against 134k for the same server written
+//! with glommio's `recv_from`/`send_to` (113k vs 79k under heavier load; 2 of 6 pairs were close),
+//! but its server CPU per datagram was only 10–20% lower (3.95 vs 5.05 µs): on loopback the
+//! kernel's UDP path costs more than the syscalls saved. Batching matters most when
 //! many datagrams are queued per wake-up; the per-datagram path's io_uring branch rarely runs under
 //! load because the nonblocking attempt succeeds.
 //!
