@@ -285,20 +285,24 @@ fn unprivileged_child() {
     if std::env::var_os(CHILD_ENV).is_none() {
         return;
     }
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
     let memlock = limits
         .lines()
         .find(|l| l.starts_with("Max locked memory"))
-        .unwrap_or("?");
-    eprintln!(
-        "child: uid {} {memlock}",
-        std::fs::metadata("/proc/self")
-            .map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                m.uid()
-            })
-            .unwrap_or(u32::MAX)
-    );
+        .unwrap();
+    eprintln!("child: uid {uid}; {memlock}");
+    assert_eq!(uid, 65534, "the child must run as nobody");
+    // The soft limit is the first number; glommio's default io_memory (10 MiB per executor)
+    // would exceed it, our 512 KiB per executor must not.
+    let soft = memlock.split_whitespace().nth(3).unwrap();
+    if let Ok(bytes) = soft.parse::<u64>() {
+        assert!(
+            bytes >= 2 * (512 << 10),
+            "memlock {bytes} too small for 2 shards"
+        );
+    }
     let shards = Shards::start(config(2), |_| Echo).unwrap();
     let socket = client();
     socket.send_to(b"ping", shards.local_addr()).unwrap();
