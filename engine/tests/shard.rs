@@ -501,3 +501,12 @@ fn tokio_task_sends_to_shards() {
     let closed = runtime.block_on(senders[0].send((dest, vec![])));
     assert!(matches!(closed, Err(SendError::Closed(_))));
 }
+
+/// An idle shard parks in io_uring instead of spinning: a few turns, not thousands.
+#[test]
+fn idle_shard_sleeps() {
+    let shards = Shards::start(config(1), |_| Echo).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = shards.shutdown().unwrap();
+    assert!(stats[0].turns <= 4, "idle shard looped {} times", stats[0].turns);
+}
