@@ -311,6 +311,12 @@ mod ring {
         }
     }
 
+    thread_local! {
+        /// (mapping address, `head` value) this thread last saw: a guess for the next take.
+        /// A stale or foreign guess (another ring mapped at a reused address) only costs a retry.
+        static HEAD_GUESS: std::cell::Cell<(usize, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+
     /// A consumer's mapping of a ring. `Sync`: threads may share one `&Consumer`.
     pub struct Consumer {
         map: Mapping,
@@ -438,7 +444,16 @@ mod ring {
         #[inline]
         pub fn try_take_range(&self, max: u64) -> Result<IdRange, RingError> {
             let ring = self.map.ring();
-            match ring.take(max.max(1)) {
+            let key = self.map.key();
+            // This thread's last view of `head` for this mapping: saves loading the contended
+            // line before the CAS (see `RingRef::take_from`; any guess is safe).
+            let guess = HEAD_GUESS.with(|g| match g.get() {
+                (k, v) if k == key => v,
+                _ => ring.header().head.load(Ordering::Acquire),
+            });
+            let (take, next) = ring.take_from(guess, max.max(1));
+            HEAD_GUESS.with(|g| g.set((key, next)));
+            match take {
                 Take::Got(r) => Ok(r),
                 Take::Empty => self.empty(&ring, max),
                 Take::Corrupt => Err(self.corrupt()),

@@ -12,7 +12,18 @@ use loom::thread;
 use unid_ring::raw::{MemRing, ProducerCore, Take};
 
 fn take_into(ring: &MemRing, max: u64, out: &mut Vec<u128>) -> bool {
-    match ring.view().take(max) {
+    consume(ring.view().take(max), out)
+}
+
+/// Like `take_into` but from this thread's guess of `head` (as `Consumer` does), updating it.
+fn take_guessed(ring: &MemRing, guess: &mut u64, max: u64, out: &mut Vec<u128>) -> bool {
+    let (t, next) = ring.view().take_from(*guess, max);
+    *guess = next;
+    consume(t, out)
+}
+
+fn consume(t: Take, out: &mut Vec<u128>) -> bool {
+    match t {
         Take::Got(r) => {
             out.extend((0..r.count).map(|k| r.first + u128::from(k)));
             true
@@ -38,7 +49,8 @@ fn check(per_consumer: &[Vec<u128>], drained: &[u128], total: u128) {
 }
 
 /// Capacity 2, three blocks: the third recycles slot 0 while two consumers may still be reading
-/// it with a stale head (torn reads, lapping, "empty but advanced").
+/// it with a stale head (torn reads, lapping, "empty but advanced"). One consumer loads `head`,
+/// the other starts from a guess (`take_from`) that goes stale.
 #[test]
 fn two_consumers_producer_recycles_slot() {
     loom::model(|| {
@@ -48,8 +60,15 @@ fn two_consumers_producer_recycles_slot() {
                 let mem = Arc::clone(&mem);
                 thread::spawn(move || {
                     let mut got = Vec::new();
-                    take_into(&mem, 1 + i, &mut got);
-                    take_into(&mem, 2, &mut got);
+                    if i == 0 {
+                        take_into(&mem, 1, &mut got);
+                        take_into(&mem, 2, &mut got);
+                    } else {
+                        // Starts from guess 0, stale as soon as the other consumer took.
+                        let mut guess = 0;
+                        take_guessed(&mem, &mut guess, 2, &mut got);
+                        take_guessed(&mem, &mut guess, 2, &mut got);
+                    }
                     got
                 })
             })
