@@ -22,13 +22,11 @@
 //! and answers with one `sendmmsg`. When idle, a shard sleeps in the ring like any glommio task,
 //! so timers and cross-thread channels share the same executor.
 //!
-//! Measured here (`results/udp-echo.md`, `udp_echo` example, 2-core VM shared with other work):
-//! the batched shards echoed a median 236k datagrams/s against 134k for the same server written
-//! with glommio's `recv_from`/`send_to` (113k vs 79k under heavier load; 2 of 6 pairs were close),
-//! but its server CPU per datagram was only 10–20% lower (3.95 vs 5.05 µs): on loopback the
-//! kernel's UDP path costs more than the syscalls saved. Batching matters most when
-//! many datagrams are queued per wake-up; the per-datagram path's io_uring branch rarely runs under
-//! load because the nonblocking attempt succeeds.
+//! Measured here (`results/udp-echo.md`, `udp_echo` example, quiet 2-core VM, medians of 3): the
+//! batched shards echoed 248k datagrams/s at 3.8 µs of server CPU per datagram; the same server on
+//! glommio's `recv_from`/`send_to` 192k/s at 4.7 µs; a raw io_uring server with one `RECVMSG` and
+//! one `SENDMSG` operation per datagram 201k/s at 4.7 µs. Batching wins, but by 10–30% of CPU, not
+//! by the 64x fewer syscalls: on loopback the kernel's UDP path costs more than the syscalls.
 //!
 //! # Limits
 //! Every queue is bounded: batches ([`udp::BATCH_DATAGRAMS_MAX`] datagrams of

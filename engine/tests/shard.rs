@@ -508,5 +508,9 @@ fn idle_shard_sleeps() {
     let shards = Shards::start(config(1), |_| Echo).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let stats = shards.shutdown().unwrap();
-    assert!(stats[0].turns <= 4, "idle shard looped {} times", stats[0].turns);
+    assert!(
+        stats[0].turns <= 4,
+        "idle shard looped {} times",
+        stats[0].turns
+    );
 }
