@@ -536,10 +536,14 @@ mod uring {
         let fd = types::Fd(socket.as_raw_fd());
         // Leaked on purpose: operations may still be in flight when the loop stops, and the
         // kernel must never write into freed memory. (A few hundred KiB, once per run.)
-        // SAFETY: all-zero bytes are a valid `Slot` (byte arrays and plain C structs with null
-        // pointers and zero lengths).
-        let slots: *mut Slot =
-            Box::leak(unsafe { Box::<[Slot]>::new_zeroed_slice(SLOTS).assume_init() }).as_mut_ptr();
+        let slots: Vec<Slot> = (0..SLOTS)
+            .map(|_| {
+                // SAFETY: all-zero bytes are a valid `Slot` (byte arrays and plain C structs
+                // with null pointers and zero lengths).
+                unsafe { std::mem::zeroed::<Slot>() }
+            })
+            .collect();
+        let slots: *mut Slot = Box::leak(slots.into_boxed_slice()).as_mut_ptr();
         let timeout: &'static types::Timespec =
             Box::leak(Box::new(types::Timespec::new().nsec(50_000_000)));
         let timeout_entry = opcode::Timeout::new(timeout).build().user_data(TIMEOUT);
