@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use unid_engine::shard::{Handler, SendError, ShardConfig, ShardPlacement, Shards};
-use unid_engine::udp::{PeerError, PeerErrorKind, SendBatch};
+use unid_engine::udp::{ErrorOrigin, PeerError, PeerErrorKind, SendBatch};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -249,9 +249,20 @@ fn closed_peer_is_reported_to_the_handler() {
         .expect("a peer error within the deadline");
     assert_eq!(err.dest, dead);
     assert_eq!(err.kind, PeerErrorKind::Refused);
+    assert_eq!(err.origin, ErrorOrigin::Icmp);
+    // A datagram the kernel refuses at once (broadcast without SO_BROADCAST: EACCES, nothing
+    // leaves the host) is reported too, as a send failure.
+    let broadcast: SocketAddr = "255.255.255.255:9".parse().unwrap();
+    shards.sender(0).unwrap().send_blocking(broadcast).unwrap();
+    let err = rx
+        .recv_timeout(DEADLINE)
+        .expect("a send failure within the deadline");
+    assert_eq!((err.dest, err.origin), (broadcast, ErrorOrigin::Send));
+    assert_eq!(err.kind, PeerErrorKind::Other(13)); // EACCES
     let stats = shards.shutdown().unwrap();
-    assert_eq!(stats[0].peer_errors, 1);
+    assert_eq!(stats[0].peer_errors, 2);
     assert_eq!(stats[0].udp.peer_errors.refused, 1);
+    assert_eq!(stats[0].udp.send_failed.other, 1);
 }
 
 #[test]
