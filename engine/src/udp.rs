@@ -713,9 +713,7 @@ impl UdpSocket {
     ///   ([`SendReport::pending`]), for the caller to retry or drop; nothing is dropped silently.
     pub fn send_batch(&mut self, batch: &mut SendBatch) -> SendReport {
         batch.failures.clear();
-        let mut report = SendReport::default();
-        let total = batch.len;
-        for i in 0..total {
+        for i in 0..batch.len {
             batch.iovecs[i] = libc::iovec {
                 iov_base: batch.bufs[i * DATAGRAM_BYTES_MAX..].as_mut_ptr().cast(),
                 iov_len: batch.lens[i],
@@ -730,74 +728,28 @@ impl UdpSocket {
             hdr.msg_hdr.msg_flags = 0;
             hdr.msg_len = 0;
         }
-        let mut next = 0;
-        // Whether datagram `next` already got a stale-error retry.
-        let mut retried_next = false;
-        let mut interrupts = 0;
-        while next < total {
+        let fd = self.socket.as_raw_fd();
+        send_loop(batch, &mut self.counters, |batch, next| {
+            let total = batch.len;
             // SAFETY: `hdrs[next..total]` were initialised above and point at this batch's own
             // `sockaddr_storage`s (with the lengths `write_sockaddr` produced) and iovecs that
             // cover `lens[i] <= DATAGRAM_BYTES_MAX` bytes of each slot. `batch` is borrowed
             // mutably for the whole call; the kernel only reads them during the nonblocking call.
             let rc = unsafe {
                 libc::sendmmsg(
-                    self.socket.as_raw_fd(),
-                    batch.hdrs[next..].as_mut_ptr(),
+                    fd,
+                    batch.hdrs[next..total].as_mut_ptr(),
                     (total - next) as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )
             };
-            if rc > 0 {
-                let sent = rc as usize;
-                assert!(sent <= total - next, "sendmmsg sent more than asked for");
-                self.counters.send_batches += 1;
-                self.counters.datagrams_out += sent as u64;
-                for i in next..next + sent {
-                    self.counters.bytes_out += batch.lens[i] as u64;
-                }
-                report.sent += sent;
-                next += sent;
-                retried_next = false;
-                continue;
+            match rc {
+                // 0 cannot happen for a non-empty vector; treat it like EAGAIN.
+                0 => Err(libc::EAGAIN),
+                rc if rc > 0 => Ok(rc as usize),
+                _ => Err(errno_of(&io::Error::last_os_error())),
             }
-            // rc == 0 cannot happen for a non-empty vector; treat it like EAGAIN.
-            let errno = if rc == 0 {
-                libc::EAGAIN
-            } else {
-                errno_of(&io::Error::last_os_error())
-            };
-            match errno {
-                libc::EAGAIN | libc::ENOBUFS => break,
-                libc::EINTR if interrupts < SYSCALL_RETRIES_MAX => {
-                    interrupts += 1;
-                }
-                _ if is_async_error(errno) && !retried_next => {
-                    self.counters.send_stale_errors += 1;
-                    retried_next = true;
-                }
-                _ => {
-                    let kind = PeerErrorKind::from_errno(errno);
-                    self.counters.send_failed.bump(kind);
-                    batch.failures.push(PeerError {
-                        dest: batch.dests[next],
-                        kind,
-                        origin: ErrorOrigin::Send,
-                        offender: None,
-                    });
-                    report.failed += 1;
-                    next += 1;
-                    retried_next = false;
-                }
-            }
-        }
-        report.pending = total - next;
-        if report.pending > 0 {
-            self.counters.send_would_block += 1;
-        }
-        batch.keep_tail(next);
-        debug_assert_eq!(batch.len, report.pending);
-        debug_assert_eq!(report.sent + report.failed + report.pending, total);
-        report
+        })
     }
 
     /// Reads up to [`ERRORS_PER_DRAIN_MAX`] entries of the socket's error queue
@@ -869,6 +821,70 @@ impl UdpSocket {
         }
         Ok(appended)
     }
+}
+
+/// The decisions of [`UdpSocket::send_batch`], apart from the syscall: `sendmmsg(batch, next)`
+/// sends datagrams `next..batch.len()` and returns how many went out, or the errno that stopped
+/// the first one. Kept separate so tests can replay any sequence of kernel answers.
+fn send_loop(
+    batch: &mut SendBatch,
+    counters: &mut UdpCounters,
+    mut sendmmsg: impl FnMut(&mut SendBatch, usize) -> Result<usize, i32>,
+) -> SendReport {
+    let mut report = SendReport::default();
+    let total = batch.len;
+    let mut next = 0;
+    // Whether datagram `next` already got a stale-error retry.
+    let mut retried_next = false;
+    let mut interrupts = 0;
+    // Each turn sends something, skips a datagram, stops, or uses one of a bounded number of
+    // retries: at most 2 * total + SYSCALL_RETRIES_MAX turns.
+    while next < total {
+        match sendmmsg(batch, next) {
+            Ok(sent) => {
+                assert!(
+                    sent > 0 && sent <= total - next,
+                    "sendmmsg sent {sent} of {}",
+                    total - next
+                );
+                counters.send_batches += 1;
+                counters.datagrams_out += sent as u64;
+                for i in next..next + sent {
+                    counters.bytes_out += batch.lens[i] as u64;
+                }
+                report.sent += sent;
+                next += sent;
+                retried_next = false;
+            }
+            Err(libc::EAGAIN | libc::ENOBUFS) => break,
+            Err(libc::EINTR) if interrupts < SYSCALL_RETRIES_MAX => interrupts += 1,
+            Err(errno) if is_async_error(errno) && !retried_next => {
+                counters.send_stale_errors += 1;
+                retried_next = true;
+            }
+            Err(errno) => {
+                let kind = PeerErrorKind::from_errno(errno);
+                counters.send_failed.bump(kind);
+                batch.failures.push(PeerError {
+                    dest: batch.dests[next],
+                    kind,
+                    origin: ErrorOrigin::Send,
+                    offender: None,
+                });
+                report.failed += 1;
+                next += 1;
+                retried_next = false;
+            }
+        }
+    }
+    report.pending = total - next;
+    if report.pending > 0 {
+        counters.send_would_block += 1;
+    }
+    batch.keep_tail(next);
+    debug_assert_eq!(batch.len, report.pending);
+    debug_assert_eq!(report.sent + report.failed + report.pending, total);
+    report
 }
 
 impl AsRawFd for UdpSocket {
@@ -1032,6 +1048,107 @@ mod tests {
             assert_eq!(read_sockaddr(&storage, len), Some(addr));
             assert_eq!(read_sockaddr(&storage, len - 1), None);
         }
+    }
+
+    /// Replays `answers` as the kernel's replies to `sendmmsg`, on a batch of `n` datagrams
+    /// whose payload is their index.
+    fn replay(n: u8, answers: &[Result<usize, i32>]) -> (SendReport, SendBatch, UdpCounters) {
+        let mut batch = SendBatch::new(BATCH_DATAGRAMS_MAX).unwrap();
+        for i in 0..n {
+            let dest = SocketAddr::from((Ipv4Addr::LOCALHOST, 1000 + u16::from(i)));
+            batch.push(dest, &[i]).unwrap();
+        }
+        let mut counters = UdpCounters::default();
+        let mut answers = answers.iter();
+        let report = send_loop(&mut batch, &mut counters, |_, _| {
+            *answers
+                .next()
+                .expect("send_loop made more calls than expected")
+        });
+        assert!(
+            answers.next().is_none(),
+            "send_loop made fewer calls than expected"
+        );
+        (report, batch, counters)
+    }
+
+    fn payloads(batch: &SendBatch) -> Vec<u8> {
+        (0..batch.len())
+            .map(|i| batch.bufs[i * DATAGRAM_BYTES_MAX])
+            .collect()
+    }
+
+    #[test]
+    fn send_loop_sends_in_pieces() {
+        let (report, batch, counters) = replay(10, &[Ok(4), Ok(6)]);
+        assert_eq!((report.sent, report.failed, report.pending), (10, 0, 0));
+        assert!(batch.is_empty());
+        assert_eq!((counters.send_batches, counters.datagrams_out), (2, 10));
+    }
+
+    #[test]
+    fn send_loop_retries_a_stale_error_once() {
+        // The refusal belongs to an earlier datagram: the retry of datagram 3 succeeds.
+        let (report, batch, counters) = replay(5, &[Ok(3), Err(libc::ECONNREFUSED), Ok(2)]);
+        assert_eq!((report.sent, report.failed, report.pending), (5, 0, 0));
+        assert!(batch.failures().is_empty());
+        assert_eq!(counters.send_stale_errors, 1);
+    }
+
+    #[test]
+    fn send_loop_skips_a_datagram_refused_twice() {
+        let (report, batch, counters) = replay(
+            5,
+            &[
+                Ok(2),
+                Err(libc::EHOSTUNREACH),
+                Err(libc::EHOSTUNREACH),
+                Ok(2),
+            ],
+        );
+        assert_eq!((report.sent, report.failed, report.pending), (4, 1, 0));
+        let failure = batch.failures()[0];
+        assert_eq!(failure.dest.port(), 1002);
+        assert_eq!(failure.kind, PeerErrorKind::HostUnreachable);
+        assert_eq!(counters.send_failed.host_unreachable, 1);
+    }
+
+    #[test]
+    fn send_loop_skips_a_hard_failure_at_once() {
+        let (report, batch, _) = replay(3, &[Err(libc::EACCES), Ok(2)]);
+        assert_eq!((report.sent, report.failed), (2, 1));
+        assert_eq!(batch.failures()[0].dest.port(), 1000);
+        assert_eq!(batch.failures()[0].kind, PeerErrorKind::Other(libc::EACCES));
+    }
+
+    #[test]
+    fn send_loop_keeps_unsent_datagrams_in_order_on_eagain() {
+        let (report, mut batch, counters) = replay(8, &[Ok(3), Err(libc::EAGAIN)]);
+        assert_eq!((report.sent, report.failed, report.pending), (3, 0, 5));
+        assert_eq!(payloads(&batch), vec![3, 4, 5, 6, 7]);
+        assert_eq!(batch.dests[0].port(), 1003);
+        assert_eq!(counters.send_would_block, 1);
+        // The next call sends the rest, starting where the first stopped.
+        let mut counters = UdpCounters::default();
+        let report = send_loop(&mut batch, &mut counters, |b, next| {
+            assert_eq!(next, 0);
+            Ok(b.len())
+        });
+        assert_eq!((report.sent, report.pending), (5, 0));
+    }
+
+    #[test]
+    fn send_loop_bounds_interrupt_retries() {
+        let mut answers = vec![Err(libc::EINTR); SYSCALL_RETRIES_MAX];
+        answers.push(Ok(2));
+        let (report, _, _) = replay(2, &answers);
+        assert_eq!(report.sent, 2);
+        // One interrupt too many: the datagram is given up, not retried forever.
+        let mut answers = vec![Err(libc::EINTR); SYSCALL_RETRIES_MAX + 1];
+        answers.push(Ok(1));
+        let (report, batch, _) = replay(2, &answers);
+        assert_eq!((report.sent, report.failed), (1, 1));
+        assert_eq!(batch.failures()[0].kind, PeerErrorKind::Other(libc::EINTR));
     }
 
     #[test]
