@@ -40,7 +40,9 @@
 //! [`ShardSender::send`] (async, runtime-agnostic, so a tokio task can await it) and
 //! [`ShardSender::send_blocking`] (plain threads). The channel is `flume`'s, whose internal lock
 //! is held only for the queue operation itself, never across I/O; glommio wakes the shard's task
-//! from a foreign thread through the executor's eventfd.
+//! from a foreign thread through the executor's eventfd. glommio's own
+//! `channels::shared_channel` is not used because both of its ends must `connect().await` inside
+//! a glommio executor, so a tokio or plain thread cannot send on it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
