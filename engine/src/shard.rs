@@ -288,7 +288,8 @@ pub struct StopHandle {
 
 impl StopHandle {
     /// Asks every shard to finish its current turn, flush its replies and return. Does not wait;
-    /// see [`Shards::join`]. Idempotent.
+    /// see [`Shards::join`]. Idempotent. Messages still queued in a shard's channel are dropped
+    /// undelivered (senders then get [`SendError::Closed`]).
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
         for tx in self.wake.iter() {
