@@ -27,7 +27,8 @@ fn single(c: &mut Criterion) {
     g.bench_function("ring_take", |b| {
         b.iter(|| match consumer.try_take() {
             Ok(id) => id,
-            Err(RingError::WouldBlock) => {
+            // The bench heartbeats only when it refills: a stale heartbeat reads as AgentDead.
+            Err(RingError::WouldBlock | RingError::AgentDead { .. }) => {
                 ring.refill();
                 consumer.try_take().expect("refilled")
             }
@@ -42,7 +43,7 @@ fn single(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("ring_take_range", max), &max, |b, &max| {
             b.iter(|| match consumer.try_take_range(max) {
                 Ok(r) => r,
-                Err(RingError::WouldBlock) => {
+                Err(RingError::WouldBlock | RingError::AgentDead { .. }) => {
                     ring.refill();
                     consumer.try_take_range(max).expect("refilled")
                 }
@@ -96,6 +97,27 @@ fn contended(c: &mut Criterion) {
                 iters,
                 &|| {
                     black_box(counter.fetch_add(1, Ordering::Relaxed));
+                },
+                || {},
+            )
+        })
+    });
+    // Reference for what any CAS-claimed cursor costs: load + compare_exchange retry loop.
+    let cas_counter = AtomicU64::new(0);
+    g.bench_function("cas_loop", |b| {
+        b.iter_custom(|iters| {
+            two_threads(
+                iters,
+                &|| {
+                    let mut cur = cas_counter.load(Ordering::Relaxed);
+                    while let Err(now) = cas_counter.compare_exchange_weak(
+                        cur,
+                        cur + 1,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    ) {
+                        cur = now;
+                    }
                 },
                 || {},
             )

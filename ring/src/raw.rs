@@ -193,18 +193,31 @@ impl<'a> RingRef<'a> {
                 head = now;
                 continue;
             }
-            let k = max.min(count - off);
-            let next = if off + k == count {
-                (block + 1) << OFFSET_BITS
-            } else {
-                head + k
-            };
-            match head_cell.compare_exchange(head, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    let first = (u128::from(hi) << 64 | u128::from(lo)) + u128::from(off);
-                    return (Take::Got(IdRange { first, count: k }), next);
+            // CAS, retrying without re-reading the slot while `head` stays in this block: what we
+            // read is block `block`'s content, and a successful CAS from `(block, _)` proves the
+            // slot was not recycled before it (the argument in the module docs). A short retry
+            // keeps the contended line from being stolen between the failed CAS and the next.
+            let mut off = off;
+            loop {
+                let k = max.min(count - off);
+                let next = if off + k == count {
+                    (block + 1) << OFFSET_BITS
+                } else {
+                    head + k
+                };
+                match head_cell.compare_exchange(head, next, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => {
+                        let first = (u128::from(hi) << 64 | u128::from(lo)) + u128::from(off);
+                        return (Take::Got(IdRange { first, count: k }), next);
+                    }
+                    Err(now) => {
+                        head = now;
+                        off = now & OFFSET_MASK;
+                        if now >> OFFSET_BITS != block || off >= count {
+                            break; // another block (or an impossible offset): re-read
+                        }
+                    }
                 }
-                Err(now) => head = now,
             }
         }
     }

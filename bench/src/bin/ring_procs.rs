@@ -28,16 +28,31 @@ fn child(args: &[String]) {
     let (dir, name) = (Path::new(&args[0]), &args[1]);
     let n: u64 = args[2].parse().unwrap();
     let start_ms: u64 = args[3].parse().unwrap();
+    let batch: u64 = args[4].parse().unwrap();
     let c = Consumer::open(dir, name).unwrap();
     while monotonic_ms() < start_ms {
         std::hint::spin_loop();
     }
     let t0 = Instant::now();
     let mut last = 0;
-    for _ in 0..n {
-        let id = take_spin(&c);
-        assert!(id > last, "ids increase per consumer");
-        last = id;
+    let mut taken = 0;
+    while taken < n {
+        let r = if batch == 1 {
+            let id = take_spin(&c);
+            unid_ring::IdRange {
+                first: id,
+                count: 1,
+            }
+        } else {
+            match c.try_take_range(batch) {
+                Ok(r) => r,
+                Err(RingError::WouldBlock) => continue,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(r.first > last || last == 0, "ids increase per consumer");
+        last = r.last();
+        taken += r.count;
     }
     println!("{}", t0.elapsed().as_nanos());
 }
@@ -63,7 +78,8 @@ fn threads_rate(n: u64, op: &(dyn Fn() + Sync)) -> f64 {
     2.0 * n as f64 / el.as_secs_f64()
 }
 
-fn procs_rate(ring: &mut BenchRing, name: &str, n: u64) -> f64 {
+/// Two consumer processes taking `n` ids each in takes of up to `batch`; ids/s.
+fn procs_rate(ring: &mut BenchRing, name: &str, n: u64, batch: u64) -> f64 {
     ring.refill();
     let exe = std::env::current_exe().unwrap();
     let start_ms = monotonic_ms() + 300;
@@ -72,7 +88,12 @@ fn procs_rate(ring: &mut BenchRing, name: &str, n: u64) -> f64 {
             Command::new(&exe)
                 .arg("--child")
                 .arg(ring.dir())
-                .args([name.to_string(), n.to_string(), start_ms.to_string()])
+                .args([
+                    name.to_string(),
+                    n.to_string(),
+                    start_ms.to_string(),
+                    batch.to_string(),
+                ])
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap()
@@ -179,10 +200,21 @@ fn main() {
     let mut ring = BenchRing::new("procs", 1024);
     let consumer = ring.consumer("procs");
     let counter = AtomicU64::new(0);
-    let (mut fa, mut rt, mut rp) = (Vec::new(), Vec::new(), Vec::new());
+    let cas_counter = AtomicU64::new(0);
+    let (mut fa, mut cas, mut rt, mut rp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut rp8 = Vec::new();
     for _ in 0..runs {
         fa.push(threads_rate(n, &|| {
             black_box(counter.fetch_add(1, Ordering::Relaxed));
+        }));
+        // What any CAS-claimed cursor costs: load + compare_exchange retry loop.
+        cas.push(threads_rate(n, &|| {
+            let mut cur = cas_counter.load(Ordering::Relaxed);
+            while let Err(now) =
+                cas_counter.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                cur = now;
+            }
         }));
         ring.refill();
         assert!(
@@ -192,23 +224,22 @@ fn main() {
         rt.push(threads_rate(n, &|| {
             black_box(take_spin(&consumer));
         }));
-        rp.push(procs_rate(&mut ring, "procs", n));
+        rp.push(procs_rate(&mut ring, "procs", n, 1));
+        rp8.push(procs_rate(&mut ring, "procs", 4 * n, 8));
     }
-    let (fa, rt, rp) = (median(fa), median(rt), median(rp));
+    let (fa, cas, rt, rp, rp8) = (median(fa), median(cas), median(rt), median(rp), median(rp8));
     println!("{runs} runs x 2 x {n} ops, medians:");
-    println!(
-        "  2 threads fetch_add one counter : {:8.1} M ops/s",
-        fa / 1e6
-    );
-    println!(
-        "  2 threads ring take             : {:8.1} M ids/s ({:.2} of fetch_add)",
-        rt / 1e6,
-        rt / fa
-    );
-    println!(
-        "  2 processes ring take           : {:8.1} M ids/s ({:.2} of fetch_add)",
-        rp / 1e6,
-        rp / fa
-    );
+    let line = |what: &str, rate: f64| {
+        println!(
+            "  {what:<34}: {:8.1} M/s ({:.2} of 2-thread fetch_add)",
+            rate / 1e6,
+            rate / fa
+        )
+    };
+    line("2 threads fetch_add one counter", fa);
+    line("2 threads CAS loop one counter", cas);
+    line("2 threads ring take (1 id)", rt);
+    line("2 processes ring take (1 id)", rp);
+    line("2 processes ring take_range(8) ids", rp8);
     latency();
 }
