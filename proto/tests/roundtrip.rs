@@ -490,12 +490,12 @@ fn decoded_lists_iterate_like_the_originals() {
 /// Writes one valid datagram per message type (without and with the fuzz
 /// target's key, and in the fuzz target's "selector byte + payload" form) as
 /// a fuzzing seed corpus, when `UNID_FUZZ_SEEDS_DIR` is set:
-/// `UNID_FUZZ_SEEDS_DIR=$PWD/fuzz/corpus/decode cargo test -p unid-proto --test roundtrip write_fuzz_seeds`
+/// `UNID_FUZZ_SEEDS_DIR=$PWD/fuzz/corpus/decode cargo test -p unid-proto --test roundtrip write_fuzz_seeds -- --ignored`
 #[test]
+#[ignore = "a tool, not a check: writes fuzz seeds to $UNID_FUZZ_SEEDS_DIR"]
 fn write_fuzz_seeds() {
-    let Some(dir) = std::env::var_os("UNID_FUZZ_SEEDS_DIR") else {
-        return;
-    };
+    let dir = std::env::var_os("UNID_FUZZ_SEEDS_DIR")
+        .expect("set UNID_FUZZ_SEEDS_DIR to the folder to write fuzz seeds to");
     let dir = std::path::PathBuf::from(dir);
     std::fs::create_dir_all(&dir).unwrap();
     let fuzz_key = AuthKey::from_secret(b"fuzz secret");
