@@ -57,12 +57,6 @@ impl Mapping {
         })
     }
 
-    /// The mapping's address, as an identity for per-thread caches (never dereferenced).
-    #[inline]
-    pub(crate) fn key(&self) -> usize {
-        self.ptr.as_ptr() as usize
-    }
-
     /// The header at offset 0.
     pub(crate) fn header(&self) -> &Header {
         debug_assert!(self.len >= HEADER_SIZE);
