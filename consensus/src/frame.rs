@@ -250,4 +250,17 @@ mod tests {
             (1, 1, 1)
         );
     }
+
+    proptest::proptest! {
+        /// Arbitrary bytes never panic the decoder, and a frame accepted
+        /// with a key is exactly one that was encoded with it.
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let key = AuthKey::from_secret(b"k");
+            let _ = decode(&bytes, None);
+            if let Ok(p) = decode(&bytes, Some(&key)) {
+                proptest::prop_assert_eq!(encode(p, Some(&key)), bytes.clone());
+            }
+        }
+    }
 }

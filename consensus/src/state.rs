@@ -575,4 +575,35 @@ mod tests {
         assert_eq!(s.setting("k0", 0), 9);
         assert_eq!(s.setting(SETTING_LEASE_MS, 1234), 1234);
     }
+
+    proptest::proptest! {
+        /// Whatever commands arrive, in whatever order: a ceiling never goes
+        /// down, never exceeds its width's limit, and agent ids never repeat.
+        #[test]
+        fn ceilings_never_decrease(ops in proptest::collection::vec((0u8..4, 0u8..3, proptest::num::u128::ANY), 1..200)) {
+            let mut s = ClusterState::new();
+            let names = ["a", "b", "c"];
+            let mut seen_ids = std::collections::BTreeSet::new();
+            for (kind, which, value) in ops {
+                let name = names[which as usize].to_owned();
+                let before: BTreeMap<String, Id> =
+                    s.sequences.iter().map(|(k, v)| (k.clone(), v.ceiling)).collect();
+                let cmd = match kind {
+                    0 => Command::CreateSequence { name, width: [2, 4, 8, 16][(value % 4) as usize], start: value >> 100 },
+                    1 | 2 => Command::RaiseCeiling { name, ceiling: value >> (value % 128) },
+                    _ => Command::RegisterAgent { name, incarnation: 1, addr: String::new(), port: 0, role: String::new() },
+                };
+                let (resp, _) = s.apply(&cmd, 1);
+                if let Response::Registered { id } = resp {
+                    proptest::prop_assert!(seen_ids.insert(id));
+                }
+                for (k, v) in &s.sequences {
+                    proptest::prop_assert!(v.ceiling <= v.width().limit());
+                    if let Some(b) = before.get(k) {
+                        proptest::prop_assert!(v.ceiling >= *b);
+                    }
+                }
+            }
+        }
+    }
 }
