@@ -77,9 +77,11 @@
 //! leader starts an election only after `lease + its election timeout`
 //! without hearing from it (timers are checked every `1.5 * heartbeat`).
 //! So after a leader dies a new one is elected after about
-//! `100 + [60, 100) + <= 30` ms plus one vote round trip: **160–230 ms**; the
-//! test `three_nodes_elect_raise_and_fail_over` measured ~220 ms for a
-//! crash on loopback (debug build, other work on the machine). The
+//! `100 + [60, 100) + <= 30` ms plus one vote round trip: **160–230 ms**.
+//! Measured by `three_nodes_elect_raise_and_fail_over` (debug build,
+//! loopback, 2 cores, 10 runs, from the stop call to a node reporting
+//! itself leader): crash median ~205 ms (range 180–240 ms, the top with
+//! two busy-looping processes competing for the CPUs). The
 //! "heartbeat 50 / election 150–300 ms" often quoted would give 450–650 ms
 //! with this lease rule.
 //!
@@ -94,7 +96,8 @@
 //! calls `raft.trigger().elect()` unless another leader appeared. Being the
 //! most up-to-date voter it wins the vote, typically before any randomized
 //! timer fires. Result: a new leader ~`election_max_ms` + one round trip
-//! after shutdown (~110 ms with the defaults; measured ~120 ms) instead of
+//! after shutdown (~110 ms with the defaults; measured median ~125 ms,
+//! range 120–160 ms, in the same runs) instead of
 //! 160–230 ms, and a deterministic successor. It is safe whatever happens:
 //! if the `Elect` RPC is lost, ordinary elections take over; triggering an
 //! election is always allowed by Raft. A leader cannot make its followers
