@@ -573,6 +573,12 @@ impl ConsensusNode {
         self.sm.applied()
     }
 
+    /// Reads the local applied state through `f` without copying it all
+    /// (same caveats as [`state`](Self::state)).
+    pub fn with_state<T>(&self, f: impl FnOnce(&AppliedState) -> T) -> T {
+        self.sm.with_applied(f)
+    }
+
     /// The applied state, read linearizably: confirms with a quorum that this
     /// node is still the leader, and waits until it has applied everything
     /// committed up to and including the first entry of its own term. See
