@@ -18,7 +18,8 @@
 //! "empty but advanced" state `(b, 0)` after the previous block was finished) or our `head` is
 //! stale (the slot was recycled): reload `head`; if it did not move, the ring is empty. Otherwise
 //! `k = min(n, count - off)` and CAS `head` from `(b, off)` to `(b, off + k)`, or `(b + 1, 0)` when
-//! that finishes the block. Success hands out `first + off .. first + off + k`.
+//! that finishes the block. Success hands out `first + off .. first + off + k`. A failed CAS that
+//! leaves `head` in the same block retries at once with the slot values already read.
 //!
 //! **push(first, count)** for block `b = tail`: allowed when `b < capacity` or `head`'s block
 //! index `> b - capacity`, i.e. the slot's previous block `b - capacity` was claimed to its end.
