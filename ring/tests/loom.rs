@@ -1,15 +1,26 @@
 //! loom models of the take/refill protocol (`raw`) and the sleep/wake handshake.
 //!
 //! ```text
-//! RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 \
-//!     CARGO_TARGET_DIR=/work/target-ring-loom cargo test -p unid-ring --release --test loom
+//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=/work/target-ring-loom \
+//!     cargo test -p unid-ring --release --test loom
 //! ```
+//! The preemption bound defaults to 2 here; `LOOM_MAX_PREEMPTIONS=3` explores more (minutes).
 //! Without `--cfg loom` this file compiles to nothing.
 #![cfg(loom)]
 
 use loom::sync::Arc;
 use loom::thread;
 use unid_ring::raw::{MemRing, ProducerCore, Take};
+
+/// `loom::model` with a preemption bound of 2 unless `LOOM_MAX_PREEMPTIONS` says otherwise, so
+/// a plain `cargo test --test loom` under `--cfg loom` (as CI runs it) stays within minutes.
+fn model<F: Fn() + Sync + Send + 'static>(f: F) {
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(2);
+    }
+    builder.check(f);
+}
 
 fn take_into(ring: &MemRing, max: u64, out: &mut Vec<u128>) -> bool {
     consume(ring.view().take(max), out)
@@ -53,7 +64,7 @@ fn check(per_consumer: &[Vec<u128>], drained: &[u128], total: u128) {
 /// the other starts from a guess (`take_from`) that goes stale.
 #[test]
 fn two_consumers_producer_recycles_slot() {
-    loom::model(|| {
+    model(|| {
         let mem = Arc::new(MemRing::new(8, 2));
         let consumers: Vec<_> = (0..2)
             .map(|i| {
@@ -107,7 +118,7 @@ fn two_consumers_producer_recycles_slot() {
 /// (Removing the SeqCst fence from `register_waiter` makes this model fail.)
 #[test]
 fn no_lost_wakeup() {
-    loom::model(|| {
+    model(|| {
         let mem = Arc::new(MemRing::new(4, 2));
         let consumer = {
             let mem = Arc::clone(&mem);

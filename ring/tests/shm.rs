@@ -292,16 +292,19 @@ fn file_mode_and_permission_denied() {
             .uid(65534)
             .gid(65534)
             .status()
-            .unwrap()
-            .code()
+            .map(|s| s.code())
     };
+    let private = match run_as_nobody("private") {
+        Ok(code) => code,
+        Err(e) => {
+            // E.g. the test binary sits in a directory uid 65534 cannot enter.
+            eprintln!("cannot run the test binary as uid 65534 ({e}): skipping");
+            return;
+        }
+    };
+    assert_eq!(private, Some(10), "0600 ring must refuse another user");
     assert_eq!(
-        run_as_nobody("private"),
-        Some(10),
-        "0600 ring must refuse another user"
-    );
-    assert_eq!(
-        run_as_nobody("shared"),
+        run_as_nobody("shared").ok().flatten(),
         Some(0),
         "0660 ring must admit its group"
     );
