@@ -500,8 +500,15 @@ fn threads_stress_width16_high_ids() {
 
 #[test]
 fn processes_stress() {
+    // Every width; width 2 stays below 65,535 ids. Width 16 starts above 2^64.
+    for (width, first) in [(2u8, 1u128), (4, 1 << 31), (8, 1 << 60), (16, 3 << 64)] {
+        process_stress_one(width, first);
+    }
+}
+
+fn process_stress_one(width: u8, first: u128) {
     let dir = TestDir::new("procs");
-    let mut p = Producer::create(dir.path(), "s", &opts(8, 16)).unwrap();
+    let mut p = Producer::create(dir.path(), "s", &opts(width, 16)).unwrap();
     let outs: Vec<PathBuf> = (0..3)
         .map(|i| dir.path().join(format!("out-{i}")))
         .collect();
@@ -512,8 +519,8 @@ fn processes_stress() {
     let total = 60_000u64;
     produce_all(
         &mut p,
-        1,
-        1 + u128::from(total),
+        first,
+        first + u128::from(total),
         41,
         Instant::now() + Duration::from_secs(40),
     );
@@ -525,6 +532,12 @@ fn processes_stress() {
         check_outputs(&outs),
         total,
         "no kill: every id taken exactly once"
+    );
+    let all: Vec<IdRange> = outs.iter().flat_map(|o| read_ranges(o)).collect();
+    assert_eq!(all.iter().map(|r| r.first).min(), Some(first));
+    assert_eq!(
+        all.iter().map(|r| r.last()).max(),
+        Some(first + u128::from(total) - 1)
     );
 }
 
