@@ -192,6 +192,14 @@ fn produce_all(p: &mut Producer, mut next: u128, end: u128, block: u64, deadline
 
 // ---------------------------------------------------------------- errors and lifecycle
 
+/// Threads may share one `&Consumer`; a `Producer` may move to another thread.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    send_sync::<Consumer>();
+    send::<Producer>();
+};
+
 #[test]
 fn open_errors_are_typed() {
     let dir = TestDir::new("errors");
