@@ -646,6 +646,51 @@ fn sigkilled_consumers_wedge_nothing_and_repeat_nothing() {
     );
 }
 
+/// A consumer SIGKILLed while asleep on the futex leaves `waiters` one too high (documented):
+/// the producer then wakes on every push, and everyone else carries on.
+#[test]
+fn consumer_killed_while_asleep_wedges_nothing() {
+    let dir = TestDir::new("sleepkill");
+    let mut p = Producer::create(dir.path(), "s", &opts(8, 4)).unwrap();
+    let out = dir.path().join("out-sleeper");
+    let mut sleeper = spawn_consumer(dir.path(), "s", &out);
+    let waiters = || {
+        let bytes = std::fs::read(dir.path().join("s")).unwrap();
+        u32::from_le_bytes(bytes[268..272].try_into().unwrap())
+    };
+    let t0 = Instant::now();
+    while waiters() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "child never went to sleep"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sleeper.kill().unwrap();
+    let _ = sleeper.wait();
+    assert_eq!(waiters(), 1, "the dead sleeper stays registered");
+    assert_eq!(p.push(100, 10).unwrap(), 10);
+    let c = Consumer::open(dir.path(), "s").unwrap();
+    assert_eq!(c.take_timeout(Duration::from_secs(5)).unwrap(), 100);
+    let waiter = std::thread::spawn({
+        let dir = dir.path().to_path_buf();
+        move || {
+            let c = Consumer::open(&dir, "s").unwrap();
+            let mut got = Vec::new();
+            for _ in 0..11 {
+                got.push(c.take_timeout(Duration::from_secs(10)).unwrap());
+            }
+            got
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(p.push(200, 2).unwrap(), 2);
+    let got = waiter.join().unwrap();
+    assert_eq!(got[..9], (101..110).collect::<Vec<u128>>()[..]);
+    assert_eq!(got[9..], [200, 201]);
+    assert!(read_ranges(&out).is_empty(), "the sleeper took nothing");
+}
+
 // ---------------------------------------------------------------- separately built reader
 
 /// The layout as documented, read by a C program compiled here with the system `cc`: a reader
