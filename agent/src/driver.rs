@@ -1,0 +1,772 @@
+//! The driver thread: one UDP socket, the request state machine, the sizers
+//! and the ring producers.
+
+use std::collections::VecDeque;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use unid_core::{Disposition, Event, Reply, Requester, Response, Sizer};
+use unid_proto::{
+    AuthKey, Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, Message, NodeId, NodeRole, SeqNo,
+    SequenceName, Width, decode,
+};
+use unid_ring::{Producer, ProducerOptions, RingError};
+
+use crate::{AgentConfig, Connection, Error, Metrics, SequenceState, Shared};
+
+/// How long to wait before asking again for a sequence the cluster does not
+/// know, or after a ring error, in microseconds.
+const RETRY_SLOW_US: u64 = 2_000_000;
+/// How often the status snapshot is refreshed, in microseconds.
+const STATUS_EVERY_US: u64 = 20_000;
+/// Ping interval when the server gave no lease, in milliseconds.
+const LEASE_MS_DEFAULT: u64 = 3000;
+
+/// What a request is for.
+#[derive(Clone, Debug)]
+enum Req {
+    Hello,
+    Ping,
+    Block { index: usize, count: u64 },
+}
+
+/// A final answer from a server.
+#[derive(Clone, Debug)]
+enum Answer {
+    Welcome {
+        node_id: NodeId,
+        lease_ms: u32,
+    },
+    Grant {
+        sequence: String,
+        width: Width,
+        first: u128,
+        count: u64,
+    },
+    Pong {
+        lease_ms: u32,
+    },
+    Error {
+        code: ErrorCode,
+    },
+}
+
+/// The requester plus what it does not do: learning servers, `LeaderChange`,
+/// and an epoch filter that survives rebuilding the requester.
+struct Link {
+    requester: Requester<Req, Answer>,
+    servers: Vec<SocketAddr>,
+    /// Highest seq handed out so far (new requesters continue above it).
+    last_seq: SeqNo,
+    highest_epoch: u64,
+    /// Outstanding requests and what they are for.
+    inflight: Vec<(SeqNo, Req, u64)>,
+    config: unid_core::RequesterConfig,
+}
+
+impl Link {
+    fn send(&mut self, now_us: u64, req: Req) -> Option<SeqNo> {
+        match self.requester.send(now_us, req.clone()) {
+            Ok(seq) => {
+                self.last_seq = self.last_seq.max(seq);
+                self.inflight.push((seq, req, now_us));
+                Some(seq)
+            }
+            Err(e) => {
+                tracing::warn!("cannot queue a request: {e}");
+                None
+            }
+        }
+    }
+
+    fn take(&mut self, seq: SeqNo) -> Option<(Req, u64)> {
+        let at = self.inflight.iter().position(|(s, _, _)| *s == seq)?;
+        let (_, req, sent) = self.inflight.swap_remove(at);
+        Some((req, sent))
+    }
+
+    /// Rebuilds the requester with `leader` first and every known server,
+    /// re-sending what was outstanding under new seqs (the old seqs' answers
+    /// are then dropped as unknown: at most ids lost, never repeated).
+    fn switch(&mut self, now_us: u64, leader: SocketAddr, learned: &[SocketAddr]) -> bool {
+        let mut servers = vec![leader];
+        for a in self.servers.iter().chain(learned) {
+            if !servers.contains(a) && servers.len() < self.config.servers_max {
+                servers.push(*a);
+            }
+        }
+        let first_seq = self.last_seq.saturating_add(1).max(1);
+        let requester = match Requester::new(self.config.clone(), &servers, first_seq, now_us) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cannot switch to leader {leader}: {e}");
+                return false;
+            }
+        };
+        self.requester = requester;
+        self.servers = servers;
+        let pending = std::mem::take(&mut self.inflight);
+        for (_, req, sent) in pending {
+            if let Some(seq) = self.send(now_us, req) {
+                // Keep the original send time for the refill latency.
+                if let Some(entry) = self.inflight.iter_mut().find(|e| e.0 == seq) {
+                    entry.2 = sent;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// One sequence's ring and refill state.
+struct Seq {
+    name: SequenceName,
+    width: Option<Width>,
+    producer: Option<Producer>,
+    /// Granted ids not yet in the ring, in increasing order.
+    held: VecDeque<(u128, u64)>,
+    /// Every id accepted so far is below this.
+    next_min: u128,
+    /// Ids pushed into the ring since start.
+    pushed: u128,
+    /// `pushed - ids_available` at the last look.
+    consumed_seen: u128,
+    sizer: Sizer,
+    inflight: Option<SeqNo>,
+    block_ids: u64,
+    state: SequenceState,
+    retry_at_us: u64,
+}
+
+impl Seq {
+    fn held_ids(&self) -> u64 {
+        self.held
+            .iter()
+            .fold(0u64, |a, (_, c)| a.saturating_add(*c))
+    }
+
+    fn ring_ids(&self) -> u64 {
+        self.producer.as_ref().map_or(0, |p| p.ids_available())
+    }
+}
+
+pub(crate) struct Driver {
+    config: AgentConfig,
+    shared: Arc<Shared>,
+    socket: UdpSocket,
+    codec: Codec,
+    key: Option<AuthKey>,
+    start: Instant,
+    rng: SmallRng,
+    link: Link,
+    incarnation: u64,
+    node_id: NodeId,
+    lease_ms: u64,
+    hello_inflight: bool,
+    ping_inflight: bool,
+    next_ping_us: u64,
+    connection: Connection,
+    seqs: Vec<Seq>,
+    status_at_us: u64,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        config: AgentConfig,
+        incarnation: u64,
+        shared: Arc<Shared>,
+    ) -> Result<Driver, Error> {
+        let bind: SocketAddr = if config.servers.iter().all(|a| a.is_ipv6()) {
+            "[::]:0".parse().expect("valid")
+        } else {
+            "0.0.0.0:0".parse().expect("valid")
+        };
+        let socket = UdpSocket::bind(bind).map_err(|source| Error::Io {
+            op: "bind udp",
+            addr: bind,
+            source,
+        })?;
+        let requester = Requester::new(config.requester.clone(), &config.servers, incarnation, 0)
+            .map_err(|e| Error::InvalidConfig {
+            field: "requester",
+            reason: e.to_string(),
+        })?;
+        let seqs = config
+            .sequences
+            .iter()
+            .map(|name| {
+                Ok(Seq {
+                    name: name.clone(),
+                    width: None,
+                    producer: None,
+                    held: VecDeque::new(),
+                    next_min: 0,
+                    pushed: 0,
+                    consumed_seen: 0,
+                    sizer: Sizer::new(config.sizing.clone(), 0).map_err(|e| {
+                        Error::InvalidConfig {
+                            field: "sizing",
+                            reason: e.to_string(),
+                        }
+                    })?,
+                    inflight: None,
+                    block_ids: 0,
+                    state: SequenceState::Waiting,
+                    retry_at_us: 0,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Driver {
+            link: Link {
+                requester,
+                servers: config.servers.clone(),
+                last_seq: incarnation.saturating_sub(1),
+                highest_epoch: 0,
+                inflight: Vec::new(),
+                config: config.requester.clone(),
+            },
+            key: config.key.clone(),
+            rng: SmallRng::seed_from_u64(incarnation),
+            config,
+            shared,
+            socket,
+            codec: Codec::new(),
+            start: Instant::now(),
+            incarnation,
+            node_id: 0,
+            lease_ms: LEASE_MS_DEFAULT,
+            hello_inflight: false,
+            ping_inflight: false,
+            next_ping_us: 0,
+            connection: Connection::Registering,
+            seqs,
+            status_at_us: 0,
+        })
+    }
+
+    fn now_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    pub(crate) fn run(mut self) {
+        tracing::info!(
+            servers = ?self.config.servers,
+            sequences = ?self.config.sequences.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            incarnation = self.incarnation,
+            "agent starting: registering with the cluster"
+        );
+        let tick_us = self.config.poll_interval_ms * 1000;
+        let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 64];
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let now = self.now_us();
+            self.tick(now);
+            let wait_us = match self.link.requester.poll_timeout() {
+                Some(t) => t.saturating_sub(self.now_us()).min(tick_us),
+                None => tick_us,
+            }
+            .max(100);
+            let _ = self
+                .socket
+                .set_read_timeout(Some(Duration::from_micros(wait_us)));
+            match self.socket.recv_from(&mut buf) {
+                Ok((len, from)) => {
+                    let now = self.now_us();
+                    self.on_datagram(now, from, &buf[..len]);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => {
+                    // E.g. ECONNREFUSED reported for an earlier send.
+                    tracing::debug!("udp recv: {e}");
+                }
+            }
+        }
+        self.set_connection(Connection::Stopped);
+        for s in &mut self.seqs {
+            s.producer = None; // Drop: marks the ring closed.
+        }
+        self.publish_status(self.now_us());
+        tracing::info!("agent stopped; rings closed");
+    }
+
+    /// Everything timed: requester timers, registration, pings, refills.
+    fn tick(&mut self, now: u64) {
+        if self.link.requester.poll_timeout().is_some_and(|t| t <= now) {
+            self.link.requester.handle_timeout(now, &mut self.rng);
+        }
+        self.drain_events(now);
+        if self.node_id == 0 && !self.hello_inflight {
+            self.hello_inflight = self.link.send(now, Req::Hello).is_some();
+        }
+        if self.node_id != 0 && !self.ping_inflight && now >= self.next_ping_us {
+            self.ping_inflight = self.link.send(now, Req::Ping).is_some();
+            self.next_ping_us = now + self.lease_ms * 1000 / 3;
+        }
+        for index in 0..self.seqs.len() {
+            self.refill(now, index);
+        }
+        self.transmit(now);
+        if now >= self.status_at_us {
+            self.publish_status(now);
+            self.status_at_us = now + STATUS_EVERY_US;
+        }
+    }
+
+    fn refill(&mut self, now: u64, index: usize) {
+        let registered = self.node_id != 0;
+        let blocks_ahead = u64::from(self.config.blocks_ahead);
+        let s = &mut self.seqs[index];
+        if let Some(p) = &s.producer {
+            p.heartbeat_now();
+            let available = p.ids_available();
+            let consumed = s.pushed - u128::from(available);
+            let delta = consumed - s.consumed_seen;
+            if delta > 0 {
+                s.sizer
+                    .record_consumed(now, delta.min(u64::MAX as u128) as u64);
+                s.consumed_seen = consumed;
+                if available == 0 && s.held.is_empty() {
+                    Metrics::add(&self.shared.metrics.ring_empty_events, 1);
+                }
+            }
+        }
+        // Move held ids into the ring as slots allow.
+        if let Some(p) = &mut s.producer {
+            while let Some(&(first, count)) = s.held.front() {
+                match p.push(first, count) {
+                    Ok(n) if n == count => {
+                        s.held.pop_front();
+                        s.pushed += u128::from(n);
+                    }
+                    Ok(n) => {
+                        if n > 0 {
+                            s.held[0] = (first + u128::from(n), count - n);
+                            s.pushed += u128::from(n);
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        // Never retried: dropping the block loses ids, never repeats them.
+                        tracing::error!(sequence = %s.name, "ring refused block {first}+{count}: {e}");
+                        s.held.pop_front();
+                        Metrics::add(&self.shared.metrics.grants_rejected, 1);
+                    }
+                }
+            }
+        }
+        if !registered || s.inflight.is_some() || now < s.retry_at_us {
+            return;
+        }
+        if matches!(s.state, SequenceState::Exhausted) {
+            return;
+        }
+        let width = s.width.unwrap_or(Width::W8);
+        let block = match s.sizer.block_ids(now, width, s.next_min) {
+            Ok(b) => b,
+            Err(_) => {
+                if s.state != SequenceState::Exhausted {
+                    tracing::warn!(sequence = %s.name, "sequence exhausted: no ids left in its width");
+                }
+                s.state = SequenceState::Exhausted;
+                return;
+            }
+        };
+        let have = s.ring_ids().saturating_add(s.held_ids());
+        if have >= block.saturating_mul(blocks_ahead) {
+            return;
+        }
+        s.block_ids = block;
+        if let Some(seq) = self.link.send(
+            now,
+            Req::Block {
+                index,
+                count: block,
+            },
+        ) {
+            self.seqs[index].inflight = Some(seq);
+            Metrics::add(&self.shared.metrics.block_requests, 1);
+        }
+    }
+
+    fn transmit(&mut self, now: u64) {
+        let mut out = [0u8; DATAGRAM_BYTES_MAX];
+        while let Some(t) = self.link.requester.poll_transmit(now) {
+            if t.attempt > 1 {
+                Metrics::add(&self.shared.metrics.retransmits, 1);
+            }
+            let header = Header {
+                sender: if matches!(t.request, Req::Hello) {
+                    0
+                } else {
+                    self.node_id
+                },
+                seq: t.seq,
+                reply_to: 0,
+                epoch: self.link.highest_epoch,
+            };
+            let name;
+            let message = match &t.request {
+                Req::Hello => Message::Hello {
+                    role: NodeRole::Agent,
+                    incarnation: self.incarnation,
+                    name: &self.config.name,
+                    listen: None,
+                    backup_of: None,
+                },
+                Req::Ping => Message::Ping { sent_us: now },
+                Req::Block { index, count } => {
+                    name = self.seqs[*index].name.clone();
+                    Message::BlockRequest {
+                        sequence: name.as_str(),
+                        count: *count,
+                    }
+                }
+            };
+            let len = match self
+                .codec
+                .encode(&header, &message, self.key.as_ref(), &mut out)
+            {
+                Ok(len) => len,
+                Err(e) => {
+                    tracing::error!("cannot encode {:?}: {e}", t.request);
+                    continue;
+                }
+            };
+            if let Err(e) = self.socket.send_to(&out[..len], t.destination) {
+                Metrics::add(&self.shared.metrics.send_errors, 1);
+                tracing::debug!("send to {}: {e}", t.destination);
+                self.link.requester.handle_send_error(now, t.destination);
+            }
+        }
+    }
+
+    fn on_datagram(&mut self, now: u64, from: SocketAddr, bytes: &[u8]) {
+        let shared = Arc::clone(&self.shared);
+        let metrics = &shared.metrics;
+        let frame = match decode(bytes, self.key.as_ref()) {
+            Ok(f) => f,
+            Err(e) => {
+                Metrics::add(&metrics.datagrams_dropped, 1);
+                tracing::debug!("dropped datagram from {from}: {e}");
+                return;
+            }
+        };
+        let epoch = frame.header.epoch;
+        if epoch < self.link.highest_epoch || !self.link.servers.contains(&from) {
+            Metrics::add(&metrics.datagrams_dropped, 1);
+            return;
+        }
+        let reply = match frame.message {
+            Message::LeaderChange {
+                leader, servers, ..
+            } => {
+                self.link.highest_epoch = epoch;
+                let learned: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+                if leader != self.link.requester.leader() || !learned.is_empty() {
+                    tracing::info!(%leader, epoch, "leader change: switching now");
+                    if self.link.switch(now, leader, &learned) {
+                        Metrics::add(&metrics.leader_changes, 1);
+                    }
+                }
+                self.transmit(now);
+                return;
+            }
+            Message::Welcome {
+                node_id,
+                lease_ms,
+                servers,
+                ..
+            } => {
+                let learned: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+                self.learn(now, from, &learned);
+                Reply::Done(Answer::Welcome { node_id, lease_ms })
+            }
+            Message::BlockGrant {
+                sequence,
+                width,
+                block,
+            } => Reply::Done(Answer::Grant {
+                sequence: sequence.to_owned(),
+                width,
+                first: block.first(),
+                count: block.count(),
+            }),
+            Message::Pong { lease_ms, .. } => Reply::Done(Answer::Pong { lease_ms }),
+            Message::Error {
+                code: ErrorCode::NotReady | ErrorCode::RateLimited,
+                ..
+            } => Reply::TryLater,
+            Message::Error { code, .. } => Reply::Done(Answer::Error { code }),
+            Message::NotLeader {
+                leader, servers, ..
+            } => {
+                let learned: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+                if let Some(l) = leader
+                    && !self.link.servers.contains(&l)
+                {
+                    // A leader we did not know: switch to it directly.
+                    self.link.highest_epoch = epoch;
+                    tracing::info!(leader = %l, "redirected to a server not configured");
+                    if self.link.switch(now, l, &learned) {
+                        Metrics::add(&metrics.redirects, 1);
+                    }
+                    self.transmit(now);
+                    return;
+                }
+                Reply::Redirect { leader }
+            }
+            _ => {
+                Metrics::add(&metrics.datagrams_dropped, 1);
+                return;
+            }
+        };
+        self.link.highest_epoch = epoch;
+        let response = Response {
+            reply_to: frame.header.reply_to,
+            epoch,
+            reply,
+        };
+        match self.link.requester.handle_response(now, from, response) {
+            Disposition::Redirected => Metrics::add(&metrics.redirects, 1),
+            Disposition::StaleEpoch | Disposition::UnknownSource => {
+                Metrics::add(&metrics.datagrams_dropped, 1)
+            }
+            _ => {}
+        }
+        if self.connection == Connection::Unreachable && self.node_id != 0 {
+            self.set_connection(Connection::Connected);
+        }
+        self.drain_events(now);
+        self.transmit(now);
+    }
+
+    /// Adds servers a server told us about (bounded), keeping the current leader.
+    fn learn(&mut self, now: u64, from: SocketAddr, learned: &[SocketAddr]) {
+        if learned.iter().any(|a| !self.link.servers.contains(a)) {
+            self.link.switch(now, from, learned);
+        }
+    }
+
+    fn drain_events(&mut self, now: u64) {
+        while let Some(event) = self.link.requester.poll_event() {
+            match event {
+                Event::Completed { seq, payload, .. } => {
+                    let Some((req, sent_us)) = self.link.take(seq) else {
+                        continue;
+                    };
+                    self.on_answer(now, req, sent_us, payload);
+                }
+                Event::Failed { seq, error } => {
+                    Metrics::add(&self.shared.metrics.requests_failed, 1);
+                    let Some((req, _)) = self.link.take(seq) else {
+                        continue;
+                    };
+                    tracing::debug!("request {seq} ({req:?}) failed: {error}");
+                    self.forget(&req);
+                    if self.connection != Connection::Registering || self.node_id != 0 {
+                        self.set_connection(Connection::Unreachable);
+                    } else {
+                        tracing::warn!("no server answers yet: {error}; still trying");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A request ended without an answer: clear its in-flight mark.
+    fn forget(&mut self, req: &Req) {
+        match req {
+            Req::Hello => self.hello_inflight = false,
+            Req::Ping => self.ping_inflight = false,
+            Req::Block { index, .. } => self.seqs[*index].inflight = None,
+        }
+    }
+
+    fn on_answer(&mut self, now: u64, req: Req, sent_us: u64, answer: Answer) {
+        self.forget(&req);
+        match (req, answer) {
+            (Req::Hello, Answer::Welcome { node_id, lease_ms }) => {
+                self.node_id = node_id;
+                self.lease_ms = if lease_ms == 0 {
+                    LEASE_MS_DEFAULT
+                } else {
+                    u64::from(lease_ms)
+                };
+                self.next_ping_us = now + self.lease_ms * 1000 / 3;
+                Metrics::add(&self.shared.metrics.registrations, 1);
+                tracing::info!(node_id, leader = %self.link.requester.leader(), "registered");
+                self.set_connection(Connection::Connected);
+            }
+            (Req::Ping, Answer::Pong { lease_ms }) => {
+                if lease_ms == 0 {
+                    self.unregistered("pong says not registered");
+                }
+            }
+            (
+                _,
+                Answer::Error {
+                    code: ErrorCode::NotRegistered,
+                },
+            ) => self.unregistered("server says not registered"),
+            (
+                Req::Block { index, count },
+                Answer::Grant {
+                    sequence,
+                    width,
+                    first,
+                    count: granted,
+                },
+            ) => self.on_grant(now, index, count, sent_us, &sequence, width, first, granted),
+            (Req::Block { index, .. }, Answer::Error { code }) => {
+                let s = &mut self.seqs[index];
+                let state = match code {
+                    ErrorCode::UnknownSequence => SequenceState::UnknownSequence,
+                    ErrorCode::Exhausted => SequenceState::Exhausted,
+                    other => {
+                        tracing::warn!(sequence = %s.name, "block request refused: {other:?}");
+                        s.retry_at_us = now + RETRY_SLOW_US;
+                        return;
+                    }
+                };
+                if s.state != state {
+                    tracing::warn!(sequence = %s.name, "cluster says {state:?}");
+                }
+                s.state = state;
+                s.retry_at_us = now + RETRY_SLOW_US;
+            }
+            (req, answer) => {
+                tracing::debug!("unexpected answer {answer:?} to {req:?}");
+            }
+        }
+    }
+
+    fn unregistered(&mut self, why: &str) {
+        if self.node_id != 0 {
+            tracing::info!(node_id = self.node_id, "{why}: registering again");
+        }
+        self.node_id = 0;
+        self.set_connection(Connection::Registering);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_grant(
+        &mut self,
+        now: u64,
+        index: usize,
+        asked: u64,
+        sent_us: u64,
+        sequence: &str,
+        width: Width,
+        first: u128,
+        count: u64,
+    ) {
+        let shared = Arc::clone(&self.shared);
+        let metrics = &shared.metrics;
+        let s = &mut self.seqs[index];
+        let reject = if sequence != s.name.as_str() {
+            Some("for another sequence")
+        } else if s.width.is_some_and(|w| w != width) {
+            Some("with another width")
+        } else if first < s.next_min {
+            Some("not above the previous block")
+        } else if count > asked {
+            Some("larger than asked")
+        } else {
+            None
+        };
+        if let Some(why) = reject {
+            Metrics::add(&metrics.grants_rejected, 1);
+            tracing::error!(sequence = %s.name, "dropped a grant {why}: {first}+{count} (ids below {} already held)", s.next_min);
+            return;
+        }
+        // Checked by the codec (`Block::new`): the block fits its width.
+        let end = first + u128::from(count);
+        assert!(end > s.next_min && first >= s.next_min);
+        s.next_min = end;
+        Metrics::add(&metrics.grants, 1);
+        metrics.ids_granted.fetch_add(count, Ordering::Relaxed);
+        if s.width.is_none() {
+            s.width = Some(width);
+        }
+        if s.producer.is_none() {
+            let mut opts = ProducerOptions::new(width.bytes());
+            opts.capacity = self.config.ring_capacity;
+            opts.mode = self.config.ring_mode;
+            match Producer::create(&self.config.ring_dir, s.name.as_str(), &opts) {
+                Ok(p) => {
+                    tracing::info!(sequence = %s.name, path = %p.path().display(), width = width.bytes(), "ring created");
+                    s.producer = Some(p);
+                }
+                Err(e) => {
+                    let text = match &e {
+                        RingError::InUse { pid, .. } => {
+                            format!("another agent (pid {pid}) serves this ring")
+                        }
+                        other => other.to_string(),
+                    };
+                    if s.state != SequenceState::RingError(text.clone()) {
+                        tracing::error!(sequence = %s.name, "cannot create ring: {text}");
+                    }
+                    s.state = SequenceState::RingError(text);
+                    s.retry_at_us = now + RETRY_SLOW_US;
+                    // The block is dropped: lost, never repeated.
+                    return;
+                }
+            }
+        }
+        if s.state != SequenceState::Serving {
+            tracing::info!(sequence = %s.name, "serving");
+            s.state = SequenceState::Serving;
+        }
+        s.held.push_back((first, count));
+        let latency = now.saturating_sub(sent_us);
+        metrics
+            .refill_latency_us_last
+            .store(latency, Ordering::Relaxed);
+        metrics
+            .refill_latency_us_max
+            .fetch_max(latency, Ordering::Relaxed);
+        // Push at once (and maybe ask for the next block).
+        self.refill(now, index);
+    }
+
+    fn set_connection(&mut self, c: Connection) {
+        if self.connection != c {
+            match c {
+                Connection::Unreachable => tracing::warn!(
+                    "cluster unreachable: serving from the rings only until it answers"
+                ),
+                Connection::Connected => {
+                    tracing::info!(leader = %self.link.requester.leader(), "cluster reachable")
+                }
+                Connection::Registering => tracing::info!("registering"),
+                Connection::Stopped => tracing::info!("stopping"),
+            }
+            self.connection = c;
+        }
+    }
+
+    fn publish_status(&self, now: u64) {
+        let mut st = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.connection = self.connection;
+        st.node_id = self.node_id;
+        st.leader = Some(self.link.requester.leader());
+        st.epoch = self.link.highest_epoch;
+        for (line, s) in st.sequences.iter_mut().zip(&self.seqs) {
+            line.width = s.width;
+            line.state = s.state.clone();
+            line.ring_ids = s.ring_ids();
+            line.held_ids = s.held_ids();
+            line.rate_ids_per_s = s.sizer.rate_ids_per_s(now);
+            line.block_ids = s.block_ids;
+            line.ids_pushed = s.pushed;
+        }
+    }
+}

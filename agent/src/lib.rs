@@ -1,0 +1,473 @@
+//! The unid agent: one per application host. It registers with the cluster,
+//! asks the leader for blocks of ids sized from the measured consumption rate,
+//! keeps one shared-memory ring per sequence full (application processes take
+//! ids from it with the `unid` client crate, no syscall), and serves ids on a
+//! localhost TCP socket for any language (protocol in `agent/README.md`).
+//!
+//! ```no_run
+//! use unid_agent::{AgentConfig, run};
+//! # fn main() -> Result<(), unid_agent::Error> {
+//! let mut config = AgentConfig::new(vec!["127.0.0.1:7400".parse().unwrap()]);
+//! config.sequences = vec!["orders".parse().unwrap()];
+//! let agent = run(config)?;            // returns once the threads are running
+//! println!("{:?}", agent.status());    // connection state, node id, rings
+//! agent.stop();                        // closes the rings (consumers drain them)
+//! # Ok(()) }
+//! ```
+//!
+//! # Threads
+//!
+//! - the **driver** (`driver.rs`): one plain UDP socket (blocking with a short
+//!   read timeout), driving `unid_core::Requester` (retransmit, backoff,
+//!   redirects, rotation) and one `unid_core::Sizer` per sequence, owning every
+//!   ring `Producer`;
+//! - the **socket server** (`socket.rs`): an accept loop plus one thread per
+//!   connection (at most `socket_connections_max`), taking ids from the same
+//!   rings as an ordinary consumer, so an id is handed out once whichever way
+//!   it leaves.
+//!
+//! # Guarantees
+//!
+//! - Ids enter a ring in increasing order and never twice: a grant that does
+//!   not start at or above the end of the previous one is dropped and counted
+//!   (`Metrics::grants_rejected`); the ring refuses it too.
+//! - One block request per sequence is in flight at a time, so grants arrive
+//!   in the order asked.
+//! - A restart registers afresh (new incarnation, new node id, new request
+//!   numbers) and asks for new blocks; the ids the previous run held are lost,
+//!   never repeated.
+//! - While the cluster is unreachable the rings keep serving what they hold;
+//!   [`Status::connection`] says so and one log line marks each change.
+
+#![forbid(unsafe_code)]
+
+mod driver;
+mod socket;
+pub mod testing;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+pub use unid_core::{RequesterConfig, SizingConfig};
+use unid_proto::{AuthKey, NodeId, SequenceName, Width};
+
+/// Default UDP port of a server.
+pub const SERVER_PORT_DEFAULT: u16 = 7400;
+/// Default address of the localhost socket.
+pub const SOCKET_ADDR_DEFAULT: &str = "127.0.0.1:7411";
+/// The most sequences one agent serves.
+pub const SEQUENCES_MAX: usize = 64;
+/// The most ids one `NEXT` on the localhost socket returns.
+pub const SOCKET_IDS_MAX: u64 = 10_000;
+/// The longest request line accepted on the localhost socket, in bytes.
+pub const SOCKET_LINE_BYTES_MAX: usize = 256;
+
+/// Everything that can go wrong starting an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is out of range; `field` names it.
+    #[error("invalid agent config: {field} {reason}")]
+    InvalidConfig {
+        /// The field of [`AgentConfig`].
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A socket could not be opened.
+    #[error("{op} {addr}: {source}")]
+    Io {
+        /// The operation (`bind udp`, `bind tcp`, ...).
+        op: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("starting the {name} thread: {source}")]
+    Thread {
+        /// Which thread.
+        name: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// How an agent runs. [`AgentConfig::new`] gives the defaults.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Servers to contact (any of them; followers redirect to the leader).
+    /// 1 to 64, no repeats.
+    pub servers: Vec<SocketAddr>,
+    /// Sequences to serve: one ring each (1 to [`SEQUENCES_MAX`]).
+    pub sequences: Vec<SequenceName>,
+    /// This agent's name in `Hello` (sequence-name rules). Default `agent`.
+    pub name: String,
+    /// Folder of the ring files. Default `/dev/shm/unid`.
+    pub ring_dir: PathBuf,
+    /// Slots per ring (power of two, 2..=2^24). Default 1024.
+    pub ring_capacity: u64,
+    /// Ring file mode: `0o600` (default) or `0o660` (group may consume).
+    pub ring_mode: u32,
+    /// The localhost socket; `None` serves none. Default 127.0.0.1:7411.
+    pub socket: Option<SocketAddr>,
+    /// Most simultaneous socket connections (1..=4096). Default 64.
+    pub socket_connections_max: usize,
+    /// How long a `NEXT` on the socket waits for ids when the ring is empty,
+    /// in milliseconds (1..=60,000). Default 2000.
+    pub socket_wait_ms: u64,
+    /// How long an idle socket connection stays open, in milliseconds
+    /// (1..=3,600,000). Default 60,000.
+    pub socket_idle_ms: u64,
+    /// Block sizing: `refill_period_ms` is how long a block should last at
+    /// the measured rate.
+    pub sizing: SizingConfig,
+    /// Keep this many blocks (of the current size) in each ring (1..=16).
+    /// Default 2: a refill is asked for while a whole block is still there.
+    pub blocks_ahead: u32,
+    /// Retransmission, backoff, deadlines.
+    pub requester: RequesterConfig,
+    /// The cluster secret's key; every datagram is tagged and checked.
+    pub key: Option<AuthKey>,
+    /// How often the driver looks at the rings when no datagram arrives, in
+    /// milliseconds (1..=100). Default 2.
+    pub poll_interval_ms: u64,
+}
+
+impl AgentConfig {
+    /// Defaults for these servers, serving the sequence `default`.
+    pub fn new(servers: Vec<SocketAddr>) -> AgentConfig {
+        AgentConfig {
+            servers,
+            sequences: vec![SequenceName::new("default").expect("valid name")],
+            name: "agent".to_owned(),
+            ring_dir: PathBuf::from(unid_ring::DEFAULT_DIR),
+            ring_capacity: 1024,
+            ring_mode: 0o600,
+            socket: Some(SOCKET_ADDR_DEFAULT.parse().expect("valid address")),
+            socket_connections_max: 64,
+            socket_wait_ms: 2000,
+            socket_idle_ms: 60_000,
+            sizing: SizingConfig::DEFAULT,
+            blocks_ahead: 2,
+            requester: RequesterConfig {
+                servers_max: unid_core::requester::SERVERS_MAX_LIMIT,
+                ..RequesterConfig::DEFAULT
+            },
+            key: None,
+            poll_interval_ms: 2,
+        }
+    }
+
+    /// Checks every bound.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |field, reason: &str| {
+            Err(Error::InvalidConfig {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.servers.is_empty() || self.servers.len() > self.requester.servers_max {
+            return bad("servers", "must hold 1 to requester.servers_max addresses");
+        }
+        if self
+            .servers
+            .iter()
+            .enumerate()
+            .any(|(i, a)| self.servers[..i].contains(a))
+        {
+            return bad("servers", "must not repeat an address");
+        }
+        if self.sequences.is_empty() || self.sequences.len() > SEQUENCES_MAX {
+            return bad("sequences", "must hold 1 to 64 names");
+        }
+        if self
+            .sequences
+            .iter()
+            .enumerate()
+            .any(|(i, s)| self.sequences[..i].contains(s))
+        {
+            return bad("sequences", "must not repeat a name");
+        }
+        if let Err(e) = SequenceName::check(&self.name) {
+            return bad("name", &e.to_string());
+        }
+        if !self.ring_capacity.is_power_of_two() || !(2..=1 << 24).contains(&self.ring_capacity) {
+            return bad("ring_capacity", "must be a power of two in 2..=2^24");
+        }
+        if self.ring_mode != 0o600 && self.ring_mode != 0o660 {
+            return bad("ring_mode", "must be 0o600 or 0o660");
+        }
+        if !(1..=4096).contains(&self.socket_connections_max) {
+            return bad("socket_connections_max", "must be in 1..=4096");
+        }
+        if !(1..=60_000).contains(&self.socket_wait_ms) {
+            return bad("socket_wait_ms", "must be in 1..=60000");
+        }
+        if !(1..=3_600_000).contains(&self.socket_idle_ms) {
+            return bad("socket_idle_ms", "must be in 1..=3600000");
+        }
+        if !(1..=16).contains(&self.blocks_ahead) {
+            return bad("blocks_ahead", "must be in 1..=16");
+        }
+        if !(1..=100).contains(&self.poll_interval_ms) {
+            return bad("poll_interval_ms", "must be in 1..=100");
+        }
+        if let Err(e) = self.sizing.validate() {
+            return bad("sizing", &e.to_string());
+        }
+        if let Err(e) = self.requester.validate() {
+            return bad("requester", &e.to_string());
+        }
+        Ok(())
+    }
+}
+
+/// Whether the agent can reach the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connection {
+    /// Not registered yet (sending `Hello`).
+    Registering,
+    /// Registered; the leader answers.
+    Connected,
+    /// Requests go unanswered: serving only what the rings hold.
+    Unreachable,
+    /// Stopped.
+    Stopped,
+}
+
+/// What a sequence's ring is doing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SequenceState {
+    /// No block received yet (no ring yet).
+    Waiting,
+    /// The ring exists and is being kept full.
+    Serving,
+    /// The cluster does not know this sequence (asked again every few
+    /// seconds: it may be created later).
+    UnknownSequence,
+    /// The sequence has no ids left. Final.
+    Exhausted,
+    /// The ring could not be created or written; the text says why.
+    RingError(String),
+}
+
+/// One sequence's line in [`Status`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SequenceStatus {
+    /// Its name.
+    pub name: SequenceName,
+    /// Its width, once the first grant told it.
+    pub width: Option<Width>,
+    /// What it is doing.
+    pub state: SequenceState,
+    /// Ids in the ring, not yet taken.
+    pub ring_ids: u64,
+    /// Ids received but not yet in the ring (ring slots full).
+    pub held_ids: u64,
+    /// Measured consumption, ids per second.
+    pub rate_ids_per_s: f64,
+    /// Size of the last block asked for.
+    pub block_ids: u64,
+    /// Ids pushed into the ring since start.
+    pub ids_pushed: u128,
+}
+
+/// A snapshot of the agent's state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Status {
+    /// Reaching the cluster or not.
+    pub connection: Connection,
+    /// The node id the leader assigned (0 while registering).
+    pub node_id: NodeId,
+    /// Where requests go now.
+    pub leader: Option<SocketAddr>,
+    /// The highest epoch (Raft term) seen.
+    pub epoch: u64,
+    /// The incarnation sent in `Hello` (wall-clock µs at start).
+    pub incarnation: u64,
+    /// One line per configured sequence.
+    pub sequences: Vec<SequenceStatus>,
+}
+
+/// Counters, readable at any time with [`AgentHandle::metrics`].
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Block grants accepted.
+    pub grants: AtomicU64,
+    /// Ids in accepted grants (saturating).
+    pub ids_granted: AtomicU64,
+    /// Grants dropped: not increasing, wrong width, or for an unexpected sequence.
+    pub grants_rejected: AtomicU64,
+    /// Block requests sent (first transmissions).
+    pub block_requests: AtomicU64,
+    /// Retransmissions of any request.
+    pub retransmits: AtomicU64,
+    /// Redirects followed (`NotLeader` naming a leader).
+    pub redirects: AtomicU64,
+    /// `LeaderChange` messages acted on.
+    pub leader_changes: AtomicU64,
+    /// Datagrams the OS refused to send.
+    pub send_errors: AtomicU64,
+    /// Datagrams dropped: undecodable, bad tag, unknown source, stale epoch.
+    pub datagrams_dropped: AtomicU64,
+    /// Requests given up after every attempt.
+    pub requests_failed: AtomicU64,
+    /// Registrations (`Welcome` received).
+    pub registrations: AtomicU64,
+    /// Last refill latency (block request sent → grant in the ring), µs.
+    pub refill_latency_us_last: AtomicU64,
+    /// Largest refill latency seen, µs.
+    pub refill_latency_us_max: AtomicU64,
+    /// Times a ring was found empty by the driver while it had been serving.
+    pub ring_empty_events: AtomicU64,
+    /// Ids handed out on the localhost socket.
+    pub socket_ids: AtomicU64,
+    /// Socket connections refused because `socket_connections_max` were open.
+    pub socket_refused: AtomicU64,
+    /// Socket requests answered with `ERR`.
+    pub socket_errors: AtomicU64,
+}
+
+impl Metrics {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// State shared by the agent's threads and its handle.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) stop: AtomicBool,
+    pub(crate) status: Mutex<Status>,
+    pub(crate) metrics: Metrics,
+}
+
+impl Shared {
+    pub(crate) fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A running agent. Dropping it stops it (like [`AgentHandle::stop`]).
+#[derive(Debug)]
+pub struct AgentHandle {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    socket: Option<SocketAddr>,
+}
+
+impl AgentHandle {
+    /// A snapshot of the state.
+    pub fn status(&self) -> Status {
+        self.shared.status()
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The address the localhost socket listens on (the real port when the
+    /// configured one was 0).
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.socket
+    }
+
+    /// Whether the agent's threads are all still running.
+    pub fn is_running(&self) -> bool {
+        self.threads.iter().all(|t| !t.is_finished())
+    }
+
+    /// Stops the threads and closes the rings (consumers drain what is in
+    /// them, then see `Closed`). Waits for the threads to exit.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Starts an agent: binds its UDP socket and its localhost socket, then runs
+/// the driver and the socket server on their own threads. Returns at once;
+/// registration and the first blocks follow in the background.
+pub fn run(config: AgentConfig) -> Result<AgentHandle, Error> {
+    config.validate()?;
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+        .max(1);
+    let status = Status {
+        connection: Connection::Registering,
+        node_id: 0,
+        leader: config.servers.first().copied(),
+        epoch: 0,
+        incarnation,
+        sequences: config
+            .sequences
+            .iter()
+            .map(|name| SequenceStatus {
+                name: name.clone(),
+                width: None,
+                state: SequenceState::Waiting,
+                ring_ids: 0,
+                held_ids: 0,
+                rate_ids_per_s: 0.0,
+                block_ids: 0,
+                ids_pushed: 0,
+            })
+            .collect(),
+    };
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        status: Mutex::new(status),
+        metrics: Metrics::default(),
+    });
+    let driver = driver::Driver::new(config.clone(), incarnation, Arc::clone(&shared))?;
+    let listener = match config.socket {
+        Some(addr) => Some(socket::Server::bind(addr, &config, Arc::clone(&shared))?),
+        None => None,
+    };
+    let mut handle = AgentHandle {
+        shared,
+        threads: Vec::new(),
+        socket: listener.as_ref().map(|l| l.local_addr()),
+    };
+    let t = std::thread::Builder::new()
+        .name("unid-agent-driver".to_owned())
+        .spawn(move || driver.run())
+        .map_err(|source| Error::Thread {
+            name: "driver",
+            source,
+        })?;
+    handle.threads.push(t);
+    if let Some(listener) = listener {
+        let t = std::thread::Builder::new()
+            .name("unid-agent-socket".to_owned())
+            .spawn(move || listener.run())
+            .map_err(|source| Error::Thread {
+                name: "socket",
+                source,
+            })?;
+        handle.threads.push(t);
+    }
+    Ok(handle)
+}

@@ -1,0 +1,500 @@
+//! `unid`: unique, increasing integer ids for applications.
+//!
+//! The local agent (`unid agent`) keeps a shared-memory ring of ids per
+//! sequence; [`Unid::open`] maps it and [`Unid::next`] takes an id with a few
+//! atomic operations and no system call. When the ring is not there (the
+//! agent has not received a block yet, or runs elsewhere in a container with
+//! only the socket shared), the client uses the agent's localhost socket
+//! instead, and switches to the ring as soon as it appears.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), unid::Error> {
+//! let mut orders = unid::Unid::open("orders")?;
+//! let id = orders.next()?;                 // an `Id`: value and width
+//! let as_u64: u64 = id.try_into()?;        // fails only for a 16-byte sequence
+//! let batch = orders.take(100)?;           // 100 ids, increasing
+//! assert!(batch[0] > id);
+//! println!("{id} {as_u64} {}", batch.len());
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! - No id is returned twice, by this handle or any other, in any process on
+//!   any host of the cluster.
+//! - Ids returned by one handle strictly increase, across ring and socket and
+//!   across agent restarts.
+//! - Ids taken and not used are lost, never reused (ids are unique, not
+//!   dense).
+//!
+//! # Where the agent is
+//!
+//! | what | default | override |
+//! |---|---|---|
+//! | ring folder | `/dev/shm/unid` | `UNID_RING_DIR` or [`Options::ring_dir`] |
+//! | localhost socket | `127.0.0.1:7411` | `UNID_SOCKET` or [`Options::socket`] |
+
+#![forbid(unsafe_code)]
+
+mod socket;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use unid_ring::{Consumer, RingError};
+
+pub use unid_proto::Width;
+
+/// The most ids one [`Unid::take`] returns.
+pub const TAKE_IDS_MAX: usize = 1_000_000;
+/// Default ring folder (also the agent's).
+pub const RING_DIR_DEFAULT: &str = "/dev/shm/unid";
+/// Default agent socket.
+pub const SOCKET_DEFAULT: &str = "127.0.0.1:7411";
+/// How often a handle on the socket looks whether the ring has appeared.
+const RING_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// An id: its value and the width of its sequence.
+///
+/// Ordered by value (all ids of one sequence share a width). Prints in
+/// decimal. Converts to `u128` always, and to `u64`/`u32`/`u16` with
+/// `try_into` when its value fits (it always does for a sequence of that
+/// width or narrower).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id {
+    value: u128,
+    width: Width,
+}
+
+impl Id {
+    /// The value.
+    pub const fn get(self) -> u128 {
+        self.value
+    }
+
+    /// The width of its sequence.
+    pub const fn width(self) -> Width {
+        self.width
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.value, f)
+    }
+}
+
+impl From<Id> for u128 {
+    fn from(id: Id) -> u128 {
+        id.value
+    }
+}
+
+macro_rules! narrow {
+    ($t:ty) => {
+        impl TryFrom<Id> for $t {
+            type Error = Error;
+            fn try_from(id: Id) -> Result<$t, Error> {
+                <$t>::try_from(id.value).map_err(|_| Error::TooWide {
+                    id: id.value,
+                    bits: <$t>::BITS,
+                })
+            }
+        }
+    };
+}
+narrow!(u64);
+narrow!(u32);
+narrow!(u16);
+
+/// Everything that can go wrong; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No agent serves this sequence here: no ring and no socket answer.
+    #[error(
+        "no unid agent serves sequence {sequence:?} here (no ring in {ring_dir}, nothing on {socket}): start one with `unid agent --server ADDR --sequence {sequence}`, or set UNID_RING_DIR / UNID_SOCKET"
+    )]
+    AgentNotRunning {
+        /// The sequence.
+        sequence: String,
+        /// Where the ring was looked for.
+        ring_dir: PathBuf,
+        /// Where the socket was tried.
+        socket: SocketAddr,
+    },
+    /// The agent does not serve this sequence, or the cluster does not know it.
+    #[error(
+        "unknown sequence {sequence:?}: {detail}. Create it with `unid sequence create {sequence}` and add `--sequence {sequence}` to the agent"
+    )]
+    UnknownSequence {
+        /// The sequence.
+        sequence: String,
+        /// What the agent said.
+        detail: String,
+    },
+    /// The sequence has no ids left. Final: ids never wrap.
+    #[error("sequence {sequence:?} is exhausted: it has no ids left in its width")]
+    Exhausted {
+        /// The sequence.
+        sequence: String,
+    },
+    /// The agent is running but has no ids right now (cluster unreachable,
+    /// or still starting). Retry later.
+    #[error("no ids available for {sequence:?} right now: {detail}; retry later")]
+    NotReady {
+        /// The sequence.
+        sequence: String,
+        /// What the agent said, or which wait timed out.
+        detail: String,
+    },
+    /// This process may not map the ring file.
+    #[error(
+        "no permission to open ring {path}: run as the agent's user, or run the agent with ring mode 0660 and join its group"
+    )]
+    PermissionDenied {
+        /// The ring file.
+        path: PathBuf,
+    },
+    /// Not a valid sequence name.
+    #[error(
+        "invalid sequence name {name:?}: 1-64 of [A-Za-z0-9_.-], starting with a letter or digit"
+    )]
+    InvalidName {
+        /// The name given.
+        name: String,
+    },
+    /// More ids asked for than [`TAKE_IDS_MAX`], or 0.
+    #[error("cannot take {asked} ids at once: 1..={TAKE_IDS_MAX}")]
+    BadCount {
+        /// How many were asked for.
+        asked: usize,
+    },
+    /// An id does not fit the integer type asked for.
+    #[error("id {id} does not fit in {bits} bits")]
+    TooWide {
+        /// The id.
+        id: u128,
+        /// The target type's bits.
+        bits: u32,
+    },
+    /// The ring file is broken or of another version; restart the agent.
+    #[error("ring problem: {0}; restart the agent")]
+    Ring(RingError),
+    /// The agent's socket answered something that is not the protocol.
+    #[error("unexpected answer from the agent at {socket}: {line:?}")]
+    Protocol {
+        /// The socket.
+        socket: SocketAddr,
+        /// The offending line (cut to 100 bytes).
+        line: String,
+    },
+    /// Talking to the socket failed.
+    #[error("{op} {socket}: {source}")]
+    Io {
+        /// What was done.
+        op: &'static str,
+        /// The socket.
+        socket: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Where to find the agent and how long to wait.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Ring folder. Default: `UNID_RING_DIR`, else `/dev/shm/unid`.
+    pub ring_dir: PathBuf,
+    /// Agent socket. Default: `UNID_SOCKET`, else `127.0.0.1:7411`.
+    pub socket: SocketAddr,
+    /// Use the socket when the ring is not there. Default true.
+    pub socket_fallback: bool,
+    /// How long [`Unid::next`] waits for an empty ring to be refilled.
+    /// Default 2 s.
+    pub wait: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        let ring_dir = std::env::var_os("UNID_RING_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(RING_DIR_DEFAULT));
+        let socket = std::env::var("UNID_SOCKET")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| SOCKET_DEFAULT.parse().expect("valid address"));
+        Options {
+            ring_dir,
+            socket,
+            socket_fallback: true,
+            wait: Duration::from_secs(2),
+        }
+    }
+}
+
+enum Source {
+    Ring(Consumer),
+    Socket { probed: Instant },
+}
+
+/// A handle on one sequence. Cheap to open; open one per thread (it is
+/// `Send`; methods take `&mut self`), or share one behind a `Mutex`.
+pub struct Unid {
+    sequence: String,
+    options: Options,
+    source: Source,
+    socket: socket::Client,
+    width: Option<Width>,
+    last: Option<u128>,
+    /// Ids from a socket reply not handed out yet (a reply can span
+    /// blocks); always handed out before anything newer.
+    buffered: std::collections::VecDeque<u128>,
+}
+
+impl fmt::Debug for Unid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Unid")
+            .field("sequence", &self.sequence)
+            .field("via_ring", &self.via_ring())
+            .field("width", &self.width)
+            .finish()
+    }
+}
+
+impl Unid {
+    /// Opens `sequence` with [`Options::default`].
+    pub fn open(sequence: &str) -> Result<Unid, Error> {
+        Unid::open_with(sequence, Options::default())
+    }
+
+    /// Opens `sequence`: maps its ring, or (with `socket_fallback`) checks
+    /// that the agent's socket answers.
+    pub fn open_with(sequence: &str, options: Options) -> Result<Unid, Error> {
+        if unid_proto::SequenceName::check(sequence).is_err() {
+            return Err(Error::InvalidName {
+                name: sequence.to_owned(),
+            });
+        }
+        let socket = socket::Client::new(options.socket);
+        let mut unid = Unid {
+            sequence: sequence.to_owned(),
+            source: Source::Socket {
+                probed: Instant::now(),
+            },
+            socket,
+            width: None,
+            last: None,
+            buffered: std::collections::VecDeque::new(),
+            options,
+        };
+        match unid.open_ring() {
+            Ok(c) => {
+                unid.width = Width::from_bytes(c.width());
+                unid.source = Source::Ring(c);
+            }
+            Err(Error::AgentNotRunning { .. }) if unid.options.socket_fallback => {
+                unid.socket.ping().map_err(|e| unid.not_running(e))?;
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(unid)
+    }
+
+    /// The sequence's name.
+    pub fn sequence(&self) -> &str {
+        &self.sequence
+    }
+
+    /// The sequence's width, once known (from the ring, or the first id).
+    pub fn width(&self) -> Option<Width> {
+        self.width
+    }
+
+    /// Whether ids come from the shared-memory ring (else the socket).
+    pub fn via_ring(&self) -> bool {
+        matches!(self.source, Source::Ring(_))
+    }
+
+    /// The next id: from the ring (waiting up to `options.wait` if it is
+    /// empty), else from the agent's socket.
+    #[allow(clippy::should_implement_trait)] // fallible; `Iterator` would hide errors
+    pub fn next(&mut self) -> Result<Id, Error> {
+        let (first, count) = self.take_range(1)?;
+        debug_assert_eq!(count, 1);
+        Ok(first)
+    }
+
+    /// `n` ids (1..=[`TAKE_IDS_MAX`]), increasing. Consecutive runs come
+    /// from one block; there may be gaps between runs.
+    pub fn take(&mut self, n: usize) -> Result<Vec<Id>, Error> {
+        if !(1..=TAKE_IDS_MAX).contains(&n) {
+            return Err(Error::BadCount { asked: n });
+        }
+        let mut ids = Vec::with_capacity(n);
+        while ids.len() < n {
+            let (first, count) = self.take_range((n - ids.len()) as u64)?;
+            ids.extend((0..count).map(|i| Id {
+                value: first.value + u128::from(i),
+                width: first.width,
+            }));
+        }
+        Ok(ids)
+    }
+
+    /// Up to `max` consecutive ids (at least one): `(first, count)`, the
+    /// ids `first .. first + count`. The cheapest way to take many.
+    pub fn take_range(&mut self, max: u64) -> Result<(Id, u64), Error> {
+        let max = max.clamp(1, socket::SOCKET_IDS_MAX);
+        let (first, count, width) = self.take_raw(max)?;
+        assert!(count >= 1 && count <= max);
+        // Ids from one handle increase: the ring only moves forward and a
+        // restarted agent's blocks lie above every earlier one.
+        debug_assert!(self.last.is_none_or(|l| first > l));
+        self.last = Some(first + u128::from(count) - 1);
+        self.width = Some(width);
+        Ok((
+            Id {
+                value: first,
+                width,
+            },
+            count,
+        ))
+    }
+
+    fn take_raw(&mut self, max: u64) -> Result<(u128, u64, Width), Error> {
+        if let (Some(&first), Some(width)) = (self.buffered.front(), self.width) {
+            return Ok(self.take_buffered(first, max, width));
+        }
+        if let Source::Socket { probed } = self.source
+            && probed.elapsed() >= RING_PROBE_EVERY
+        {
+            match self.open_ring() {
+                Ok(c) => self.source = Source::Ring(c),
+                Err(_) => {
+                    self.source = Source::Socket {
+                        probed: Instant::now(),
+                    }
+                }
+            }
+        }
+        let reopened = false;
+        self.take_ring_or_socket(max, reopened)
+    }
+
+    /// The first consecutive run (at most `max`) of the buffered ids.
+    fn take_buffered(&mut self, first: u128, max: u64, width: Width) -> (u128, u64, Width) {
+        let mut count = 0u64;
+        while count < max && self.buffered.front() == Some(&(first + u128::from(count))) {
+            self.buffered.pop_front();
+            count += 1;
+        }
+        assert!(count >= 1);
+        (first, count, width)
+    }
+
+    fn take_ring_or_socket(
+        &mut self,
+        max: u64,
+        reopened: bool,
+    ) -> Result<(u128, u64, Width), Error> {
+        let Source::Ring(consumer) = &self.source else {
+            return self.take_socket(max);
+        };
+        let width = Width::from_bytes(consumer.width()).ok_or(Error::Ring(RingError::Corrupt {
+            path: consumer.path().to_path_buf(),
+            reason: "width",
+        }))?;
+        let got = match consumer.try_take_range(max) {
+            Err(RingError::WouldBlock) => consumer.take_range_timeout(max, self.options.wait),
+            other => other,
+        };
+        match got {
+            Ok(r) => Ok((r.first, r.count, width)),
+            Err(RingError::Closed | RingError::AgentDead { .. }) if !reopened => {
+                // A restarted agent replaces the file: map the new one.
+                match self.open_ring() {
+                    Ok(c) => {
+                        self.source = Source::Ring(c);
+                        self.take_ring_or_socket(max, true)
+                    }
+                    Err(_) => self.diagnose(max),
+                }
+            }
+            Err(RingError::Closed | RingError::AgentDead { .. } | RingError::TimedOut) => {
+                self.diagnose(max)
+            }
+            Err(e) => Err(Error::Ring(e)),
+        }
+    }
+
+    /// The ring gave nothing: ask the socket (it knows why, and may have
+    /// ids after all), else say the agent is gone.
+    fn diagnose(&mut self, max: u64) -> Result<(u128, u64, Width), Error> {
+        if !self.options.socket_fallback {
+            return Err(Error::NotReady {
+                sequence: self.sequence.clone(),
+                detail: format!("the ring stayed empty for {:?}", self.options.wait),
+            });
+        }
+        self.take_socket(max)
+    }
+
+    fn take_socket(&mut self, max: u64) -> Result<(u128, u64, Width), Error> {
+        match self.socket.next(&self.sequence, max) {
+            Ok((ids, width)) => {
+                assert!(self.buffered.is_empty() && !ids.is_empty());
+                let first = ids[0];
+                self.buffered.extend(ids);
+                Ok(self.take_buffered(first, max, width))
+            }
+            Err(socket::Failure::Refused(e)) => Err(self.not_running(e)),
+            Err(socket::Failure::Agent { code, text }) => Err(match code.as_str() {
+                "UNKNOWN_SEQUENCE" => Error::UnknownSequence {
+                    sequence: self.sequence.clone(),
+                    detail: text,
+                },
+                "EXHAUSTED" => Error::Exhausted {
+                    sequence: self.sequence.clone(),
+                },
+                _ => Error::NotReady {
+                    sequence: self.sequence.clone(),
+                    detail: format!("{code} {text}"),
+                },
+            }),
+            Err(socket::Failure::Protocol(line)) => Err(Error::Protocol {
+                socket: self.options.socket,
+                line,
+            }),
+            Err(socket::Failure::Io(op, source)) => Err(Error::Io {
+                op,
+                socket: self.options.socket,
+                source,
+            }),
+        }
+    }
+
+    fn not_running(&self, _cause: std::io::Error) -> Error {
+        Error::AgentNotRunning {
+            sequence: self.sequence.clone(),
+            ring_dir: self.options.ring_dir.clone(),
+            socket: self.options.socket,
+        }
+    }
+
+    fn open_ring(&self) -> Result<Consumer, Error> {
+        match Consumer::open(&self.options.ring_dir, &self.sequence) {
+            Ok(c) => Ok(c),
+            Err(RingError::NotFound { .. }) => Err(Error::AgentNotRunning {
+                sequence: self.sequence.clone(),
+                ring_dir: self.options.ring_dir.clone(),
+                socket: self.options.socket,
+            }),
+            Err(RingError::PermissionDenied { path }) => Err(Error::PermissionDenied { path }),
+            Err(RingError::InvalidName { name }) => Err(Error::InvalidName { name }),
+            Err(e) => Err(Error::Ring(e)),
+        }
+    }
+}
