@@ -1,10 +1,233 @@
-//! `unid server`. (Being built; see the issue tracker.)
+//! `unid server`: one member of the Raft cluster, granting blocks over UDP.
+//!
+//! Every option can come from a flag or from `--config FILE` (TOML, same names with `_`
+//! instead of `-`; `peer` is a list of `"ID=RAFT_ADDR=UDP_ADDR"` strings); a flag wins over the
+//! file. SIGTERM or SIGINT stops the server gracefully: as leader it tells agents and the other
+//! servers where the next leader is (`LeaderChange`) and hands leadership off.
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use unid_engine::server::{DEFAULT_RAFT_PORT, DEFAULT_UDP_PORT, Peer, ServerConfig};
 
 /// Options of `unid server`.
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+#[derive(clap::Args, Debug, Default)]
+pub struct Args {
+    /// TOML file with any of the options below (flags win).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// This server's node id (1 .. 2^32), unique in the cluster.
+    #[arg(long)]
+    id: Option<u64>,
+    /// UDP address for agents and tools [default: 0.0.0.0:7400].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// TCP address for Raft peers [default: 0.0.0.0:7500].
+    #[arg(long, value_name = "ADDR")]
+    raft: Option<SocketAddr>,
+    /// A server of the cluster, as ID=RAFT_ADDR=UDP_ADDR (repeat; may include this one).
+    #[arg(long, value_name = "ID=RAFT=UDP")]
+    peer: Vec<String>,
+    /// Where the Raft log and state live [default: ./unid-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Bootstrap a new cluster with this server and the peers as voters. Run it on one
+    /// server, once; later runs with --init log that the cluster exists and go on.
+    #[arg(long)]
+    init: bool,
+    /// File holding the cluster secret (every datagram and peer frame is authenticated).
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+    /// UDP shards (threads with their own socket) [default: 1].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Agent lease in milliseconds [default: 10000].
+    #[arg(long)]
+    lease_ms: Option<u32>,
+}
+
+/// The `--config` file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<u64>,
+    listen: Option<SocketAddr>,
+    raft: Option<SocketAddr>,
+    #[serde(default)]
+    peer: Vec<String>,
+    data_dir: Option<PathBuf>,
+    init: Option<bool>,
+    secret_file: Option<PathBuf>,
+    shards: Option<usize>,
+    lease_ms: Option<u32>,
+}
+
+fn parse_peer(s: &str) -> anyhow::Result<Peer> {
+    let mut parts = s.splitn(3, '=');
+    let (Some(id), Some(raft), Some(udp)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("peer {s:?} is not ID=RAFT_ADDR=UDP_ADDR");
+    };
+    let id: u64 = id
+        .parse()
+        .with_context(|| format!("peer {s:?}: id {id:?} is not a number"))?;
+    let raft_addr: SocketAddr = raft
+        .parse()
+        .with_context(|| format!("peer {s:?}: Raft address {raft:?} is not ip:port"))?;
+    let udp_addr: SocketAddr = udp
+        .parse()
+        .with_context(|| format!("peer {s:?}: UDP address {udp:?} is not ip:port"))?;
+    Ok(Peer {
+        id,
+        raft_addr: raft_addr.to_string(),
+        udp_addr,
+    })
+}
+
+/// Merges flags over the config file into a [`ServerConfig`].
+fn build(args: Args) -> anyhow::Result<ServerConfig> {
+    let file: FileConfig = match &args.config {
+        Some(path) => crate::config::load(path)?,
+        None => FileConfig::default(),
+    };
+    let id = args
+        .id
+        .or(file.id)
+        .context("--id is required (or `id` in the config file)")?;
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("unid-data"));
+    let mut config = ServerConfig::new(id, data_dir);
+    config.udp_addr = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_UDP_PORT)));
+    config.raft_addr = args
+        .raft
+        .or(file.raft)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_RAFT_PORT)));
+    config.init = args.init || file.init.unwrap_or(false);
+    if let Some(shards) = args.shards.or(file.shards) {
+        config.shards = shards;
+    }
+    if let Some(lease_ms) = args.lease_ms.or(file.lease_ms) {
+        config.lease_ms = lease_ms;
+    }
+    let peers = if args.peer.is_empty() {
+        file.peer
+    } else {
+        args.peer
+    };
+    for p in &peers {
+        let peer = parse_peer(p)?;
+        if peer.id == id {
+            // This server itself, listed so that every server can share one peer list.
+            continue;
+        }
+        config.peers.push(peer);
+    }
+    if let Some(path) = args.secret_file.or(file.secret_file) {
+        let secret = std::fs::read(&path)
+            .with_context(|| format!("reading the secret file {}", path.display()))?;
+        let trimmed = secret.trim_ascii();
+        if trimmed.is_empty() {
+            bail!("the secret file {} is empty", path.display());
+        }
+        config.secret = Some(trimmed.to_vec());
+    }
+    Ok(config)
+}
+
+/// Sets up `tracing` output to stderr (`RUST_LOG` filters; default `info,openraft=warn`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
 
 /// Runs `unid server`.
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`unid server` is not built yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let config = build(args)?;
+    init_logging();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
+    let id = config.id;
+    let handle = unid_engine::server::run(config).context("starting the server")?;
+    let stopper = handle.stopper();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("unid-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(id, signal = sig, "signal received: stopping gracefully");
+                stopper.stop();
+            }
+        })
+        .context("starting the signal thread")?;
+    tracing::info!(
+        id,
+        udp = %handle.udp_addr(),
+        raft = %handle.raft_addr(),
+        "server running"
+    );
+    handle.wait().context("server")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_self_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "id = 2\nlisten = \"127.0.0.1:9000\"\npeer = [\"1=127.0.0.1:1=127.0.0.1:2\", \"2=127.0.0.1:3=127.0.0.1:4\"]\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:9001",
+        ]);
+        let c = build(cli.args).unwrap();
+        assert_eq!(c.id, 2);
+        assert_eq!(c.udp_addr, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.peers[0].id, 1);
+    }
+
+    #[test]
+    fn config_errors_name_the_key_and_bad_peers_are_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "id = 1\nlisten_addr = \"x\"\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+        let err = format!("{:#}", build(cli.args).unwrap_err());
+        assert!(err.contains("listen_addr"), "{err}");
+        let err = format!("{:#}", parse_peer("1=127.0.0.1:1").unwrap_err());
+        assert!(err.contains("ID=RAFT_ADDR=UDP_ADDR"), "{err}");
+        let cli = Cli::parse_from(["x"]);
+        assert!(format!("{:#}", build(cli.args).unwrap_err()).contains("--id"));
+    }
 }

@@ -719,6 +719,14 @@ impl ConsensusNode {
         res
     }
 
+    /// The server [`shutdown`](Self::shutdown) would hand leadership to if
+    /// called now: on the leader, the voter with the highest matched log id;
+    /// `None` on a follower or a single-voter cluster. Lets the engine tell
+    /// agents where to go before it stops.
+    pub fn handoff_successor(&self) -> Option<NodeId> {
+        self.successor().map(|(id, _)| id)
+    }
+
     /// The voter (other than this leader) with the highest matched log id.
     fn successor(&self) -> Option<(NodeId, String)> {
         let m = self.raft.metrics().borrow().clone();

@@ -39,6 +39,8 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Instant;
 
+pub mod client;
+pub mod server;
 pub mod shard;
 pub mod udp;
 

@@ -1,0 +1,1981 @@
+//! The unid server process: UDP shards (glommio) in front of a Raft node (tokio).
+//!
+//! [`run`] starts a [`ConsensusNode`] on a tokio runtime of its own thread, bootstraps the
+//! cluster if asked, starts the shards, and returns a [`ServerHandle`].
+//!
+//! # Who owns what
+//! - The **shards** own the sockets and answer every datagram: decode, rate limit, leases,
+//!   reply cache, grants. Grants never wait on consensus.
+//! - The **control task** (tokio, on the consensus thread) owns the [`ConsensusNode`]: it
+//!   follows [`ConsensusNode::leader_watch`], builds the allocator when this server becomes
+//!   leader (from [`ConsensusNode::ready_ceilings`] only), commits ceiling raises, registers
+//!   agents and creates sequences, and checks that Raft is still running.
+//! - The request state they share (`Core`: allocator, agent leases, reply cache, rate
+//!   buckets) sits behind one `std::sync::Mutex`. Every critical section is a pure in-memory
+//!   computation of a few microseconds (a grant, a cache lookup, encoding one reply); none
+//!   does I/O, awaits or sleeps, and the lock order is always `Core` first, then the
+//!   consensus state's read lock. With one or two shards on two cores this is simpler than
+//!   routing every grant through a channel, and measured contention is not the bottleneck
+//!   (the kernel's UDP path is, see the crate docs). The shards send raises to the control
+//!   task through the `Core` queue plus a [`tokio::sync::Notify`], and the control task sends
+//!   datagrams back (Welcome, LeaderChange) through [`ShardSender`]s.
+//!
+//! # Safety of grants
+//! A server grants only while it leads, from an allocator built from `ready_ceilings` read in
+//! its current term, and applies only raises it committed itself: raises go through
+//! `Raft::client_write` on this node, never forwarded to another leader, so a deposed leader
+//! can never learn a ceiling some other leader committed. A leader change (seen on the
+//! leader watch) drops the allocator before anything else; a raise that commits for an
+//! allocator since replaced is ignored. See `unid-core`'s allocator docs for the rest.
+//!
+//! # Amplification and abuse
+//! - A datagram that fails to decode or authenticate gets no answer at all; it is counted
+//!   ([`ServerStats::dropped_malformed`]).
+//! - Every source address has a token bucket ([`ServerConfig::source_rate_per_s`]); over it,
+//!   a registered agent gets one `Error{RateLimited}` no larger than its request, anyone else
+//!   nothing. The bucket table is bounded ([`SOURCES_MAX`]); when full of active sources, new
+//!   ones are dropped.
+//! - An answer to a sender that is not a registered agent is never larger than the request
+//!   (`Welcome`, `NotLeader` and `Pong` drop servers from their list and set `truncated`
+//!   until they fit). **Exception**: admin answers (`SequenceInfo`, `SequenceListReply`,
+//!   `StatusReply`, `NodeTable`) must carry more than they were asked with; they are limited
+//!   to [`ADMIN_RATE_PER_S`] per source and [`ADMIN_GLOBAL_RATE_PER_S`] in all, which bounds
+//!   what a spoofed flood can reflect. With a cluster secret, nothing unauthenticated is
+//!   answered at all.
+//!
+//! # Leases and bounds
+//! Agents are soft state: an agent not heard from (any datagram) for `lease_ms` is forgotten
+//! and must `Hello` again (it gets `NotRegistered`). At most [`ServerConfig::agents_max`]
+//! agents; a `Hello` beyond that gets `Error{RateLimited}`. When a server becomes leader it
+//! takes the agents of the replicated node table with a fresh lease, so agents keep their
+//! ids across failover.
+//!
+//! # Fail-stop
+//! If Raft stops (a storage write failed, or any fatal error), the server stops granting at
+//! once, logs one error line, stops its shards and [`ServerHandle::wait`] returns
+//! [`ServerError::ConsensusStopped`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch};
+use unid_consensus::{Command, ConsensusNode, NodeConfig, NodeKind, Response, Role, Timing};
+use unid_core::{
+    AllocatorConfig, CommittedCeiling, LeaderAllocator, Lookup, Raise, ReplyCache, ReplyCacheConfig,
+};
+use unid_proto::{
+    AuthKey, Codec, DATAGRAM_BYTES_MAX, EncodeError, ErrorCode, Header, Health, Id, List, Message,
+    NODE_TABLE_PAGE_MAX, Node, NodeId, NodeRole, RaftRole, SEQUENCE_LIST_MAX, SERVERS_MAX,
+    STATUS_SEQUENCES_MAX, SeqNo, SequenceName, SequenceStatus, Server, ServerStatus, Width, decode,
+};
+
+use crate::now_us;
+use crate::shard::{Handler, ShardConfig, ShardInfo, ShardSender, Shards, StopHandle};
+use crate::udp::SendBatch;
+
+/// Default UDP (data plane) port.
+pub const DEFAULT_UDP_PORT: u16 = 7400;
+/// Default Raft (TCP) port.
+pub const DEFAULT_RAFT_PORT: u16 = 7500;
+/// Most source addresses with a rate bucket.
+pub const SOURCES_MAX: usize = 16_384;
+/// Admin answers per second one source may get.
+pub const ADMIN_RATE_PER_S: u32 = 50;
+/// Admin answers per second the server gives in all.
+pub const ADMIN_GLOBAL_RATE_PER_S: u32 = 2_000;
+/// Most control requests (registrations, creates) queued for the consensus thread.
+pub const CONTROL_QUEUE_MAX: usize = 1_024;
+/// Most raises proposed per control-loop turn.
+pub const RAISES_PER_TURN_MAX: usize = 256;
+/// How often the control task checks Raft, expires leases and refreshes the server list.
+pub const TICK_MS: u64 = 50;
+/// `retry_after_ms` of a `NotReady` answer.
+pub const NOT_READY_RETRY_MS: u32 = 10;
+
+/// Errors of the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is invalid; the message names the field.
+    #[error("invalid server configuration: {0}")]
+    Config(String),
+    /// Starting or running Raft failed.
+    #[error("consensus: {0}")]
+    Consensus(#[from] unid_consensus::Error),
+    /// Starting the UDP shards failed.
+    #[error("engine: {0}")]
+    Engine(#[from] crate::Error),
+    /// Raft stopped while the server ran (e.g. a storage write failed): the server stopped
+    /// granting and exited (fail-stop).
+    #[error("consensus stopped while serving (storage failure?); the server stopped")]
+    ConsensusStopped,
+    /// A thread could not be started or died.
+    #[error("thread: {0}")]
+    Thread(String),
+}
+
+/// One other server of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its Raft address (`ip:port`).
+    pub raft_addr: String,
+    /// Its UDP data-plane address (told to agents in redirects).
+    pub udp_addr: SocketAddr,
+}
+
+/// How to run one server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// This server's node id (`1 .. 2^32`).
+    pub id: NodeId,
+    /// UDP data-plane address (port 0: any; see [`ServerHandle::udp_addr`]).
+    pub udp_addr: SocketAddr,
+    /// Raft TCP address (port 0: any; see [`ServerHandle::raft_addr`]).
+    pub raft_addr: SocketAddr,
+    /// Where the Raft database lives.
+    pub data_dir: PathBuf,
+    /// The other servers. With `init`, they and this server are the first voters.
+    pub peers: Vec<Peer>,
+    /// Bootstrap the cluster (once; a no-op with a log line if it already was).
+    pub init: bool,
+    /// The cluster secret (MAC on every datagram and peer frame), if any.
+    pub secret: Option<Vec<u8>>,
+    /// UDP shards (glommio executors).
+    pub shards: usize,
+    /// Pin shards to CPUs.
+    pub pin_cpus: bool,
+    /// Raft timing.
+    pub timing: Timing,
+    /// Allocator tuning.
+    pub allocator: AllocatorConfig,
+    /// An agent silent this long is forgotten, in milliseconds.
+    pub lease_ms: u32,
+    /// Most registered agents held.
+    pub agents_max: usize,
+    /// Cached replies per agent (for retransmits).
+    pub replies_per_agent_max: usize,
+    /// Datagrams per second one source address may send (burst: twice this).
+    pub source_rate_per_s: u32,
+}
+
+impl ServerConfig {
+    /// Defaults for server `id` with its data in `data_dir`, on the default ports of all
+    /// interfaces.
+    pub fn new(id: NodeId, data_dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            id,
+            udp_addr: SocketAddr::from(([0, 0, 0, 0], DEFAULT_UDP_PORT)),
+            raft_addr: SocketAddr::from(([0, 0, 0, 0], DEFAULT_RAFT_PORT)),
+            data_dir: data_dir.into(),
+            peers: Vec::new(),
+            init: false,
+            secret: None,
+            shards: 1,
+            pin_cpus: false,
+            timing: Timing::default(),
+            allocator: AllocatorConfig::DEFAULT,
+            lease_ms: 10_000,
+            agents_max: 16_384,
+            replies_per_agent_max: 64,
+            source_rate_per_s: 20_000,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ServerError> {
+        let bad = |m: &str| Err(ServerError::Config(m.to_owned()));
+        if self.id == 0 || self.id >= 1 << 32 {
+            return bad("id must be in 1 .. 2^32");
+        }
+        if self.lease_ms == 0 || self.lease_ms > 3_600_000 {
+            return bad("lease_ms must be in 1 ..= 3600000");
+        }
+        if self.agents_max == 0 || self.agents_max > 1 << 20 {
+            return bad("agents_max must be in 1 ..= 2^20");
+        }
+        if self.source_rate_per_s == 0 {
+            return bad("source_rate_per_s must be at least 1");
+        }
+        if self.peers.len() >= SERVERS_MAX * 4 {
+            return bad("too many peers");
+        }
+        let mut ids = HashSet::new();
+        ids.insert(self.id);
+        for p in &self.peers {
+            if !ids.insert(p.id) {
+                return Err(ServerError::Config(format!("peer id {} given twice", p.id)));
+            }
+        }
+        self.allocator
+            .validate()
+            .map_err(|e| ServerError::Config(format!("allocator: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Counters, readable while the server runs ([`ServerHandle::stats`]).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Datagrams handed to the server logic.
+    pub datagrams_in: AtomicU64,
+    /// Dropped: failed to decode or authenticate.
+    pub dropped_malformed: AtomicU64,
+    /// Dropped: over the source's rate.
+    pub dropped_rate: AtomicU64,
+    /// Dropped: the answer would have been larger than an unregistered sender's request.
+    pub dropped_amplification: AtomicU64,
+    /// Dropped: a message type a server does not take, or a request for nothing.
+    pub dropped_unexpected: AtomicU64,
+    /// Blocks granted.
+    pub grants: AtomicU64,
+    /// Retransmits answered from the reply cache.
+    pub replies_cached: AtomicU64,
+    /// `NotLeader` answers.
+    pub not_leader: AtomicU64,
+    /// Agents registered by this server.
+    pub registrations: AtomicU64,
+    /// Ceiling raises committed by this server.
+    pub raises_committed: AtomicU64,
+    /// Ceiling raises that failed.
+    pub raises_failed: AtomicU64,
+}
+
+/// A snapshot of [`ServerStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerStatsSnapshot {
+    /// See [`ServerStats::datagrams_in`].
+    pub datagrams_in: u64,
+    /// See [`ServerStats::dropped_malformed`].
+    pub dropped_malformed: u64,
+    /// See [`ServerStats::dropped_rate`].
+    pub dropped_rate: u64,
+    /// See [`ServerStats::dropped_amplification`].
+    pub dropped_amplification: u64,
+    /// See [`ServerStats::dropped_unexpected`].
+    pub dropped_unexpected: u64,
+    /// See [`ServerStats::grants`].
+    pub grants: u64,
+    /// See [`ServerStats::replies_cached`].
+    pub replies_cached: u64,
+    /// See [`ServerStats::not_leader`].
+    pub not_leader: u64,
+    /// See [`ServerStats::registrations`].
+    pub registrations: u64,
+    /// See [`ServerStats::raises_committed`].
+    pub raises_committed: u64,
+    /// See [`ServerStats::raises_failed`].
+    pub raises_failed: u64,
+}
+
+impl ServerStats {
+    /// The current values.
+    pub fn snapshot(&self) -> ServerStatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ServerStatsSnapshot {
+            datagrams_in: g(&self.datagrams_in),
+            dropped_malformed: g(&self.dropped_malformed),
+            dropped_rate: g(&self.dropped_rate),
+            dropped_amplification: g(&self.dropped_amplification),
+            dropped_unexpected: g(&self.dropped_unexpected),
+            grants: g(&self.grants),
+            replies_cached: g(&self.replies_cached),
+            not_leader: g(&self.not_leader),
+            registrations: g(&self.registrations),
+            raises_committed: g(&self.raises_committed),
+            raises_failed: g(&self.raises_failed),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+// ------------------------------------------------------------------ shared state ---
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Not the leader (or not known to be).
+    Follower,
+    /// Elected in `Core::term`; reading the ready ceilings.
+    Warming,
+    /// Leading with an allocator.
+    Leading,
+    /// Stopping or stopped: answers nothing new.
+    Stopped,
+}
+
+struct Agent {
+    addr: SocketAddr,
+    last_seen_us: u64,
+}
+
+struct Bucket {
+    tokens: f64,
+    at_us: u64,
+}
+
+impl Bucket {
+    fn take(&mut self, now_us: u64, rate_per_s: f64, burst: f64) -> bool {
+        let dt = now_us.saturating_sub(self.at_us) as f64 / 1e6;
+        self.tokens = (self.tokens + dt * rate_per_s).min(burst);
+        self.at_us = now_us.max(self.at_us);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The request state the shards and the control task share (see the module docs).
+struct Core {
+    phase: Phase,
+    term: u64,
+    leader: Option<NodeId>,
+    allocator: Option<LeaderAllocator>,
+    /// Raises the shards asked for, for the control task to commit.
+    pending_raises: Vec<Raise>,
+    agents: HashMap<NodeId, Agent>,
+    /// Hellos answered: (source, incarnation) → node id, for retransmitted Hellos.
+    hellos: HashMap<(SocketAddr, u64), NodeId>,
+    /// Hellos being registered through consensus.
+    hellos_pending: HashSet<(SocketAddr, u64)>,
+    replies: ReplyCache<Vec<u8>>,
+    sources: HashMap<SocketAddr, Bucket>,
+    admin_sources: HashMap<SocketAddr, Bucket>,
+    admin_global: Bucket,
+    /// Every server: id → UDP address.
+    servers: BTreeMap<NodeId, SocketAddr>,
+}
+
+impl Core {
+    fn leader_addr(&self) -> Option<(NodeId, SocketAddr)> {
+        let id = self.leader?;
+        self.servers.get(&id).map(|a| (id, *a))
+    }
+
+    fn server_list(&self) -> Vec<Server> {
+        self.servers
+            .iter()
+            .map(|(&id, &addr)| Server { id, addr })
+            .collect()
+    }
+
+    fn drop_allocator(&mut self, why: &str) {
+        if self.allocator.take().is_some() {
+            tracing::info!(term = self.term, "stopped granting: {why}");
+        }
+        self.pending_raises.clear();
+    }
+
+    fn expire(&mut self, now_us: u64, lease_us: u64) {
+        let before = self.agents.len();
+        self.agents
+            .retain(|_, a| a.last_seen_us.saturating_add(lease_us) > now_us);
+        if self.agents.len() != before {
+            let agents = &self.agents;
+            self.hellos.retain(|_, id| agents.contains_key(id));
+            tracing::debug!(expired = before - self.agents.len(), "agent leases expired");
+        }
+        self.replies.expire(now_us);
+        self.sources
+            .retain(|_, b| now_us.saturating_sub(b.at_us) < 10_000_000);
+        self.admin_sources
+            .retain(|_, b| now_us.saturating_sub(b.at_us) < 10_000_000);
+    }
+}
+
+enum Control {
+    Register {
+        from: SocketAddr,
+        reply_to: SeqNo,
+        cap: usize,
+        incarnation: u64,
+        name: String,
+        role: NodeRole,
+    },
+    Create {
+        from: SocketAddr,
+        reply_to: SeqNo,
+        name: String,
+        width: Width,
+        start: Id,
+    },
+}
+
+/// Messages the control task sends to a shard.
+#[derive(Debug)]
+pub enum ShardMessage {
+    /// Send this datagram.
+    Send {
+        /// Where.
+        to: SocketAddr,
+        /// The encoded datagram.
+        datagram: Vec<u8>,
+    },
+}
+
+struct Shared {
+    id: NodeId,
+    key: Option<AuthKey>,
+    lease_ms: u32,
+    agents_max: usize,
+    source_rate_per_s: u32,
+    allocator_config: AllocatorConfig,
+    core: Mutex<Core>,
+    raise_notify: Notify,
+    control_tx: mpsc::Sender<Control>,
+    seq: AtomicU64,
+    stats: ServerStats,
+    consensus_stopped: AtomicBool,
+}
+
+impl Shared {
+    fn core(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock is a bug that already stopped a shard; keep serving
+        // the state as it is rather than cascading.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_seq(&self) -> SeqNo {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Encodes a reply to `reply_to` into a new buffer.
+    fn encode(
+        &self,
+        codec: &mut Codec,
+        term: u64,
+        reply_to: SeqNo,
+        msg: &Message<'_>,
+    ) -> Result<Vec<u8>, EncodeError> {
+        let mut buf = [0u8; DATAGRAM_BYTES_MAX];
+        let header = Header {
+            sender: self.id,
+            seq: self.next_seq(),
+            reply_to,
+            epoch: term,
+        };
+        let n = codec.encode(&header, msg, self.key.as_ref(), &mut buf)?;
+        Ok(buf[..n].to_vec())
+    }
+}
+
+/// Encodes a message with a server list, dropping servers from the end until it is at most
+/// `cap` bytes (and at most [`SERVERS_MAX`] servers). `None` if even an empty list is too big.
+fn encode_with_servers(
+    shared: &Shared,
+    codec: &mut Codec,
+    term: u64,
+    reply_to: SeqNo,
+    servers: &[Server],
+    cap: usize,
+    make: impl Fn(List<'_, Server>, bool) -> Message<'_>,
+) -> Option<Vec<u8>> {
+    let mut n = servers.len().min(SERVERS_MAX);
+    loop {
+        let truncated = n < servers.len();
+        let msg = make(List::new(&servers[..n]), truncated);
+        match shared.encode(codec, term, reply_to, &msg) {
+            Ok(d) if d.len() <= cap => return Some(d),
+            Ok(_) | Err(EncodeError::TooLarge { .. }) if n > 0 => n -= 1,
+            _ => return None,
+        }
+    }
+}
+
+// ----------------------------------------------------------------------- shards ---
+
+struct ServerHandler {
+    shared: Arc<Shared>,
+    consensus: Arc<ConsensusNode>,
+    codec: Codec,
+}
+
+impl ServerHandler {
+    fn push(&self, out: &mut SendBatch, to: SocketAddr, datagram: &[u8]) {
+        if out.push(to, datagram).is_err() {
+            // Cannot happen: the shard leaves room for one answer per call.
+            bump(&self.shared.stats.dropped_unexpected);
+        }
+    }
+
+    /// Whether `sender` is a registered agent here, or in the replicated node table.
+    fn registered(&self, core: &Core, sender: NodeId) -> bool {
+        sender != 0
+            && (core.agents.contains_key(&sender)
+                || self
+                    .consensus
+                    .with_state(|s| s.state.nodes.contains_key(&sender)))
+    }
+
+    fn not_leader(&mut self, core: &Core, reply_to: SeqNo, cap: usize) -> Option<Vec<u8>> {
+        bump(&self.shared.stats.not_leader);
+        let leader = core.leader_addr();
+        let servers = core.server_list();
+        encode_with_servers(
+            &self.shared,
+            &mut self.codec,
+            core.term,
+            reply_to,
+            &servers,
+            cap,
+            |servers, truncated| Message::NotLeader {
+                leader_id: leader.map_or(0, |l| l.0),
+                leader: leader.map(|l| l.1),
+                servers,
+                truncated,
+            },
+        )
+    }
+
+    fn error(
+        &mut self,
+        term: u64,
+        reply_to: SeqNo,
+        code: ErrorCode,
+        sequence: Option<&str>,
+        retry_after_ms: u32,
+    ) -> Option<Vec<u8>> {
+        self.shared
+            .encode(
+                &mut self.codec,
+                term,
+                reply_to,
+                &Message::Error {
+                    code,
+                    sequence,
+                    retry_after_ms,
+                    text: "",
+                },
+            )
+            .ok()
+    }
+
+    fn handle(&mut self, data: &[u8], from: SocketAddr, now_us: u64) -> Option<Vec<u8>> {
+        let shared = self.shared.clone();
+        let stats = &shared.stats;
+        bump(&stats.datagrams_in);
+        let frame = match decode(data, shared.key.as_ref()) {
+            Ok(f) => f,
+            Err(e) => {
+                bump(&stats.dropped_malformed);
+                tracing::debug!(%from, "dropped datagram: {e}");
+                return None;
+            }
+        };
+        let req = data.len();
+        let h = frame.header;
+        let mut core = shared.core();
+        if core.phase == Phase::Stopped {
+            return None;
+        }
+        let term = core.term;
+        let rate = f64::from(shared.source_rate_per_s);
+        let allowed = if let Some(b) = core.sources.get_mut(&from) {
+            b.take(now_us, rate, rate * 2.0)
+        } else if core.sources.len() < SOURCES_MAX {
+            let mut b = Bucket {
+                tokens: rate * 2.0,
+                at_us: now_us,
+            };
+            let ok = b.take(now_us, rate, rate * 2.0);
+            core.sources.insert(from, b);
+            ok
+        } else {
+            false
+        };
+        if !allowed {
+            bump(&stats.dropped_rate);
+            if core.agents.contains_key(&h.sender) {
+                let d = self.error(term, h.seq, ErrorCode::RateLimited, None, 100)?;
+                return (d.len() <= req).then_some(d);
+            }
+            return None;
+        }
+        let leading = core.phase == Phase::Leading;
+        match frame.message {
+            Message::Ping { sent_us } => {
+                let cap = if self.registered(&core, h.sender) {
+                    DATAGRAM_BYTES_MAX
+                } else {
+                    req
+                };
+                if !leading {
+                    return self.not_leader(&core, h.seq, cap);
+                }
+                let lease_ms = match core.agents.get_mut(&h.sender) {
+                    Some(a) => {
+                        a.last_seen_us = now_us;
+                        a.addr = from;
+                        shared.lease_ms
+                    }
+                    None => 0,
+                };
+                let d = self
+                    .shared
+                    .encode(
+                        &mut self.codec,
+                        term,
+                        h.seq,
+                        &Message::Pong {
+                            echo_us: sent_us,
+                            lease_ms,
+                        },
+                    )
+                    .ok()?;
+                self.capped(d, cap)
+            }
+            Message::Hello {
+                role,
+                incarnation,
+                name,
+                ..
+            } => {
+                if !leading {
+                    return self.not_leader(&core, h.seq, req);
+                }
+                let key = (from, incarnation);
+                if let Some(&node_id) = core.hellos.get(&key) {
+                    if let Some(a) = core.agents.get_mut(&node_id) {
+                        a.last_seen_us = now_us;
+                    }
+                    let servers = core.server_list();
+                    return encode_with_servers(
+                        &shared,
+                        &mut self.codec,
+                        term,
+                        h.seq,
+                        &servers,
+                        req,
+                        |servers, truncated| Message::Welcome {
+                            node_id,
+                            lease_ms: shared.lease_ms,
+                            servers,
+                            truncated,
+                        },
+                    )
+                    .or_else(|| {
+                        bump(&stats.dropped_amplification);
+                        None
+                    });
+                }
+                if core.hellos_pending.contains(&key) {
+                    return None; // Being registered; the answer follows.
+                }
+                if core.agents.len() + core.hellos_pending.len() >= shared.agents_max {
+                    let d = self.error(term, h.seq, ErrorCode::RateLimited, None, 1_000)?;
+                    return self.capped(d, req);
+                }
+                let request = Control::Register {
+                    from,
+                    reply_to: h.seq,
+                    cap: req,
+                    incarnation,
+                    name: name.to_owned(),
+                    role,
+                };
+                match shared.control_tx.try_send(request) {
+                    Ok(()) => {
+                        core.hellos_pending.insert(key);
+                        None
+                    }
+                    Err(_) => {
+                        let d =
+                            self.error(term, h.seq, ErrorCode::NotReady, None, NOT_READY_RETRY_MS)?;
+                        self.capped(d, req)
+                    }
+                }
+            }
+            Message::BlockRequest { sequence, count } => {
+                self.block_request(&mut core, from, h, sequence, count, req, now_us)
+            }
+            Message::SequenceCreate { name, width, start } => {
+                if !self.admin_allowed(&mut core, from, now_us) {
+                    return None;
+                }
+                let request = Control::Create {
+                    from,
+                    reply_to: h.seq,
+                    name: name.to_owned(),
+                    width,
+                    start,
+                };
+                if shared.control_tx.try_send(request).is_err() {
+                    return self.error(term, h.seq, ErrorCode::NotReady, None, 100);
+                }
+                None
+            }
+            Message::SequenceDescribe { name } => {
+                if !self.admin_allowed(&mut core, from, now_us) {
+                    return None;
+                }
+                self.describe(&core, h.seq, name)
+            }
+            Message::SequenceList { after } => {
+                if !self.admin_allowed(&mut core, from, now_us) {
+                    return None;
+                }
+                self.list(term, h.seq, after)
+            }
+            Message::StatusRequest { sequences_after } => {
+                if !self.admin_allowed(&mut core, from, now_us) {
+                    return None;
+                }
+                self.status(&core, h.seq, sequences_after)
+            }
+            Message::NodeTableRequest { page } => {
+                if !self.admin_allowed(&mut core, from, now_us) {
+                    return None;
+                }
+                self.node_table(&core, h.seq, page)
+            }
+            _ => {
+                bump(&stats.dropped_unexpected);
+                None
+            }
+        }
+    }
+
+    fn capped(&self, d: Vec<u8>, cap: usize) -> Option<Vec<u8>> {
+        if d.len() <= cap {
+            Some(d)
+        } else {
+            bump(&self.shared.stats.dropped_amplification);
+            None
+        }
+    }
+
+    fn admin_allowed(&self, core: &mut Core, from: SocketAddr, now_us: u64) -> bool {
+        let rate = f64::from(ADMIN_RATE_PER_S);
+        let global = f64::from(ADMIN_GLOBAL_RATE_PER_S);
+        let ok = core.admin_global.take(now_us, global, global)
+            && if let Some(b) = core.admin_sources.get_mut(&from) {
+                b.take(now_us, rate, rate)
+            } else if core.admin_sources.len() < SOURCES_MAX {
+                core.admin_sources.insert(
+                    from,
+                    Bucket {
+                        tokens: rate - 1.0,
+                        at_us: now_us,
+                    },
+                );
+                true
+            } else {
+                false
+            };
+        if !ok {
+            bump(&self.shared.stats.dropped_rate);
+        }
+        ok
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_request(
+        &mut self,
+        core: &mut Core,
+        from: SocketAddr,
+        h: Header,
+        sequence: &str,
+        count: u64,
+        req: usize,
+        now_us: u64,
+    ) -> Option<Vec<u8>> {
+        let shared = self.shared.clone();
+        let term = core.term;
+        if core.phase != Phase::Leading && core.phase != Phase::Warming {
+            let cap = if self.registered(core, h.sender) {
+                DATAGRAM_BYTES_MAX
+            } else {
+                req
+            };
+            return self.not_leader(core, h.seq, cap);
+        }
+        let Some(agent) = core.agents.get_mut(&h.sender) else {
+            let d = self.error(term, h.seq, ErrorCode::NotRegistered, None, 0)?;
+            return self.capped(d, req);
+        };
+        agent.last_seen_us = now_us;
+        agent.addr = from;
+        match core.replies.lookup(now_us, h.sender, h.seq) {
+            Lookup::Hit(d) => {
+                bump(&shared.stats.replies_cached);
+                return Some(d.clone());
+            }
+            Lookup::Invalid => return None,
+            Lookup::Miss | Lookup::Forgotten => {}
+        }
+        let not_ready = |this: &mut Self| {
+            this.error(
+                term,
+                h.seq,
+                ErrorCode::NotReady,
+                Some(sequence),
+                NOT_READY_RETRY_MS,
+            )
+        };
+        let Ok(name) = SequenceName::new(sequence) else {
+            return self.error(term, h.seq, ErrorCode::BadRequest, None, 0);
+        };
+        let Some(alloc) = core.allocator.as_mut() else {
+            return not_ready(self);
+        };
+        let mut result = alloc.grant(now_us, &name, count);
+        if result == Err(unid_core::Error::UnknownSequence) {
+            // Created in this term after the allocator was built (see `add_sequence`): a
+            // sequence applied after this leader's ready read can only come from this term.
+            let found = self
+                .consensus
+                .with_state(|s| s.state.sequences.get(sequence).cloned());
+            if let Some(s) = found {
+                let c = CommittedCeiling {
+                    sequence: name.clone(),
+                    width: s.width(),
+                    ceiling: s.ceiling,
+                };
+                if let Err(e) = alloc.add_sequence(now_us, c) {
+                    tracing::warn!(sequence, "cannot add sequence to the allocator: {e}");
+                }
+                result = alloc.grant(now_us, &name, count);
+            }
+        }
+        let width = alloc.sequence(&name).map(|v| v.width);
+        if let Some(raise) = alloc.poll_raise_for(now_us, &name) {
+            core.pending_raises.push(raise);
+            shared.raise_notify.notify_one();
+        }
+        let (msg_result, cache) = match result {
+            Ok(block) => {
+                bump(&shared.stats.grants);
+                let width = width.expect("granted from a known sequence");
+                let d = shared.encode(
+                    &mut self.codec,
+                    term,
+                    h.seq,
+                    &Message::BlockGrant {
+                        sequence,
+                        width,
+                        block,
+                    },
+                );
+                (d, true)
+            }
+            Err(unid_core::Error::UnknownSequence) => (
+                shared.encode(
+                    &mut self.codec,
+                    term,
+                    h.seq,
+                    &Message::Error {
+                        code: ErrorCode::UnknownSequence,
+                        sequence: Some(sequence),
+                        retry_after_ms: 0,
+                        text: "",
+                    },
+                ),
+                true,
+            ),
+            Err(unid_core::Error::Exhausted) => (
+                shared.encode(
+                    &mut self.codec,
+                    term,
+                    h.seq,
+                    &Message::Error {
+                        code: ErrorCode::Exhausted,
+                        sequence: Some(sequence),
+                        retry_after_ms: 0,
+                        text: "",
+                    },
+                ),
+                true,
+            ),
+            Err(unid_core::Error::EmptyRequest) => {
+                return self.error(term, h.seq, ErrorCode::BadRequest, Some(sequence), 0);
+            }
+            // NotReady, AwaitingRaise: transient, not cached (a retransmit tries again).
+            Err(_) => return not_ready(self),
+        };
+        let d = msg_result.ok()?;
+        if cache {
+            core.replies.insert(now_us, h.sender, h.seq, d.clone());
+        }
+        Some(d)
+    }
+
+    fn describe(&mut self, core: &Core, reply_to: SeqNo, name: &str) -> Option<Vec<u8>> {
+        let term = core.term;
+        let Some(s) = self
+            .consensus
+            .with_state(|st| st.state.sequences.get(name).cloned())
+        else {
+            return self.error(term, reply_to, ErrorCode::UnknownSequence, Some(name), 0);
+        };
+        let mut ceiling = s.ceiling;
+        let mut next = s.ceiling;
+        if let (Some(alloc), Ok(n)) = (core.allocator.as_ref(), SequenceName::new(name))
+            && let Some(v) = alloc.sequence(&n)
+        {
+            ceiling = ceiling.max(v.committed_ceiling);
+            next = v.next.min(ceiling);
+        }
+        let next = next.max(s.start);
+        self.shared
+            .encode(
+                &mut self.codec,
+                term,
+                reply_to,
+                &Message::SequenceInfo {
+                    name,
+                    width: s.width(),
+                    start: s.start,
+                    next,
+                    ceiling: ceiling.max(next),
+                },
+            )
+            .ok()
+    }
+
+    fn list(&mut self, term: u64, reply_to: SeqNo, after: Option<&str>) -> Option<Vec<u8>> {
+        let (names, more) = self.consensus.with_state(|st| {
+            let mut it = st
+                .state
+                .sequences
+                .keys()
+                .filter(|n| after.is_none_or(|a| n.as_str() > a));
+            let names: Vec<String> = it.by_ref().take(SEQUENCE_LIST_MAX).cloned().collect();
+            (names, it.next().is_some())
+        });
+        let mut n = names.len();
+        loop {
+            let refs: Vec<&str> = names[..n].iter().map(String::as_str).collect();
+            let msg = Message::SequenceListReply {
+                names: List::new(&refs),
+                more: more || n < names.len(),
+            };
+            match self.shared.encode(&mut self.codec, term, reply_to, &msg) {
+                Ok(d) => return Some(d),
+                Err(EncodeError::TooLarge { .. }) if n > 1 => n -= 1,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn status(&mut self, core: &Core, reply_to: SeqNo, after: Option<&str>) -> Option<Vec<u8>> {
+        let m = self.consensus.metrics();
+        let leader_id = core.leader.unwrap_or(0);
+        let (replication, last_log) = {
+            let rm = self.consensus.raft().metrics();
+            let rm = rm.borrow();
+            let repl: BTreeMap<NodeId, Option<u64>> = rm
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .map(|(id, l)| (*id, l.as_ref().map(|l| l.index)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (repl, rm.last_log_index)
+        };
+        let i_lead = leader_id == self.shared.id;
+        let servers: Vec<ServerStatus> = core
+            .servers
+            .iter()
+            .take(SERVERS_MAX)
+            .map(|(&id, &addr)| {
+                let role = if id == leader_id {
+                    RaftRole::Leader
+                } else if id == self.shared.id {
+                    match m.role {
+                        Role::Candidate => RaftRole::Candidate,
+                        Role::Learner => RaftRole::Learner,
+                        _ => RaftRole::Follower,
+                    }
+                } else if m.learners.contains(&id) {
+                    RaftRole::Learner
+                } else {
+                    RaftRole::Follower
+                };
+                let health = if id == self.shared.id || id == leader_id {
+                    Health::Healthy
+                } else if i_lead {
+                    match (replication.get(&id).copied().flatten(), last_log) {
+                        (Some(matched), Some(last)) if last.saturating_sub(matched) <= 100 => {
+                            Health::Healthy
+                        }
+                        (Some(_), _) => Health::Degraded,
+                        (None, _) => Health::Unreachable,
+                    }
+                } else {
+                    // A follower cannot see the other followers.
+                    Health::Degraded
+                };
+                ServerStatus {
+                    id,
+                    addr,
+                    role,
+                    term: m.term,
+                    health,
+                }
+            })
+            .collect();
+        let seqs: Vec<(String, Width, Id, Id)> = self.consensus.with_state(|st| {
+            st.state
+                .sequences
+                .iter()
+                .filter(|(n, _)| after.is_none_or(|a| n.as_str() > a))
+                .take(STATUS_SEQUENCES_MAX + 1)
+                .map(|(n, s)| {
+                    let width = s.width();
+                    let mut next = s.ceiling;
+                    if let (Some(alloc), Ok(name)) = (core.allocator.as_ref(), SequenceName::new(n))
+                        && let Some(v) = alloc.sequence(&name)
+                    {
+                        next = v.next;
+                    }
+                    let ceiling = s.ceiling.max(next);
+                    (
+                        n.clone(),
+                        width,
+                        ceiling,
+                        width.limit().saturating_sub(next),
+                    )
+                })
+                .collect()
+        });
+        let mut n = seqs.len().min(STATUS_SEQUENCES_MAX);
+        loop {
+            let items: Vec<SequenceStatus<'_>> = seqs[..n]
+                .iter()
+                .map(|(name, width, ceiling, remaining)| SequenceStatus {
+                    name,
+                    width: *width,
+                    ceiling: *ceiling,
+                    remaining: *remaining,
+                })
+                .collect();
+            let msg = Message::StatusReply {
+                leader_id,
+                term: m.term,
+                servers: List::new(&servers),
+                sequences: List::new(&items),
+                more: n < seqs.len(),
+            };
+            match self
+                .shared
+                .encode(&mut self.codec, core.term, reply_to, &msg)
+            {
+                Ok(d) => return Some(d),
+                Err(EncodeError::TooLarge { .. }) if n > 0 => n -= 1,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn node_table(&mut self, core: &Core, reply_to: SeqNo, page: u16) -> Option<Vec<u8>> {
+        let mut nodes: Vec<Node> = core
+            .servers
+            .iter()
+            .map(|(&id, &addr)| Node {
+                id,
+                addr,
+                role: NodeRole::Server,
+            })
+            .collect();
+        let version = self.consensus.with_state(|st| {
+            for r in st.state.nodes.values() {
+                if r.kind != NodeKind::Agent {
+                    continue;
+                }
+                if let Ok(ip) = r.addr.parse::<IpAddr>()
+                    && r.port != 0
+                {
+                    nodes.push(Node {
+                        id: r.id,
+                        addr: SocketAddr::new(ip, r.port),
+                        role: NodeRole::Agent,
+                    });
+                }
+            }
+            st.last_applied.map_or(0, |l| l.index)
+        });
+        let page_count = nodes.len().div_ceil(NODE_TABLE_PAGE_MAX).max(1);
+        let page_count = u16::try_from(page_count).unwrap_or(u16::MAX);
+        if page >= page_count {
+            return self.error(core.term, reply_to, ErrorCode::BadRequest, None, 0);
+        }
+        let from = usize::from(page) * NODE_TABLE_PAGE_MAX;
+        let to = (from + NODE_TABLE_PAGE_MAX).min(nodes.len());
+        self.shared
+            .encode(
+                &mut self.codec,
+                core.term,
+                reply_to,
+                &Message::NodeTable {
+                    version,
+                    page,
+                    page_count,
+                    nodes: List::new(&nodes[from..to]),
+                },
+            )
+            .ok()
+    }
+}
+
+impl Handler for ServerHandler {
+    type Message = ShardMessage;
+
+    fn on_datagram(&mut self, data: &[u8], from: SocketAddr, now_us: u64, out: &mut SendBatch) {
+        if let Some(reply) = self.handle(data, from, now_us) {
+            self.push(out, from, &reply);
+        }
+    }
+
+    fn on_message(&mut self, msg: ShardMessage, _now_us: u64, out: &mut SendBatch) {
+        match msg {
+            ShardMessage::Send { to, datagram } => self.push(out, to, &datagram),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------- handle ---
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopMode {
+    Run,
+    Graceful,
+    Abrupt,
+}
+
+/// Stops a running server from any thread (e.g. a signal handler thread). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Stopper {
+    tx: Arc<watch::Sender<StopMode>>,
+}
+
+impl Stopper {
+    /// Graceful stop: as leader, tell agents and servers where to go (`LeaderChange`), then
+    /// hand leadership off and stop. Returns at once; see [`ServerHandle::wait`].
+    pub fn stop(&self) {
+        self.tx.send_if_modified(|m| {
+            let change = *m == StopMode::Run;
+            if change {
+                *m = StopMode::Graceful;
+            }
+            change
+        });
+    }
+
+    /// Stop without notices or handoff (peers see a crash, but the database closes cleanly).
+    pub fn stop_abruptly(&self) {
+        self.tx.send_if_modified(|m| {
+            let change = *m != StopMode::Abrupt;
+            *m = StopMode::Abrupt;
+            change
+        });
+    }
+}
+
+/// A running server.
+pub struct ServerHandle {
+    udp_addr: SocketAddr,
+    raft_addr: SocketAddr,
+    stopper: Stopper,
+    shared: Arc<Shared>,
+    thread: std::thread::JoinHandle<Result<(), ServerError>>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("id", &self.shared.id)
+            .field("udp_addr", &self.udp_addr)
+            .field("raft_addr", &self.raft_addr)
+            .finish()
+    }
+}
+
+impl ServerHandle {
+    /// The UDP address the shards are bound to.
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp_addr
+    }
+
+    /// The Raft address the consensus node is bound to.
+    pub fn raft_addr(&self) -> SocketAddr {
+        self.raft_addr
+    }
+
+    /// A [`Stopper`] for other threads.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> ServerStatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Whether this server currently grants (leads, with a ready allocator).
+    pub fn is_granting(&self) -> bool {
+        let core = self.shared.core();
+        core.phase == Phase::Leading && core.allocator.is_some()
+    }
+
+    /// Waits until the server stopped (after a [`Stopper`] call, or by itself on a fatal
+    /// error such as [`ServerError::ConsensusStopped`]).
+    pub fn wait(self) -> Result<(), ServerError> {
+        self.thread
+            .join()
+            .map_err(|_| ServerError::Thread("server thread panicked".into()))?
+    }
+
+    /// Graceful stop, then [`wait`](Self::wait).
+    pub fn shutdown(self) -> Result<(), ServerError> {
+        self.stopper.stop();
+        self.wait()
+    }
+}
+
+/// Starts a server. Returns once Raft and the shards run (and, with `init`, the cluster was
+/// bootstrapped or found already bootstrapped).
+pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    config.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("unid-consensus")
+        .enable_all()
+        .build()
+        .map_err(|e| ServerError::Thread(format!("tokio runtime: {e}")))?;
+    let mut node_config = NodeConfig::new(config.id, &config.data_dir, config.raft_addr);
+    node_config.secret = config.secret.clone();
+    node_config.timing = config.timing;
+    let consensus = Arc::new(runtime.block_on(ConsensusNode::start(node_config))?);
+    let raft_addr = consensus.raft_addr();
+    tracing::info!(id = config.id, %raft_addr, data_dir = %config.data_dir.display(), "raft started");
+
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_MAX);
+    let replies = ReplyCache::new(ReplyCacheConfig {
+        agents_max: config.agents_max,
+        replies_per_agent_max: config.replies_per_agent_max,
+        lease_ms: u64::from(config.lease_ms),
+    })
+    .map_err(|e| ServerError::Config(format!("reply cache: {e}")))?;
+    let shared = Arc::new(Shared {
+        id: config.id,
+        key: config.secret.as_deref().map(AuthKey::from_secret),
+        lease_ms: config.lease_ms,
+        agents_max: config.agents_max,
+        source_rate_per_s: config.source_rate_per_s,
+        allocator_config: config.allocator.clone(),
+        core: Mutex::new(Core {
+            phase: Phase::Follower,
+            term: 0,
+            leader: None,
+            allocator: None,
+            pending_raises: Vec::new(),
+            agents: HashMap::new(),
+            hellos: HashMap::new(),
+            hellos_pending: HashSet::new(),
+            replies,
+            sources: HashMap::new(),
+            admin_sources: HashMap::new(),
+            admin_global: Bucket {
+                tokens: f64::from(ADMIN_GLOBAL_RATE_PER_S),
+                at_us: now_us(),
+            },
+            servers: BTreeMap::new(),
+        }),
+        raise_notify: Notify::new(),
+        control_tx,
+        seq: AtomicU64::new(1),
+        stats: ServerStats::default(),
+        consensus_stopped: AtomicBool::new(false),
+    });
+
+    let mut shard_config = ShardConfig::new(config.shards, config.udp_addr);
+    shard_config.pin_cpus = config.pin_cpus;
+    shard_config.name = format!("unid-shard-{}", config.id);
+    let handler_shared = shared.clone();
+    let handler_consensus = consensus.clone();
+    let shards = Shards::start(shard_config, move |_info: &ShardInfo| ServerHandler {
+        shared: handler_shared.clone(),
+        consensus: handler_consensus.clone(),
+        codec: Codec::new(),
+    })?;
+    let udp_addr = shards.local_addr();
+    tracing::info!(id = config.id, %udp_addr, shards = shards.len(), "udp listening");
+
+    {
+        let mut core = shared.core();
+        core.servers
+            .insert(config.id, advertised(udp_addr, raft_addr));
+        for p in &config.peers {
+            core.servers.insert(p.id, p.udp_addr);
+        }
+    }
+
+    if config.init {
+        let mut members = BTreeMap::new();
+        members.insert(config.id, advertised(raft_addr, raft_addr).to_string());
+        for p in &config.peers {
+            members.insert(p.id, p.raft_addr.clone());
+        }
+        match runtime.block_on(consensus.initialize_with(members)) {
+            Ok(()) => tracing::info!(
+                id = config.id,
+                voters = config.peers.len() + 1,
+                "cluster initialized"
+            ),
+            Err(unid_consensus::Error::AlreadyInitialized) => {
+                tracing::info!(
+                    id = config.id,
+                    "--init: cluster already initialized, nothing to do"
+                )
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(StopMode::Run);
+    let stopper = Stopper {
+        tx: Arc::new(stop_tx),
+    };
+    let sender = shards.sender(0).expect("one shard at least");
+    let control = Controller {
+        shared: shared.clone(),
+        consensus,
+        sender,
+        stop: shards.stop_handle(),
+        peers: config.peers.clone(),
+        udp_addr: advertised(udp_addr, raft_addr),
+        write_timeout: Duration::from_millis(config.timing.write_timeout_ms),
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("unid-server-{}", config.id))
+        .spawn(move || {
+            let result = runtime.block_on(control.run(control_rx, stop_rx, shards));
+            // Raise and registration tasks still running hold no lock; dropping the runtime
+            // cancels them.
+            runtime.shutdown_timeout(Duration::from_millis(500));
+            result
+        })
+        .map_err(|e| ServerError::Thread(e.to_string()))?;
+    Ok(ServerHandle {
+        udp_addr,
+        raft_addr,
+        stopper,
+        shared,
+        thread,
+    })
+}
+
+/// The address to tell others: a wildcard bind address is replaced by the Raft address's IP
+/// (or loopback).
+fn advertised(addr: SocketAddr, hint: SocketAddr) -> SocketAddr {
+    if !addr.ip().is_unspecified() {
+        return addr;
+    }
+    let ip = if hint.ip().is_unspecified() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        hint.ip()
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+// --------------------------------------------------------------------- control ---
+
+type Tasks = tokio::task::JoinSet<()>;
+
+struct Controller {
+    shared: Arc<Shared>,
+    consensus: Arc<ConsensusNode>,
+    sender: ShardSender<ShardMessage>,
+    stop: StopHandle,
+    peers: Vec<Peer>,
+    udp_addr: SocketAddr,
+    write_timeout: Duration,
+}
+
+impl Controller {
+    async fn run(
+        self,
+        mut requests: mpsc::Receiver<Control>,
+        mut stop_rx: watch::Receiver<StopMode>,
+        shards: Shards<ShardMessage>,
+    ) -> Result<(), ServerError> {
+        let this = Arc::new(self);
+        let mut leader_rx = this.consensus.leader_watch();
+        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut server_refresh_us = 0u64;
+        let mut failed = false;
+        // Every task the loop starts; aborted at the end so that nothing holds the node.
+        let mut tasks = tokio::task::JoinSet::new();
+        this.on_leader(*leader_rx.borrow_and_update(), &mut tasks);
+        loop {
+            tokio::select! {
+                changed = leader_rx.changed() => {
+                    if changed.is_err() {
+                        tokio::time::sleep(Duration::from_millis(TICK_MS)).await;
+                        continue;
+                    }
+                    let info = *leader_rx.borrow_and_update();
+                    this.on_leader(info, &mut tasks);
+                }
+                Some(req) = requests.recv() => {
+                    let t = this.clone();
+                    tasks.spawn(async move { t.handle_request(req).await });
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = this.shared.raise_notify.notified() => this.propose_raises(&mut tasks),
+                _ = tick.tick() => {
+                    if !this.consensus.is_running() {
+                        tracing::error!(id = this.shared.id, "consensus stopped (storage failure or fatal Raft error): no more grants, shutting down");
+                        this.shared.consensus_stopped.store(true, Ordering::Release);
+                        let mut core = this.shared.core();
+                        core.drop_allocator("consensus stopped");
+                        core.phase = Phase::Stopped;
+                        failed = true;
+                        break;
+                    }
+                    let now = now_us();
+                    this.shared.core().expire(now, u64::from(this.shared.lease_ms) * 1000);
+                    this.propose_raises(&mut tasks);
+                    if now >= server_refresh_us {
+                        server_refresh_us = now + 1_000_000;
+                        this.refresh_servers();
+                    }
+                }
+                _ = stop_rx.changed() => {
+                    if *stop_rx.borrow() != StopMode::Run {
+                        break;
+                    }
+                }
+            }
+        }
+        let mode = *stop_rx.borrow();
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let Ok(this) = Arc::try_unwrap(this) else {
+            return Err(ServerError::Thread(
+                "control state still shared at stop".into(),
+            ));
+        };
+        this.finish(mode, failed, shards).await
+    }
+
+    fn on_leader(self: &Arc<Self>, info: unid_consensus::LeaderInfo, tasks: &mut Tasks) {
+        let id = self.shared.id;
+        let mut core = self.shared.core();
+        if core.phase == Phase::Stopped {
+            return;
+        }
+        let was = (core.leader, core.term, core.phase);
+        core.term = info.term;
+        core.leader = if info.member { info.leader } else { None };
+        let leads = info.member && info.leader == Some(id);
+        if !info.member && was.2 != Phase::Follower {
+            tracing::warn!(
+                id,
+                "this server is no longer a member of the cluster: not serving"
+            );
+        }
+        if leads {
+            if was.2 == Phase::Follower || was.1 != info.term {
+                core.drop_allocator("new term");
+                core.phase = Phase::Warming;
+                tracing::info!(
+                    id,
+                    term = info.term,
+                    "became leader; reading committed ceilings"
+                );
+                let this = self.clone();
+                tasks.spawn(async move { this.become_leader(info.term).await });
+            }
+        } else {
+            if was.2 != Phase::Follower {
+                core.drop_allocator("lost leadership");
+                core.phase = Phase::Follower;
+            }
+            if (was.0, was.1) != (core.leader, core.term) {
+                tracing::info!(id, term = info.term, leader = ?core.leader, "following");
+            }
+        }
+    }
+
+    async fn become_leader(self: Arc<Self>, term: u64) {
+        let id = self.shared.id;
+        for attempt in 0..20u32 {
+            let still = {
+                let core = self.shared.core();
+                core.phase == Phase::Warming && core.term == term
+            };
+            if !still {
+                return;
+            }
+            match self.consensus.ready_state().await {
+                Ok(applied) => {
+                    let now = now_us();
+                    let ceilings = applied.state.sequences.iter().filter_map(|(name, s)| {
+                        Some(CommittedCeiling {
+                            sequence: SequenceName::new(name).ok()?,
+                            width: s.width(),
+                            ceiling: s.ceiling,
+                        })
+                    });
+                    let alloc = match LeaderAllocator::new(
+                        self.shared.allocator_config.clone(),
+                        now,
+                        ceilings,
+                    ) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::error!(id, term, "cannot build the allocator: {e}");
+                            return;
+                        }
+                    };
+                    let sequences = applied.state.sequences.len();
+                    let Some(agents) = self.install(term, alloc, &applied.state, now) else {
+                        return;
+                    };
+                    tracing::info!(
+                        id,
+                        term,
+                        sequences,
+                        agents,
+                        "leading: allocator ready, raising ceilings"
+                    );
+                    self.shared.raise_notify.notify_one();
+                    self.publish_servers().await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(id, term, attempt, "ready read failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        tracing::warn!(
+            id,
+            term,
+            "could not confirm leadership; not granting in this term"
+        );
+    }
+
+    /// Installs a new leader's allocator if this server still warms up in `term`; takes the
+    /// agents of the node table. Returns how many agents it took.
+    fn install(
+        &self,
+        term: u64,
+        alloc: LeaderAllocator,
+        state: &unid_consensus::ClusterState,
+        now: u64,
+    ) -> Option<usize> {
+        let mut core = self.shared.core();
+        if core.phase != Phase::Warming || core.term != term {
+            return None;
+        }
+        core.allocator = Some(alloc);
+        core.phase = Phase::Leading;
+        // Agents registered by earlier leaders keep their ids, with a fresh lease.
+        let mut agents = 0;
+        for r in state.nodes.values() {
+            if r.kind != NodeKind::Agent || core.agents.len() >= self.shared.agents_max {
+                continue;
+            }
+            if let Ok(ip) = r.addr.parse::<IpAddr>() {
+                core.agents.entry(r.id).or_insert(Agent {
+                    addr: SocketAddr::new(ip, r.port),
+                    last_seen_us: now,
+                });
+                agents += 1;
+            }
+        }
+        Some(agents)
+    }
+
+    /// Records every server's UDP address in the replicated node table (initial members are
+    /// not in it), so that every server can name the leader's UDP address.
+    async fn publish_servers(&self) {
+        let mut want: Vec<(NodeId, SocketAddr)> = vec![(self.shared.id, self.udp_addr)];
+        want.extend(self.peers.iter().map(|p| (p.id, p.udp_addr)));
+        let voters = self.consensus.metrics().voters;
+        for (id, addr) in want {
+            if !voters.contains(&id) {
+                continue;
+            }
+            let have = self.consensus.with_state(|s| {
+                s.state
+                    .nodes
+                    .get(&id)
+                    .map(|r| r.kind == NodeKind::Server && r.addr == addr.to_string())
+                    .unwrap_or(false)
+            });
+            if have {
+                continue;
+            }
+            let cmd = Command::UpsertServer {
+                id,
+                addr: addr.to_string(),
+            };
+            if let Err(e) = self.consensus.write(cmd).await {
+                tracing::debug!(id, "recording server address failed: {e}");
+            }
+        }
+        self.refresh_servers();
+    }
+
+    /// Server list: the node table's servers, then the configured peers, then this server.
+    fn refresh_servers(&self) {
+        let mut servers: BTreeMap<NodeId, SocketAddr> = BTreeMap::new();
+        let voters = self.consensus.metrics().voters;
+        self.consensus.with_state(|s| {
+            for r in s.state.nodes.values() {
+                if r.kind == NodeKind::Server
+                    && let Ok(a) = r.addr.parse::<SocketAddr>()
+                {
+                    servers.insert(r.id, a);
+                }
+            }
+        });
+        for p in &self.peers {
+            servers.insert(p.id, p.udp_addr);
+        }
+        servers.insert(self.shared.id, self.udp_addr);
+        // Drop servers removed from the membership (keep all while membership is unknown).
+        if !voters.is_empty() {
+            servers.retain(|id, _| voters.contains(id) || *id == self.shared.id);
+        }
+        self.shared.core().servers = servers;
+    }
+
+    fn propose_raises(self: &Arc<Self>, tasks: &mut Tasks) {
+        let now = now_us();
+        let (raises, term) = {
+            let mut core = self.shared.core();
+            let term = core.term;
+            if core.phase != Phase::Leading {
+                core.pending_raises.clear();
+                return;
+            }
+            let mut raises = std::mem::take(&mut core.pending_raises);
+            if let Some(alloc) = core.allocator.as_mut() {
+                while raises.len() < RAISES_PER_TURN_MAX {
+                    match alloc.poll_raise(now) {
+                        Some(r) => raises.push(r),
+                        None => break,
+                    }
+                }
+            }
+            (raises, term)
+        };
+        for raise in raises {
+            let this = self.clone();
+            tasks.spawn(async move { this.commit_raise(term, raise).await });
+        }
+    }
+
+    /// Commits one raise through this node's Raft (never forwarded: see the module docs) and
+    /// reports it to the allocator that proposed it.
+    async fn commit_raise(self: Arc<Self>, term: u64, raise: Raise) {
+        let cmd = Command::RaiseCeiling {
+            name: raise.sequence.as_str().to_owned(),
+            ceiling: raise.ceiling,
+        };
+        let res =
+            tokio::time::timeout(self.write_timeout, self.consensus.raft().client_write(cmd)).await;
+        let outcome: Result<Id, String> = match res {
+            Err(_) => Err(format!("timed out after {:?}", self.write_timeout)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(r)) => match r.data {
+                Response::Ceiling { ceiling } => Ok(ceiling),
+                other => Err(format!("unexpected answer {other:?}")),
+            },
+        };
+        let mut core = self.shared.core();
+        if core.phase != Phase::Leading || core.term != term {
+            return; // That allocator is gone.
+        }
+        let now = now_us();
+        let Some(alloc) = core.allocator.as_mut() else {
+            return;
+        };
+        match outcome {
+            Ok(ceiling) => {
+                bump(&self.shared.stats.raises_committed);
+                if let Err(e) = alloc.on_raise_committed(&raise.sequence, ceiling) {
+                    tracing::warn!(sequence = %raise.sequence.as_str(), "raise refused ({e}); dropping the allocator");
+                    core.drop_allocator("a ceiling this leader did not propose");
+                    core.phase = Phase::Follower;
+                }
+            }
+            Err(e) => {
+                bump(&self.shared.stats.raises_failed);
+                tracing::warn!(sequence = %raise.sequence.as_str(), ceiling = %raise.ceiling, "raise failed: {e}");
+                let _ = alloc.on_raise_failed(now, &raise.sequence, raise.ceiling);
+            }
+        }
+    }
+
+    async fn handle_request(self: Arc<Self>, req: Control) {
+        match req {
+            Control::Register {
+                from,
+                reply_to,
+                cap,
+                incarnation,
+                name,
+                role,
+            } => {
+                let role_tag = match role {
+                    NodeRole::Server => "server",
+                    NodeRole::Agent => "agent",
+                    NodeRole::Client => "client",
+                    NodeRole::Admin => "admin",
+                };
+                let res = self
+                    .consensus
+                    .register_agent(
+                        &name,
+                        incarnation,
+                        &from.ip().to_string(),
+                        from.port(),
+                        role_tag,
+                    )
+                    .await;
+                let datagram = {
+                    let mut core = self.shared.core();
+                    core.hellos_pending.remove(&(from, incarnation));
+                    let term = core.term;
+                    let mut codec = Codec::new();
+                    match res {
+                        Ok(node_id) if core.phase == Phase::Leading => {
+                            bump(&self.shared.stats.registrations);
+                            tracing::info!(node_id, %from, name, incarnation, "agent registered");
+                            core.agents.insert(
+                                node_id,
+                                Agent {
+                                    addr: from,
+                                    last_seen_us: now_us(),
+                                },
+                            );
+                            core.hellos.insert((from, incarnation), node_id);
+                            let servers = core.server_list();
+                            let lease_ms = self.shared.lease_ms;
+                            encode_with_servers(
+                                &self.shared,
+                                &mut codec,
+                                term,
+                                reply_to,
+                                &servers,
+                                cap,
+                                |servers, truncated| Message::Welcome {
+                                    node_id,
+                                    lease_ms,
+                                    servers,
+                                    truncated,
+                                },
+                            )
+                        }
+                        Ok(_) => None, // Lost leadership meanwhile: the agent retries.
+                        Err(e) => {
+                            tracing::debug!(%from, "registration failed: {e}");
+                            self.shared
+                                .encode(
+                                    &mut codec,
+                                    term,
+                                    reply_to,
+                                    &Message::Error {
+                                        code: ErrorCode::NotReady,
+                                        sequence: None,
+                                        retry_after_ms: 100,
+                                        text: "",
+                                    },
+                                )
+                                .ok()
+                                .filter(|d| d.len() <= cap)
+                        }
+                    }
+                };
+                if let Some(datagram) = datagram {
+                    let _ = self
+                        .sender
+                        .send(ShardMessage::Send { to: from, datagram })
+                        .await;
+                }
+            }
+            Control::Create {
+                from,
+                reply_to,
+                name,
+                width,
+                start,
+            } => {
+                let res = match SequenceName::new(&name) {
+                    Ok(n) => self.consensus.create_sequence(&n, width, start).await,
+                    Err(_) => Err(unid_consensus::Error::Rejected(
+                        unid_consensus::Rejection::BadName,
+                    )),
+                };
+                let term = self.shared.core().term;
+                let mut codec = Codec::new();
+                let msg_err = |code, text: &str| -> Result<Vec<u8>, EncodeError> {
+                    let mut c = Codec::new();
+                    self.shared.encode(
+                        &mut c,
+                        term,
+                        reply_to,
+                        &Message::Error {
+                            code,
+                            sequence: Some(&name),
+                            retry_after_ms: 0,
+                            text: &text[..text.len().min(100)],
+                        },
+                    )
+                };
+                let datagram = match res {
+                    Ok(ceiling) => {
+                        tracing::info!(sequence = name, width = width.bytes(), start = %start, "sequence created");
+                        self.shared.encode(
+                            &mut codec,
+                            term,
+                            reply_to,
+                            &Message::SequenceInfo {
+                                name: &name,
+                                width,
+                                start,
+                                next: start,
+                                ceiling: ceiling.max(start),
+                            },
+                        )
+                    }
+                    Err(unid_consensus::Error::Rejected(
+                        unid_consensus::Rejection::SequenceExists,
+                    )) => msg_err(ErrorCode::AlreadyExists, "sequence already exists"),
+                    Err(unid_consensus::Error::Rejected(r)) => {
+                        msg_err(ErrorCode::BadRequest, &r.to_string())
+                    }
+                    Err(e) => msg_err(ErrorCode::NotReady, &format!("not committed: {e}")),
+                };
+                if let Ok(datagram) = datagram {
+                    let _ = self
+                        .sender
+                        .send(ShardMessage::Send { to: from, datagram })
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Stops: notices (graceful, as leader), shards, then Raft (with handoff if graceful).
+    async fn finish(
+        self,
+        mode: StopMode,
+        failed: bool,
+        shards: Shards<ShardMessage>,
+    ) -> Result<(), ServerError> {
+        let id = self.shared.id;
+        let was_leader = {
+            let mut core = self.shared.core();
+            let leading = core.phase == Phase::Leading || core.phase == Phase::Warming;
+            core.drop_allocator("stopping");
+            core.phase = Phase::Stopped;
+            leading
+        };
+        if mode == StopMode::Graceful && was_leader && !failed {
+            self.send_leader_change().await;
+        }
+        self.stop.stop();
+        let joined = tokio::task::spawn_blocking(move || shards.join()).await;
+        if let Ok(Err(e)) = joined {
+            tracing::warn!(id, "a shard failed: {e}");
+        }
+        let Controller { consensus, .. } = self;
+        let consensus = match Arc::try_unwrap(consensus) {
+            Ok(c) => c,
+            Err(_) => {
+                tracing::warn!(id, "consensus still referenced; stopping it by drop");
+                return if failed {
+                    Err(ServerError::ConsensusStopped)
+                } else {
+                    Ok(())
+                };
+            }
+        };
+        let res = if mode == StopMode::Graceful && !failed {
+            consensus.shutdown().await
+        } else {
+            consensus.stop_without_handoff().await
+        };
+        if let Err(e) = res {
+            tracing::debug!(id, "raft stop: {e}");
+        }
+        tracing::info!(id, "stopped");
+        if failed {
+            Err(ServerError::ConsensusStopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Tells every agent heard from within its lease, and every other server, which server
+    /// will lead next.
+    async fn send_leader_change(&self) {
+        let Some(next) = self.consensus.handoff_successor() else {
+            tracing::info!(
+                id = self.shared.id,
+                "stopping as leader with no successor to name"
+            );
+            return;
+        };
+        let (datagrams, successor) = {
+            let core = self.shared.core();
+            let Some(&next_addr) = core.servers.get(&next) else {
+                return;
+            };
+            let servers = core.server_list();
+            let n = servers.len().min(SERVERS_MAX);
+            let msg = Message::LeaderChange {
+                leader_id: next,
+                leader: next_addr,
+                servers: List::new(&servers[..n]),
+                truncated: n < servers.len(),
+            };
+            let mut to: Vec<SocketAddr> = core.agents.values().map(|a| a.addr).collect();
+            to.extend(core.hellos.keys().map(|(a, _)| *a));
+            to.extend(
+                core.servers
+                    .iter()
+                    .filter(|(id, _)| **id != self.shared.id)
+                    .map(|(_, a)| *a),
+            );
+            to.sort();
+            to.dedup();
+            let mut codec = Codec::new();
+            let datagrams: Vec<(SocketAddr, Vec<u8>)> = to
+                .into_iter()
+                .filter_map(|a| Some((a, self.shared.encode(&mut codec, core.term, 0, &msg).ok()?)))
+                .collect();
+            (datagrams, (next, next_addr))
+        };
+        tracing::info!(
+            id = self.shared.id,
+            successor = successor.0,
+            addr = %successor.1,
+            notices = datagrams.len(),
+            "stepping down: sending LeaderChange"
+        );
+        for (to, datagram) in datagrams {
+            let _ = self.sender.send(ShardMessage::Send { to, datagram }).await;
+        }
+        // Let the shard flush them before it is told to stop.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
