@@ -1,10 +1,277 @@
-//! `unid agent`. (Being built; see the issue tracker.)
+//! `unid agent`: keeps this host's shared-memory rings full of ids and serves
+//! them on a localhost socket (see `agent/README.md`).
+//!
+//! Every option can come from a flag or from `--config FILE` (TOML, same
+//! names with `_` instead of `-`, `server` and `sequence` as lists); a flag
+//! wins over the file. SIGINT or SIGTERM stops the agent: its rings are
+//! closed (applications drain what is in them, then get "agent not running").
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use unid_agent::{AgentConfig, SERVER_PORT_DEFAULT, SOCKET_ADDR_DEFAULT};
 
 /// Options of `unid agent`.
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+#[derive(clap::Args, Debug, Default)]
+pub struct Args {
+    /// TOML file with any of the options below (flags win).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// A server of the cluster, HOST[:PORT] (port 7400 if omitted; repeat).
+    #[arg(long, value_name = "ADDR")]
+    server: Vec<String>,
+    /// A sequence to serve (repeat) [default: default].
+    #[arg(long, value_name = "NAME")]
+    sequence: Vec<String>,
+    /// Folder of the ring files [default: /dev/shm/unid].
+    #[arg(long, value_name = "DIR")]
+    ring_dir: Option<PathBuf>,
+    /// Localhost socket address, or `off` [default: 127.0.0.1:7411].
+    #[arg(long, value_name = "ADDR")]
+    socket: Option<String>,
+    /// How long a block should last at the measured rate, in ms [default: 100].
+    #[arg(long, value_name = "MS")]
+    refill_period_ms: Option<u64>,
+    /// File holding the cluster secret (every datagram is authenticated).
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+    /// This agent's name in the cluster [default: agent].
+    #[arg(long)]
+    name: Option<String>,
+    /// Let the ring file's group consume too (mode 0660 instead of 0600).
+    #[arg(long)]
+    group_readable: bool,
+}
 
-/// Runs `unid agent`.
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`unid agent` is not built yet")
+/// The `--config` file.
+#[derive(Deserialize, Debug, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: Vec<String>,
+    #[serde(default)]
+    sequence: Vec<String>,
+    ring_dir: Option<PathBuf>,
+    socket: Option<String>,
+    refill_period_ms: Option<u64>,
+    secret_file: Option<PathBuf>,
+    name: Option<String>,
+    group_readable: Option<bool>,
+    /// Ring slots (power of two).
+    ring_capacity: Option<u64>,
+    /// Blocks kept in each ring.
+    blocks_ahead: Option<u32>,
+    /// Smallest block asked for.
+    block_ids_min: Option<u64>,
+    /// Largest block asked for.
+    block_ids_max: Option<u64>,
+    /// Most localhost socket connections.
+    socket_connections_max: Option<usize>,
+}
+
+/// `HOST[:PORT]` to addresses (port 7400 when missing).
+fn resolve(server: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    if let Ok(a) = server.parse::<SocketAddr>() {
+        return Ok(vec![a]);
+    }
+    let with_port =
+        if server.contains(':') && !server.starts_with('[') && server.matches(':').count() == 1 {
+            server.to_owned()
+        } else if server.parse::<std::net::IpAddr>().is_ok() {
+            return Ok(vec![SocketAddr::new(server.parse()?, SERVER_PORT_DEFAULT)]);
+        } else {
+            format!("{server}:{SERVER_PORT_DEFAULT}")
+        };
+    let addrs: Vec<SocketAddr> = with_port
+        .to_socket_addrs()
+        .with_context(|| format!("resolving server {server:?}"))?
+        .collect();
+    if addrs.is_empty() {
+        bail!("server {server:?} resolves to no address");
+    }
+    Ok(addrs)
+}
+
+fn read_secret(path: &Path) -> anyhow::Result<unid_proto::AuthKey> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading secret file {}", path.display()))?;
+    let trimmed = bytes.trim_ascii_end();
+    if trimmed.is_empty() {
+        bail!("secret file {} is empty", path.display());
+    }
+    Ok(unid_proto::AuthKey::from_secret(trimmed))
+}
+
+/// Flags over file over defaults.
+fn build(args: Args) -> anyhow::Result<AgentConfig> {
+    let file: FileConfig = match &args.config {
+        Some(path) => crate::config::load(path)?,
+        None => FileConfig::default(),
+    };
+    let servers = if args.server.is_empty() {
+        file.server
+    } else {
+        args.server
+    };
+    if servers.is_empty() {
+        bail!(
+            "no server given: use --server HOST[:PORT] (repeatable) or `server = [..]` in the config file"
+        );
+    }
+    let mut addrs = Vec::new();
+    for s in &servers {
+        for a in resolve(s)? {
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
+    }
+    let mut config = AgentConfig::new(addrs);
+    let sequences = if args.sequence.is_empty() {
+        file.sequence
+    } else {
+        args.sequence
+    };
+    if !sequences.is_empty() {
+        config.sequences = sequences
+            .iter()
+            .map(|s| {
+                s.parse()
+                    .with_context(|| format!("sequence {s:?} is not a valid name"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(d) = args.ring_dir.or(file.ring_dir) {
+        config.ring_dir = d;
+    }
+    let socket = args
+        .socket
+        .or(file.socket)
+        .unwrap_or_else(|| SOCKET_ADDR_DEFAULT.to_owned());
+    config.socket = if socket == "off" {
+        None
+    } else {
+        let addr: SocketAddr = socket
+            .parse()
+            .with_context(|| format!("socket {socket:?} is not IP:PORT (or `off`)"))?;
+        if !addr.ip().is_loopback() {
+            eprintln!(
+                "unid agent: warning: socket {addr} is not a loopback address; anyone who can reach it can take ids"
+            );
+        }
+        Some(addr)
+    };
+    if let Some(ms) = args.refill_period_ms.or(file.refill_period_ms) {
+        config.sizing.refill_period_ms = ms;
+        config.sizing.rate_tau_ms = ms;
+    }
+    if let Some(path) = args.secret_file.or(file.secret_file) {
+        config.key = Some(read_secret(&path)?);
+    }
+    if let Some(n) = args.name.or(file.name) {
+        config.name = n;
+    }
+    if args.group_readable || file.group_readable == Some(true) {
+        config.ring_mode = 0o660;
+    }
+    if let Some(c) = file.ring_capacity {
+        config.ring_capacity = c;
+    }
+    if let Some(b) = file.blocks_ahead {
+        config.blocks_ahead = b;
+    }
+    if let Some(b) = file.block_ids_min {
+        config.sizing.block_ids_min = b;
+    }
+    if let Some(b) = file.block_ids_max {
+        config.sizing.block_ids_max = b;
+    }
+    if let Some(c) = file.socket_connections_max {
+        config.socket_connections_max = c;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Runs `unid agent` until SIGINT or SIGTERM.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let config = build(args)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+    }
+    let agent = unid_agent::run(config).context("starting the agent")?;
+    while !stop.load(Ordering::Relaxed) {
+        if !agent.is_running() {
+            bail!("the agent's threads stopped unexpectedly");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.stop();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_keys_are_checked_and_flags_win() {
+        let err =
+            crate::config::parse::<FileConfig>("server = [\"127.0.0.1\"]\nsequnce = [\"a\"]\n")
+                .unwrap_err();
+        assert!(format!("{err}").contains("sequnce"), "{err}");
+        let err = crate::config::parse::<FileConfig>("refill_period_ms = \"fast\"\n").unwrap_err();
+        assert!(format!("{err}").contains("refill_period_ms"), "{err}");
+        let dir = std::env::temp_dir().join(format!("unid-agent-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(
+            &path,
+            "server = [\"127.0.0.1\", \"127.0.0.2:7000\"]\nsequence = [\"orders\"]\nsocket = \"off\"\nrefill_period_ms = 250\nblocks_ahead = 3\n",
+        )
+        .unwrap();
+        let config = build(Args {
+            config: Some(path.clone()),
+            sequence: vec!["flag".to_owned()],
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(
+            config.servers,
+            vec![
+                "127.0.0.1:7400".parse::<SocketAddr>().unwrap(),
+                "127.0.0.2:7000".parse().unwrap()
+            ]
+        );
+        assert_eq!(config.sequences[0].as_str(), "flag");
+        assert_eq!(config.socket, None);
+        assert_eq!(config.sizing.refill_period_ms, 250);
+        assert_eq!(config.blocks_ahead, 3);
+        let err = build(Args::default()).unwrap_err();
+        assert!(format!("{err}").contains("--server"), "{err}");
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "\n").unwrap();
+        let err = build(Args {
+            server: vec!["127.0.0.1".to_owned()],
+            secret_file: Some(secret),
+            ..Args::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err}").contains("empty"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
