@@ -607,7 +607,8 @@ impl ServerHandler {
                 } else {
                     req
                 };
-                if !leading {
+                let warming = core.phase == Phase::Warming;
+                if !leading && !warming {
                     return self.not_leader(&core, h.seq, cap);
                 }
                 let lease_ms = match core.agents.get_mut(&h.sender) {
@@ -616,6 +617,8 @@ impl ServerHandler {
                         a.addr = from;
                         shared.lease_ms
                     }
+                    // A new leader takes the node table's agents once ready: keep them.
+                    None if warming && cap == DATAGRAM_BYTES_MAX => shared.lease_ms,
                     None => 0,
                 };
                 let d = self
@@ -638,6 +641,11 @@ impl ServerHandler {
                 name,
                 ..
             } => {
+                if core.phase == Phase::Warming {
+                    let d =
+                        self.error(term, h.seq, ErrorCode::NotReady, None, NOT_READY_RETRY_MS)?;
+                    return self.capped(d, req);
+                }
                 if !leading {
                     return self.not_leader(&core, h.seq, req);
                 }
@@ -789,13 +797,18 @@ impl ServerHandler {
     ) -> Option<Vec<u8>> {
         let shared = self.shared.clone();
         let term = core.term;
+        let cap = if self.registered(core, h.sender) {
+            DATAGRAM_BYTES_MAX
+        } else {
+            req
+        };
         if core.phase != Phase::Leading && core.phase != Phase::Warming {
-            let cap = if self.registered(core, h.sender) {
-                DATAGRAM_BYTES_MAX
-            } else {
-                req
-            };
             return self.not_leader(core, h.seq, cap);
+        }
+        if core.phase == Phase::Warming {
+            // Agents of earlier leaders are taken from the node table once ready.
+            let d = self.error(term, h.seq, ErrorCode::NotReady, None, NOT_READY_RETRY_MS)?;
+            return self.capped(d, cap);
         }
         let Some(agent) = core.agents.get_mut(&h.sender) else {
             let d = self.error(term, h.seq, ErrorCode::NotRegistered, None, 0)?;
@@ -1187,6 +1200,8 @@ pub struct ServerHandle {
     raft_addr: SocketAddr,
     stopper: Stopper,
     shared: Arc<Shared>,
+    /// Weak, so that the control task alone owns the node and can shut it down.
+    consensus: std::sync::Weak<ConsensusNode>,
     thread: std::thread::JoinHandle<Result<(), ServerError>>,
 }
 
@@ -1219,6 +1234,16 @@ impl ServerHandle {
     /// The counters.
     pub fn stats(&self) -> ServerStatsSnapshot {
         self.shared.stats.snapshot()
+    }
+
+    /// Fault injection for tests: every later write to this server's Raft database fails, as
+    /// with a failing disk (see [`ConsensusNode::set_storage_fault`]). The server then fails
+    /// stop.
+    #[doc(hidden)]
+    pub fn inject_storage_fault(&self) {
+        if let Some(c) = self.consensus.upgrade() {
+            c.set_storage_fault(true);
+        }
     }
 
     /// Whether this server currently grants (leads, with a ready allocator).
@@ -1347,6 +1372,7 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         tx: Arc::new(stop_tx),
     };
     let sender = shards.sender(0).expect("one shard at least");
+    let weak = Arc::downgrade(&consensus);
     let control = Controller {
         shared: shared.clone(),
         consensus,
@@ -1371,6 +1397,7 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         raft_addr,
         stopper,
         shared,
+        consensus: weak,
         thread,
     })
 }

@@ -1,0 +1,363 @@
+//! `engine::server` in process: amplification bounds, fail-stop on a storage failure, and no
+//! overlapping blocks among concurrent agents across leader crashes.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use unid_engine::client::{Answer, Client, ClientConfig};
+use unid_engine::server::{Peer, ServerConfig, ServerError, ServerHandle, run};
+use unid_proto::{Codec, ErrorCode, Header, Message, NodeRole, Width, decode};
+
+fn free_port() -> u16 {
+    for _ in 0..100 {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = t.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Starts `n` servers in this process (the first bootstraps the cluster).
+fn cluster(root: &std::path::Path, n: u64) -> Vec<Option<ServerHandle>> {
+    let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+    let peers: Vec<Peer> = (1..=n)
+        .map(|id| {
+            let (udp, raft) = ports[(id - 1) as usize];
+            Peer {
+                id,
+                raft_addr: local(raft).to_string(),
+                udp_addr: local(udp),
+            }
+        })
+        .collect();
+    (1..=n)
+        .map(|id| {
+            let (udp, raft) = ports[(id - 1) as usize];
+            let mut c = ServerConfig::new(id, root.join(format!("s{id}")));
+            c.udp_addr = local(udp);
+            c.raft_addr = local(raft);
+            c.peers = peers.iter().filter(|p| p.id != id).cloned().collect();
+            c.init = id == 1;
+            Some(run(c).expect("server starts"))
+        })
+        .collect()
+}
+
+fn client(servers: &[SocketAddr]) -> Client {
+    Client::new(servers, ClientConfig::default()).unwrap()
+}
+
+fn create(c: &mut Client, name: &str, width: Width) {
+    let msg = Message::SequenceCreate {
+        name,
+        width,
+        start: 1,
+    };
+    let ok = c
+        .call(0, &msg, |f, _| match f.message {
+            Message::SequenceInfo { .. } => Some(Answer::Done(true)),
+            Message::Error {
+                code: ErrorCode::AlreadyExists,
+                ..
+            } => Some(Answer::Done(true)),
+            Message::Error { .. } => Some(Answer::Retry),
+            _ => None,
+        })
+        .unwrap();
+    assert!(ok);
+}
+
+fn hello(c: &mut Client, name: &str) -> u64 {
+    let msg = Message::Hello {
+        role: NodeRole::Agent,
+        incarnation: 7,
+        name,
+        listen: None,
+        backup_of: None,
+    };
+    c.call(0, &msg, |f, _| match f.message {
+        Message::Welcome { node_id, .. } => Some(Answer::Done(node_id)),
+        Message::Error { .. } => Some(Answer::Retry),
+        _ => None,
+    })
+    .unwrap()
+}
+
+enum Got {
+    Block(u128, u64),
+    Unregistered,
+    Failed,
+}
+
+fn request(c: &mut Client, node: u64, sequence: &str, count: u64) -> Got {
+    let msg = Message::BlockRequest { sequence, count };
+    c.call(node, &msg, |f, _| match f.message {
+        Message::BlockGrant { block, .. } => {
+            Some(Answer::Done(Got::Block(block.first(), block.count())))
+        }
+        Message::Error {
+            code: ErrorCode::NotRegistered,
+            ..
+        } => Some(Answer::Done(Got::Unregistered)),
+        Message::Error {
+            code: ErrorCode::NotReady,
+            ..
+        } => Some(Answer::Retry),
+        Message::Error { .. } => Some(Answer::Done(Got::Failed)),
+        _ => None,
+    })
+    .unwrap_or(Got::Failed)
+}
+
+#[test]
+fn answers_to_unregistered_senders_are_never_larger_than_the_request() {
+    let root = tempfile::tempdir().unwrap();
+    let servers = cluster(root.path(), 1);
+    let s = servers[0].as_ref().unwrap();
+    let addr = s.udp_addr();
+    let mut c = client(&[addr]);
+    create(&mut c, "amp", Width::W8);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.is_granting() {
+        assert!(Instant::now() < deadline, "never granting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut codec = Codec::new();
+    let mut buf = [0u8; 1500];
+    let mut ask = |sender: u64, seq: u64, msg: &Message<'_>| -> (usize, Option<Vec<u8>>) {
+        let mut out = [0u8; 1200];
+        let h = Header {
+            sender,
+            seq,
+            reply_to: 0,
+            epoch: 0,
+        };
+        let n = codec.encode(&h, msg, None, &mut out).unwrap();
+        sock.send_to(&out[..n], addr).unwrap();
+        match sock.recv_from(&mut buf) {
+            Ok((m, _)) => (n, Some(buf[..m].to_vec())),
+            Err(_) => (n, None),
+        }
+    };
+    // The shortest Hello there is: the Welcome must still fit in it.
+    let hello = Message::Hello {
+        role: NodeRole::Agent,
+        incarnation: 1,
+        name: "a",
+        listen: None,
+        backup_of: None,
+    };
+    let (req, _) = ask(0, 1, &hello); // registration goes through Raft; answered later
+    let mut welcome = None;
+    for seq in 2..40 {
+        let (_, r) = ask(0, seq, &hello);
+        if let Some(d) = r {
+            welcome = Some(d);
+            break;
+        }
+    }
+    // The Welcome fits in the Hello: servers are left out (`truncated`) as needed.
+    let d = welcome.expect("a Welcome");
+    assert!(d.len() <= req, "Welcome {} > Hello {req}", d.len());
+    let Message::Welcome { truncated, .. } = decode(&d, None).unwrap().message else {
+        panic!("not a Welcome");
+    };
+    assert!(
+        truncated,
+        "one server's address does not fit a one-letter Hello"
+    );
+    let (req, r) = ask(0, 100, &Message::Ping { sent_us: 1 });
+    let d = r.expect("a Pong");
+    assert!(d.len() <= req, "Pong {} > Ping {req}", d.len());
+    let (req, r) = ask(
+        999,
+        101,
+        &Message::BlockRequest {
+            sequence: "amp",
+            count: 1,
+        },
+    );
+    let d = r.expect("NotRegistered");
+    assert!(d.len() <= req);
+    assert!(matches!(
+        decode(&d, None).unwrap().message,
+        Message::Error {
+            code: ErrorCode::NotRegistered,
+            ..
+        }
+    ));
+    // Garbage is never answered and is counted.
+    let before = s.stats().dropped_malformed;
+    for bad in [&b"x"[..], &[0x55, 0x4e, 1, 5, 0, 0][..], &[0u8; 60][..]] {
+        sock.send_to(bad, addr).unwrap();
+    }
+    assert!(sock.recv_from(&mut buf).is_err(), "garbage answered");
+    assert_eq!(s.stats().dropped_malformed, before + 3);
+}
+
+#[test]
+fn a_storage_failure_stops_granting_and_the_server() {
+    let root = tempfile::tempdir().unwrap();
+    let mut servers = cluster(root.path(), 1);
+    let s = servers[0].take().unwrap();
+    let mut c = client(&[s.udp_addr()]);
+    create(&mut c, "disk", Width::W8);
+    let node = hello(&mut c, "disk-agent");
+    let mut end = 0;
+    for _ in 0..5 {
+        let Got::Block(first, count) = request(&mut c, node, "disk", 1000) else {
+            panic!("no grant");
+        };
+        end = first + u128::from(count);
+    }
+    assert!(end > 0);
+    s.inject_storage_fault();
+    // Demand crosses the committed ceiling, so a raise must be written: it fails, Raft stops,
+    // and the server stops granting and exits.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut c = Client::new(
+        &[s.udp_addr()],
+        ClientConfig {
+            deadline_ms: 300,
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap();
+    while s.is_granting() {
+        assert!(
+            Instant::now() < deadline,
+            "still granting after a storage failure"
+        );
+        let _ = request(&mut c, node, "disk", 1 << 20);
+    }
+    match s.wait() {
+        Err(ServerError::ConsensusStopped) => {}
+        other => panic!("expected ConsensusStopped, got {other:?}"),
+    }
+}
+
+#[test]
+fn concurrent_agents_never_get_overlapping_blocks_across_leader_crashes() {
+    let root = tempfile::tempdir().unwrap();
+    let mut servers = cluster(root.path(), 3);
+    let addrs: Vec<SocketAddr> = servers
+        .iter()
+        .map(|s| s.as_ref().unwrap().udp_addr())
+        .collect();
+    let mut admin = client(&addrs);
+    create(&mut admin, "busy", Width::W4);
+
+    let blocks: Arc<Mutex<Vec<(u128, u64)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..3)
+        .map(|i| {
+            let (blocks, stop, addrs) = (blocks.clone(), stop.clone(), addrs.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::new(
+                    &addrs,
+                    ClientConfig {
+                        deadline_ms: 2_000,
+                        attempt_ms: 150,
+                        ..ClientConfig::default()
+                    },
+                )
+                .unwrap();
+                let name = format!("agent-{i}");
+                let mut node = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if node == 0 {
+                        let msg = Message::Hello {
+                            role: NodeRole::Agent,
+                            incarnation: 1,
+                            name: &name,
+                            listen: None,
+                            backup_of: None,
+                        };
+                        node = c
+                            .call(0, &msg, |f, _| match f.message {
+                                Message::Welcome { node_id, .. } => Some(Answer::Done(node_id)),
+                                Message::Error { .. } => Some(Answer::Retry),
+                                _ => None,
+                            })
+                            .unwrap_or(0);
+                        continue;
+                    }
+                    match request(&mut c, node, "busy", 50 + i * 13) {
+                        Got::Block(first, count) => blocks.lock().unwrap().push((first, count)),
+                        Got::Unregistered => node = 0,
+                        Got::Failed => {}
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let leader_of = |servers: &Vec<Option<ServerHandle>>| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(i) = servers
+                .iter()
+                .position(|s| s.as_ref().is_some_and(|s| s.is_granting()))
+            {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "no leader grants");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // The leader crashes (no handoff) while three agents ask for blocks.
+    let count_before = |b: &Arc<Mutex<Vec<(u128, u64)>>>| b.lock().unwrap().len();
+    let l = leader_of(&servers);
+    let wait_grants = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while count_before(&blocks) < n {
+            assert!(
+                Instant::now() < deadline,
+                "grants stalled at {}",
+                count_before(&blocks)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_grants(50);
+    let crashed = servers[l].take().unwrap();
+    crashed.stopper().stop_abruptly();
+    crashed.wait().unwrap();
+    let seen = count_before(&blocks);
+    let _ = leader_of(&servers);
+    wait_grants(seen + 50);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let mut all = blocks.lock().unwrap().clone();
+    assert!(all.len() >= 100, "{} blocks", all.len());
+    all.sort();
+    let mut by_first = BTreeMap::new();
+    for w in all.windows(2) {
+        assert!(
+            w[0].0 + u128::from(w[0].1) <= w[1].0,
+            "overlapping blocks {:?} and {:?}",
+            w[0],
+            w[1]
+        );
+    }
+    for b in &all {
+        assert!(by_first.insert(b.0, b.1).is_none());
+    }
+    for s in servers.into_iter().flatten() {
+        s.shutdown().unwrap();
+    }
+}
