@@ -557,10 +557,15 @@ impl Driver {
     fn drain_events(&mut self, now: u64) {
         while let Some(event) = self.link.requester.poll_event() {
             match event {
-                Event::Completed { seq, payload, .. } => {
+                Event::Completed {
+                    seq, payload, from, ..
+                } => {
                     let Some((req, sent_us)) = self.link.take(seq) else {
                         continue;
                     };
+                    if let Answer::Grant { first, count, .. } = &payload {
+                        tracing::debug!(%from, first = %first, count, "grant");
+                    }
                     self.on_answer(now, req, sent_us, payload);
                 }
                 Event::Failed { seq, error } => {

@@ -319,6 +319,8 @@ fn restart_never_repeats_ids_and_reregisters() {
         for _ in 0..2000 {
             got.push(ids.next().unwrap().get());
         }
+        // The status snapshot trails the driver by up to 20 ms.
+        wait_until("status", 1000, || agent.status().node_id != 0);
         nodes.push(agent.status().node_id);
         agent.stop();
         // The stopped agent's ring is closed: a handle drains what was
