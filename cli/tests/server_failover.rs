@@ -48,6 +48,7 @@ fn three_servers_redirect_fail_over_after_kill9_and_rejoin() {
     let granted_end = blocks.iter().map(|b| b.0 + b.1 as u128).max().unwrap();
 
     // kill -9 the leader: the survivors elect a new one, whose grants are all above.
+    let killed = std::time::Instant::now();
     servers[li].kill9();
     let survivors: Vec<_> = servers
         .iter()
@@ -57,8 +58,12 @@ fn three_servers_redirect_fail_over_after_kill9_and_rejoin() {
     let (new_leader, _) = wait_leader(&survivors, Some(leader), Duration::from_secs(20));
     let nl = servers[(new_leader - 1) as usize].udp;
     // The agent keeps its id: the new leader knows it from the replicated node table.
-    let mut after = Vec::new();
-    for _ in 0..10 {
+    let mut after = vec![agent.grant(nl, "orders", 1000, Duration::from_secs(10))];
+    eprintln!(
+        "first grant from the new leader {:?} after kill -9",
+        killed.elapsed()
+    );
+    for _ in 0..9 {
         after.push(agent.grant(nl, "orders", 1000, Duration::from_secs(10)));
     }
     for b in &after {
