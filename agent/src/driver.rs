@@ -77,7 +77,9 @@ impl Link {
                 Some(seq)
             }
             Err(e) => {
-                tracing::warn!("cannot queue a request: {e}");
+                // Bounded by `requests_max` (validated to cover every
+                // sequence); retried on the next tick.
+                tracing::debug!("cannot queue a request: {e}");
                 None
             }
         }
@@ -92,7 +94,16 @@ impl Link {
     /// Rebuilds the requester with `leader` first and every known server,
     /// re-sending what was outstanding under new seqs (the old seqs' answers
     /// are then dropped as unknown: at most ids lost, never repeated).
-    fn switch(&mut self, now_us: u64, leader: SocketAddr, learned: &[SocketAddr]) -> bool {
+    ///
+    /// Returns false if nothing changed; requests that could not be re-sent
+    /// are put in `dropped`.
+    fn switch(
+        &mut self,
+        now_us: u64,
+        leader: SocketAddr,
+        learned: &[SocketAddr],
+        dropped: &mut Vec<Req>,
+    ) -> bool {
         let mut servers = vec![leader];
         for a in self.servers.iter().chain(learned) {
             if !servers.contains(a) && servers.len() < self.config.servers_max {
@@ -111,11 +122,14 @@ impl Link {
         self.servers = servers;
         let pending = std::mem::take(&mut self.inflight);
         for (_, req, sent) in pending {
-            if let Some(seq) = self.send(now_us, req) {
-                // Keep the original send time for the refill latency.
-                if let Some(entry) = self.inflight.iter_mut().find(|e| e.0 == seq) {
-                    entry.2 = sent;
+            match self.send(now_us, req.clone()) {
+                Some(seq) => {
+                    // Keep the original send time for the refill latency.
+                    if let Some(entry) = self.inflight.iter_mut().find(|e| e.0 == seq) {
+                        entry.2 = sent;
+                    }
                 }
+                None => dropped.push(req),
             }
         }
         true
@@ -471,9 +485,11 @@ impl Driver {
                 let learned: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
                 if leader != self.link.requester.leader() || !learned.is_empty() {
                     tracing::info!(%leader, epoch, "leader change: switching now");
-                    if self.link.switch(now, leader, &learned) {
+                    let mut dropped = Vec::new();
+                    if self.link.switch(now, leader, &learned, &mut dropped) {
                         Metrics::add(&metrics.leader_changes, 1);
                     }
+                    dropped.iter().for_each(|r| self.forget(r));
                 }
                 self.transmit(now);
                 return;
@@ -514,9 +530,11 @@ impl Driver {
                     // A leader we did not know: switch to it directly.
                     self.link.highest_epoch = epoch;
                     tracing::info!(leader = %l, "redirected to a server not configured");
-                    if self.link.switch(now, l, &learned) {
+                    let mut dropped = Vec::new();
+                    if self.link.switch(now, l, &learned, &mut dropped) {
                         Metrics::add(&metrics.redirects, 1);
                     }
+                    dropped.iter().for_each(|r| self.forget(r));
                     self.transmit(now);
                     return;
                 }
@@ -550,7 +568,9 @@ impl Driver {
     /// Adds servers a server told us about (bounded), keeping the current leader.
     fn learn(&mut self, now: u64, from: SocketAddr, learned: &[SocketAddr]) {
         if learned.iter().any(|a| !self.link.servers.contains(a)) {
-            self.link.switch(now, from, learned);
+            let mut dropped = Vec::new();
+            self.link.switch(now, from, learned, &mut dropped);
+            dropped.iter().for_each(|r| self.forget(r));
         }
     }
 

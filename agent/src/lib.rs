@@ -155,6 +155,8 @@ impl AgentConfig {
             blocks_ahead: 2,
             requester: RequesterConfig {
                 servers_max: unid_core::requester::SERVERS_MAX_LIMIT,
+                // A block request per sequence, a Hello and a Ping.
+                requests_max: SEQUENCES_MAX + 2,
                 ..RequesterConfig::DEFAULT
             },
             key: None,
@@ -183,6 +185,12 @@ impl AgentConfig {
         }
         if self.sequences.is_empty() || self.sequences.len() > SEQUENCES_MAX {
             return bad("sequences", "must hold 1 to 64 names");
+        }
+        if self.requester.requests_max < self.sequences.len() + 2 {
+            return bad(
+                "requester.requests_max",
+                "must be at least the number of sequences + 2 (Hello, Ping)",
+            );
         }
         if self
             .sequences
@@ -336,6 +344,114 @@ impl Metrics {
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
+
+    /// The counters and `status`'s gauges in the Prometheus text format
+    /// (served by the socket's `METRICS` and `GET /metrics`).
+    pub fn prometheus(&self, status: &Status) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let counters: [(&str, &AtomicU64, &str); 17] = [
+            ("grants_total", &self.grants, "block grants accepted"),
+            (
+                "ids_granted_total",
+                &self.ids_granted,
+                "ids in accepted grants",
+            ),
+            (
+                "grants_rejected_total",
+                &self.grants_rejected,
+                "grants dropped (not increasing, wrong width or sequence)",
+            ),
+            (
+                "block_requests_total",
+                &self.block_requests,
+                "block requests sent",
+            ),
+            ("retransmits_total", &self.retransmits, "retransmissions"),
+            ("redirects_total", &self.redirects, "redirects followed"),
+            (
+                "leader_changes_total",
+                &self.leader_changes,
+                "LeaderChange messages acted on",
+            ),
+            (
+                "send_errors_total",
+                &self.send_errors,
+                "datagrams the OS refused to send",
+            ),
+            (
+                "datagrams_dropped_total",
+                &self.datagrams_dropped,
+                "datagrams dropped",
+            ),
+            (
+                "requests_failed_total",
+                &self.requests_failed,
+                "requests given up",
+            ),
+            ("registrations_total", &self.registrations, "registrations"),
+            (
+                "refill_latency_us_last",
+                &self.refill_latency_us_last,
+                "last refill latency in microseconds",
+            ),
+            (
+                "refill_latency_us_max",
+                &self.refill_latency_us_max,
+                "largest refill latency in microseconds",
+            ),
+            (
+                "ring_empty_total",
+                &self.ring_empty_events,
+                "rings found empty",
+            ),
+            (
+                "socket_ids_total",
+                &self.socket_ids,
+                "ids handed out on the socket",
+            ),
+            (
+                "socket_refused_total",
+                &self.socket_refused,
+                "socket connections refused",
+            ),
+            (
+                "socket_errors_total",
+                &self.socket_errors,
+                "socket requests answered with ERR",
+            ),
+        ];
+        for (name, value, help) in counters {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            let _ = writeln!(out, "# HELP unid_agent_{name} {help}");
+            let _ = writeln!(out, "# TYPE unid_agent_{name} {kind}");
+            let _ = writeln!(out, "unid_agent_{name} {}", value.load(Ordering::Relaxed));
+        }
+        let connected = u8::from(status.connection == Connection::Connected);
+        let _ = writeln!(out, "# TYPE unid_agent_connected gauge");
+        let _ = writeln!(out, "unid_agent_connected {connected}");
+        let _ = writeln!(out, "# TYPE unid_agent_ring_ids gauge");
+        for s in &status.sequences {
+            let _ = writeln!(
+                out,
+                "unid_agent_ring_ids{{sequence=\"{}\"}} {}",
+                s.name, s.ring_ids
+            );
+        }
+        let _ = writeln!(out, "# TYPE unid_agent_rate_ids_per_second gauge");
+        for s in &status.sequences {
+            let _ = writeln!(
+                out,
+                "unid_agent_rate_ids_per_second{{sequence=\"{}\"}} {:.1}",
+                s.name, s.rate_ids_per_s
+            );
+        }
+        out
+    }
 }
 
 /// State shared by the agent's threads and its handle.
@@ -372,6 +488,11 @@ impl AgentHandle {
     /// The counters.
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// [`Metrics::prometheus`] with the current status.
+    pub fn prometheus(&self) -> String {
+        self.shared.metrics.prometheus(&self.shared.status())
     }
 
     /// The address the localhost socket listens on (the real port when the

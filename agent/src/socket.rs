@@ -134,6 +134,8 @@ fn serve(ctx: &Ctx, mut stream: TcpStream) {
     let mut buf = [0u8; 512];
     let mut last_active = Instant::now();
     let mut out = String::new();
+    // After `GET /metrics HTTP/1.x`: skip header lines until the blank one.
+    let mut http = false;
     loop {
         if ctx.shared.stop.load(Ordering::Acquire) {
             return;
@@ -165,7 +167,28 @@ fn serve(ctx: &Ctx, mut stream: TcpStream) {
                 continue;
             }
             out.clear();
-            let keep = answer(ctx, &line, &mut out);
+            if http {
+                let blank = line.iter().all(|b| b.is_ascii_whitespace());
+                line.clear();
+                if blank {
+                    let body = ctx.shared.metrics.prometheus(&ctx.shared.status());
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    return;
+                }
+                continue;
+            }
+            let keep = match answer(ctx, &line, &mut out) {
+                Then::Continue => true,
+                Then::Close => false,
+                Then::Http => {
+                    http = true;
+                    true
+                }
+            };
             line.clear();
             if stream.write_all(out.as_bytes()).is_err() || !keep {
                 return;
@@ -174,13 +197,21 @@ fn serve(ctx: &Ctx, mut stream: TcpStream) {
     }
 }
 
-/// Answers one request line into `out`; false closes the connection.
-fn answer(ctx: &Ctx, line: &[u8], out: &mut String) -> bool {
+/// What to do after a request line.
+enum Then {
+    Continue,
+    Close,
+    /// An HTTP `GET /metrics`: read the headers, then answer.
+    Http,
+}
+
+/// Answers one request line into `out`.
+fn answer(ctx: &Ctx, line: &[u8], out: &mut String) -> Then {
     use std::fmt::Write as _;
     let mut err = |code: &str, text: &str| {
         Metrics::add(&ctx.shared.metrics.socket_errors, 1);
         let _ = writeln!(out, "ERR {code} {text}");
-        true
+        Then::Continue
     };
     let Ok(text) = std::str::from_utf8(line) else {
         return err("BAD_REQUEST", "request is not UTF-8");
@@ -195,15 +226,24 @@ fn answer(ctx: &Ctx, line: &[u8], out: &mut String) -> bool {
     let args: Vec<&str> = words.by_ref().take(3).collect();
     if command.eq_ignore_ascii_case("PING") && args.is_empty() {
         out.push_str("PONG\n");
-        return true;
+        return Then::Continue;
     }
     if command.eq_ignore_ascii_case("QUIT") && args.is_empty() {
-        return false;
+        return Then::Close;
+    }
+    if command == "GET" && args.first() == Some(&"/metrics") {
+        return Then::Http;
+    }
+    if command.eq_ignore_ascii_case("METRICS") && args.is_empty() {
+        let text = ctx.shared.metrics.prometheus(&ctx.shared.status());
+        let _ = writeln!(out, "OK {}", text.lines().count());
+        out.push_str(&text);
+        return Then::Continue;
     }
     if !command.eq_ignore_ascii_case("NEXT") {
         return err(
             "BAD_REQUEST",
-            "unknown command; use PING, NEXT <sequence> [<n>] or QUIT",
+            "unknown command; use PING, NEXT <sequence> [<n>], METRICS or QUIT",
         );
     }
     let (sequence, n) = match args.as_slice() {
@@ -236,7 +276,7 @@ fn answer(ctx: &Ctx, line: &[u8], out: &mut String) -> bool {
             for id in ids {
                 let _ = writeln!(out, "{id}");
             }
-            true
+            Then::Continue
         }
         Err((code, text)) => err(code, &text),
     }
@@ -289,9 +329,14 @@ fn take(ctx: &Ctx, index: usize, n: u64) -> Result<(u8, Vec<u128>), (&'static st
                 if !ids.is_empty() {
                     break;
                 }
-                if ctx.shared.stop.load(Ordering::Acquire) || Instant::now() >= deadline {
+                if ctx.shared.stop.load(Ordering::Acquire) {
                     return Err(("NOT_READY", "the agent is stopping".to_owned()));
                 }
+                if Instant::now() >= deadline {
+                    return Err(not_ready(ctx, index));
+                }
+                // An earlier run's ring, not yet replaced: wait for ours.
+                std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => return Err(("INTERNAL", format!("ring: {e}"))),
         }

@@ -165,6 +165,26 @@ fn ring_and_socket_hand_out_unique_increasing_ids() {
     assert_eq!(st.connection, Connection::Connected);
     assert!(st.node_id != 0);
     assert_eq!(st.sequences[0].state, SequenceState::Serving);
+    // Metrics: on the line protocol and as HTTP for Prometheus.
+    let mut conn = connect(&agent);
+    conn.get_mut().write_all(b"METRICS\n").unwrap();
+    let mut head = String::new();
+    conn.read_line(&mut head).unwrap();
+    let k: usize = head.trim_end().strip_prefix("OK ").unwrap().parse().unwrap();
+    let lines: Vec<String> = (0..k)
+        .map(|_| {
+            let mut l = String::new();
+            conn.read_line(&mut l).unwrap();
+            l
+        })
+        .collect();
+    assert!(lines.iter().any(|l| l.starts_with("unid_agent_grants_total ")));
+    let mut http = TcpStream::connect(agent.socket_addr().unwrap()).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut http, &mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.0 200 OK\r\n"), "{body}");
+    assert!(body.contains("unid_agent_ring_ids{sequence=\"orders\"}"), "{body}");
 }
 
 #[test]
