@@ -11,6 +11,10 @@
 //!   same address, and drives a user [`shard::Handler`] — the place where `unid-core`'s state
 //!   machines are plugged in later. Handlers see datagrams, peer errors, cross-thread messages and
 //!   timeouts, with the time passed in as `now_us` ([`now_us`]); they never touch a socket.
+//! - [`server`] is the unid server process: shards whose handler grants blocks from
+//!   `unid-core`'s allocator, and a control task on a tokio thread driving `unid-consensus`
+//!   (leader tracking, ceiling raises, registrations, graceful handoff, fail-stop).
+//! - [`client`] is a small blocking UDP client of servers, for operator tools and tests.
 //!
 //! # Why `recvmmsg` after io_uring readiness, not one io_uring op per datagram
 //! glommio's `UdpSocket` offers one receive or send per datagram — first tried as a plain

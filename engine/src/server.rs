@@ -1537,9 +1537,19 @@ impl Controller {
         }
     }
 
+    /// Reads the ready ceilings and installs the allocator. Retries (each try bounded by the
+    /// write timeout) for as long as this server still warms up in `term`: the leader watch
+    /// ends the loop when the term ends.
     async fn become_leader(self: Arc<Self>, term: u64) {
         let id = self.shared.id;
-        for attempt in 0..20u32 {
+        for attempt in 0u64.. {
+            if attempt == 20 {
+                tracing::warn!(
+                    id,
+                    term,
+                    "leadership not confirmed after 20 tries; still trying"
+                );
+            }
             let still = {
                 let core = self.shared.core();
                 core.phase == Phase::Warming && core.term == term
@@ -1589,11 +1599,6 @@ impl Controller {
                 }
             }
         }
-        tracing::warn!(
-            id,
-            term,
-            "could not confirm leadership; not granting in this term"
-        );
     }
 
     /// Installs a new leader's allocator if this server still warms up in `term`; takes the
@@ -2004,5 +2009,103 @@ impl Controller {
         }
         // Let the shard flush them before it is told to stop.
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn len(msg: &Message<'_>) -> usize {
+        let mut buf = [0u8; DATAGRAM_BYTES_MAX];
+        let h = Header {
+            sender: 1 << 32,
+            seq: u64::MAX,
+            reply_to: u64::MAX,
+            epoch: u64::MAX,
+        };
+        Codec::new().encode(&h, msg, None, &mut buf).unwrap()
+    }
+
+    fn hello(name: &str) -> usize {
+        len(&Message::Hello {
+            role: NodeRole::Agent,
+            incarnation: 1,
+            name,
+            listen: None,
+            backup_of: None,
+        })
+    }
+
+    /// What the no-amplification rule lets through to unregistered senders (the numbers the
+    /// agent's authors need).
+    #[test]
+    fn small_answers_fit_the_smallest_requests() {
+        let leader: SocketAddr = "255.255.255.255:65535".parse().unwrap();
+        let one = [Server {
+            id: 1,
+            addr: leader,
+        }];
+        // A Pong to an unregistered sender (lease 0) fits its Ping; NotRegistered any
+        // BlockRequest; a Welcome without servers any Hello.
+        for t in [0, 1, u64::MAX] {
+            let pong = len(&Message::Pong {
+                echo_us: t,
+                lease_ms: 0,
+            });
+            assert!(pong <= len(&Message::Ping { sent_us: t }));
+        }
+        let not_registered = len(&Message::Error {
+            code: ErrorCode::NotRegistered,
+            sequence: None,
+            retry_after_ms: 0,
+            text: "",
+        });
+        assert!(
+            not_registered
+                <= len(&Message::BlockRequest {
+                    sequence: "a",
+                    count: 1
+                })
+        );
+        let welcome = |servers: &[Server]| {
+            len(&Message::Welcome {
+                node_id: u64::MAX,
+                lease_ms: u32::MAX,
+                servers: List::new(servers),
+                truncated: true,
+            })
+        };
+        assert!(welcome(&[]) <= hello("a"));
+        // A NotLeader naming an IPv4 leader needs a Hello with a name of about 9 to 12 bytes or
+        // more (FlatBuffers pads); a Welcome carrying one IPv4 server, about 40.
+        let not_leader = len(&Message::NotLeader {
+            leader_id: u64::MAX,
+            leader: Some(leader),
+            servers: List::empty(),
+            truncated: true,
+        });
+        let fits = (1..=64)
+            .find(|n| not_leader <= hello(&"x".repeat(*n)))
+            .unwrap();
+        assert!(fits <= 12, "a NotLeader needs a Hello name of {fits} bytes");
+        assert!(not_leader <= hello("a-short-host"));
+        assert!(welcome(&one) <= hello(&"x".repeat(40)));
+    }
+
+    #[test]
+    fn buckets_refill_at_their_rate_up_to_the_burst() {
+        let mut b = Bucket {
+            tokens: 2.0,
+            at_us: 0,
+        };
+        assert!(b.take(0, 10.0, 2.0));
+        assert!(b.take(0, 10.0, 2.0));
+        assert!(!b.take(0, 10.0, 2.0));
+        assert!(!b.take(50_000, 10.0, 2.0), "half a token after 50 ms");
+        assert!(b.take(100_000, 10.0, 2.0));
+        assert!(b.take(10_000_000, 10.0, 2.0));
+        assert!(b.take(10_000_000, 10.0, 2.0));
+        assert!(!b.take(10_000_000, 10.0, 2.0), "never more than the burst");
     }
 }
