@@ -296,7 +296,7 @@ impl Unid {
                 unid.source = Source::Ring(c);
             }
             Err(Error::AgentNotRunning { .. }) if unid.options.socket_fallback => {
-                unid.socket.ping().map_err(|e| unid.not_running(e))?;
+                unid.socket.ping().map_err(|_| unid.not_running())?;
             }
             Err(e) => return Err(e),
         }
@@ -420,26 +420,34 @@ impl Unid {
                         self.source = Source::Ring(c);
                         self.take_ring_or_socket(max, true)
                     }
-                    Err(_) => self.diagnose(max),
+                    Err(_) => self.diagnose(max, false),
                 }
             }
-            Err(RingError::Closed | RingError::AgentDead { .. } | RingError::TimedOut) => {
-                self.diagnose(max)
-            }
+            Err(RingError::Closed | RingError::AgentDead { .. }) => self.diagnose(max, false),
+            Err(RingError::TimedOut) => self.diagnose(max, true),
             Err(e) => Err(Error::Ring(e)),
         }
     }
 
     /// The ring gave nothing: ask the socket (it knows why, and may have
-    /// ids after all), else say the agent is gone.
-    fn diagnose(&mut self, max: u64) -> Result<(u128, u64, Width), Error> {
+    /// ids after all), else say what the ring said: empty with a live agent
+    /// (`agent_alive`) or no agent.
+    fn diagnose(&mut self, max: u64, agent_alive: bool) -> Result<(u128, u64, Width), Error> {
+        let empty = Error::NotReady {
+            sequence: self.sequence.clone(),
+            detail: format!("the ring stayed empty for {:?}", self.options.wait),
+        };
         if !self.options.socket_fallback {
-            return Err(Error::NotReady {
-                sequence: self.sequence.clone(),
-                detail: format!("the ring stayed empty for {:?}", self.options.wait),
+            return Err(if agent_alive {
+                empty
+            } else {
+                self.not_running()
             });
         }
-        self.take_socket(max)
+        match self.take_socket(max) {
+            Err(Error::AgentNotRunning { .. }) if agent_alive => Err(empty),
+            other => other,
+        }
     }
 
     fn take_socket(&mut self, max: u64) -> Result<(u128, u64, Width), Error> {
@@ -450,7 +458,7 @@ impl Unid {
                 self.buffered.extend(ids);
                 Ok(self.take_buffered(first, max, width))
             }
-            Err(socket::Failure::Refused(e)) => Err(self.not_running(e)),
+            Err(socket::Failure::Refused(_)) => Err(self.not_running()),
             Err(socket::Failure::Agent { code, text }) => Err(match code.as_str() {
                 "UNKNOWN_SEQUENCE" => Error::UnknownSequence {
                     sequence: self.sequence.clone(),
@@ -476,7 +484,7 @@ impl Unid {
         }
     }
 
-    fn not_running(&self, _cause: std::io::Error) -> Error {
+    fn not_running(&self) -> Error {
         Error::AgentNotRunning {
             sequence: self.sequence.clone(),
             ring_dir: self.options.ring_dir.clone(),
