@@ -39,6 +39,11 @@ mod tests {
         assert!(format!("{err}").contains("lease_ms"), "{err}");
         let err = parse::<Example>("listen = \"x\"\n").unwrap_err();
         assert!(format!("{err}").contains("lease_ms"), "{err}");
-        assert_eq!(parse::<Example>("listen = \"x\"\nlease_ms = 5\n").unwrap().lease_ms, 5);
+        assert_eq!(
+            parse::<Example>("listen = \"x\"\nlease_ms = 5\n")
+                .unwrap()
+                .lease_ms,
+            5
+        );
     }
 }

@@ -4,8 +4,9 @@
 //! binary (`unid server …`, `unid agent …`) on 127.0.0.1, creates the
 //! `default` sequence, shows the first ids, prints how to get more, and runs
 //! until Ctrl-C (SIGINT) or SIGTERM. Then it stops every child (SIGTERM, then
-//! SIGKILL after a grace period) and removes the temporary folder holding the
-//! servers' data and the children's logs.
+//! SIGKILL after a grace period) and removes what it made: the temporary
+//! folder holding the servers' data and the children's logs, and the ring
+//! file of the `default` sequence.
 //!
 //! Ports: server `i` (from 0) listens for UDP on `base_port + i` and for Raft
 //! on `base_port + 100 + i`; with the defaults server 0 is on 7400, where
@@ -14,6 +15,7 @@
 
 use anyhow::{Context as _, bail};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -66,6 +68,8 @@ struct Managed {
 /// Everything `unid dev` started; stopping it is idempotent.
 struct Cluster {
     work_dir: PathBuf,
+    /// Ring files the agent created for us, removed once it has stopped.
+    rings: Vec<PathBuf>,
     children: Vec<Managed>,
 }
 
@@ -73,7 +77,10 @@ impl Cluster {
     fn spawn(&mut self, name: &str, args: &[String], verbose: bool) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("finding the unid executable")?;
         let mut cmd = Command::new(&exe);
-        cmd.args(args).stdin(Stdio::null());
+        // Its own process group: Ctrl-C in a terminal signals the whole
+        // foreground group, and the children must be stopped by us, in order,
+        // not race us to exit.
+        cmd.args(args).stdin(Stdio::null()).process_group(0);
         let log = if verbose {
             None
         } else {
@@ -133,6 +140,13 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
+        for ring in &self.rings {
+            match std::fs::remove_file(ring) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => eprintln!("unid dev: could not remove {}: {e}", ring.display()),
+            }
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.work_dir) {
             eprintln!(
                 "unid dev: could not remove {}: {e}",
@@ -202,8 +216,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !matches!(args.width, 2 | 4 | 8 | 16) {
         bail!("--width must be 2, 4, 8 or 16, not {}", args.width);
     }
-    if args.base_port.checked_add(100 + u16::from(SERVERS_MAX)).is_none() {
-        bail!("--base-port {} leaves no room for the Raft ports", args.base_port);
+    if args
+        .base_port
+        .checked_add(100 + u16::from(SERVERS_MAX))
+        .is_none()
+    {
+        bail!(
+            "--base-port {} leaves no room for the Raft ports",
+            args.base_port
+        );
     }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -216,6 +237,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", work_dir.display()))?;
     let mut cluster = Cluster {
         work_dir: work_dir.clone(),
+        rings: vec![args.ring_dir.join("default")],
         children: Vec::new(),
     };
 
@@ -298,22 +320,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.servers == 1 { "" } else { "s" },
         work_dir.display()
     );
-    println!("unid dev: the first ids of sequence `default`: {}", ids.join(" "));
+    println!(
+        "unid dev: the first ids of sequence `default`: {}",
+        ids.join(" ")
+    );
     println!("unid dev: in another terminal:");
     println!("    unid next -n 5            # five more ids, one per line");
     println!("    unid status               # servers, leader, agents, sequences");
     println!(
-        "    printf 'NEXT default 3\\n' | nc -q1 {} {}   # any language, over the localhost socket",
+        "    exec 3<>/dev/tcp/{}/{}; echo 'NEXT default 3' >&3; head -n4 <&3   # any language: the localhost socket",
         args.socket.ip(),
         args.socket.port()
     );
-    println!("unid dev: ready. Ctrl-C stops everything and removes {}.", work_dir.display());
+    println!(
+        "unid dev: ready. Ctrl-C stops everything and removes {}.",
+        work_dir.display()
+    );
 
     loop {
-        check_alive(&mut cluster)?;
         if stop.load(Ordering::Relaxed) {
             break;
         }
+        check_alive(&mut cluster)?;
         std::thread::sleep(Duration::from_millis(POLL_MS));
     }
     println!("unid dev: stopping.");
