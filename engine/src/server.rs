@@ -1478,6 +1478,10 @@ impl Controller {
                     if now >= server_refresh_us {
                         server_refresh_us = now + 1_000_000;
                         this.refresh_servers();
+                        if this.own_entry_stale() {
+                            let t = this.clone();
+                            tasks.spawn(async move { t.publish_own_entry().await });
+                        }
                     }
                 }
                 _ = stop_rx.changed() => {
@@ -1662,6 +1666,39 @@ impl Controller {
             }
         }
         self.refresh_servers();
+    }
+
+    /// Whether the node table lacks this server's UDP address while a leader is known (a
+    /// server added at runtime is recorded with its Raft address).
+    fn own_entry_stale(&self) -> bool {
+        let known = {
+            let core = self.shared.core();
+            core.leader.is_some() && core.phase != Phase::Stopped
+        };
+        let id = self.shared.id;
+        let want = self.udp_addr.to_string();
+        known
+            && self.consensus.metrics().voters.contains(&id)
+            && self
+                .consensus
+                .with_state(|s| s.state.nodes.get(&id).is_none_or(|r| r.addr != want))
+    }
+
+    /// Records this server's UDP address in the node table (forwarded to the leader).
+    async fn publish_own_entry(self: Arc<Self>) {
+        let cmd = Command::UpsertServer {
+            id: self.shared.id,
+            addr: self.udp_addr.to_string(),
+        };
+        match self.consensus.write(cmd).await {
+            Ok(_) => {
+                tracing::info!(id = self.shared.id, udp = %self.udp_addr, "recorded this server's UDP address")
+            }
+            Err(e) => tracing::debug!(
+                id = self.shared.id,
+                "recording this server's UDP address: {e}"
+            ),
+        }
     }
 
     /// Server list: the node table's servers, then the configured peers, then this server.
