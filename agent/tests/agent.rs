@@ -170,7 +170,12 @@ fn ring_and_socket_hand_out_unique_increasing_ids() {
     conn.get_mut().write_all(b"METRICS\n").unwrap();
     let mut head = String::new();
     conn.read_line(&mut head).unwrap();
-    let k: usize = head.trim_end().strip_prefix("OK ").unwrap().parse().unwrap();
+    let k: usize = head
+        .trim_end()
+        .strip_prefix("OK ")
+        .unwrap()
+        .parse()
+        .unwrap();
     let lines: Vec<String> = (0..k)
         .map(|_| {
             let mut l = String::new();
@@ -178,13 +183,21 @@ fn ring_and_socket_hand_out_unique_increasing_ids() {
             l
         })
         .collect();
-    assert!(lines.iter().any(|l| l.starts_with("unid_agent_grants_total ")));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("unid_agent_grants_total "))
+    );
     let mut http = TcpStream::connect(agent.socket_addr().unwrap()).unwrap();
-    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut body = String::new();
     std::io::Read::read_to_string(&mut http, &mut body).unwrap();
     assert!(body.starts_with("HTTP/1.0 200 OK\r\n"), "{body}");
-    assert!(body.contains("unid_agent_ring_ids{sequence=\"orders\"}"), "{body}");
+    assert!(
+        body.contains("unid_agent_ring_ids{sequence=\"orders\"}"),
+        "{body}"
+    );
 }
 
 #[test]
@@ -422,4 +435,29 @@ fn cluster_secret_is_used_for_every_datagram() {
     let agent2 = unid_agent::run(c).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(agent2.status().node_id, 0);
+}
+
+#[test]
+fn a_ring_that_cannot_be_created_is_reported_and_harms_nothing_else() {
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(8, &["one"]);
+    let server = cluster.start_server(1).unwrap();
+    let first = unid_agent::run(config(vec![server.addr()], &dir, &["one"])).unwrap();
+    let mut ids = client(&dir, &first, "one");
+    ids.next().unwrap();
+    // A ring folder that cannot be created (a file is in the way). (A ring
+    // served by another live agent process, `InUse`, is covered by the
+    // `agent_processes` test in unid-cli.)
+    let blocked = RingDir::new();
+    std::fs::write(&blocked.0, b"not a folder").unwrap();
+    let second = unid_agent::run(config(vec![server.addr()], &blocked, &["one"])).unwrap();
+    wait_until("ring error", 5000, || {
+        matches!(
+            second.status().sequences[0].state,
+            SequenceState::RingError(_)
+        )
+    });
+    // The first agent is unaffected.
+    ids.take(1000).unwrap();
+    let _ = std::fs::remove_file(&blocked.0);
 }

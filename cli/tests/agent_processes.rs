@@ -16,6 +16,10 @@ struct Agent(Child);
 
 impl Agent {
     fn start(server: SocketAddr, dir: &Path, socket: SocketAddr) -> Agent {
+        Agent::start_logging(server, dir, socket, Stdio::null())
+    }
+
+    fn start_logging(server: SocketAddr, dir: &Path, socket: SocketAddr, log: Stdio) -> Agent {
         let child = Command::new(UNID)
             .args([
                 "agent",
@@ -29,7 +33,7 @@ impl Agent {
             .args(["--socket", &socket.to_string(), "--refill-period-ms", "50"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start unid agent");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -97,13 +101,29 @@ fn ids(out: Output) -> Vec<u128> {
     ids
 }
 
-fn ring_dir(tag: &str) -> PathBuf {
+/// A fresh ring folder under /dev/shm, removed on drop.
+struct RingDir(PathBuf);
+
+impl std::ops::Deref for RingDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RingDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ring_dir(tag: &str) -> RingDir {
     let d = PathBuf::from(format!(
         "/dev/shm/unid-cli-test-{tag}-{}",
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&d);
-    d
+    RingDir(d)
 }
 
 #[test]
@@ -155,7 +175,32 @@ fn two_next_processes_and_restarts_never_repeat() {
                 .any(|(_, f, c)| *id >= *f && *id < f + u128::from(*c))
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_agent_for_the_same_ring_is_refused() {
+    let dir = ring_dir("twice");
+    let cluster = FakeCluster::new(8, &["jobs"]);
+    let server = cluster.start_server(1).unwrap();
+    let socket = free_port();
+    let _first = Agent::start(server.addr(), &dir, socket);
+    let first_ids = ids(next(&dir, socket, 1000).wait_with_output().unwrap());
+    let log_path = dir.with_extension("second.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let _second = Agent::start_logging(server.addr(), &dir, free_port(), log.into());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("another agent") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "second agent log:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first agent's ring still serves, above what it served before.
+    let more = ids(next(&dir, socket, 1000).wait_with_output().unwrap());
+    assert!(more[0] > *first_ids.last().unwrap());
+    let _ = std::fs::remove_file(&log_path);
 }
 
 #[test]
@@ -172,12 +217,11 @@ fn next_uses_the_socket_when_there_is_no_ring() {
     assert!(got.iter().all(|id| *id < u128::from(u32::MAX)));
     let out = Command::new(UNID)
         .args(["next", "nope", "--ring-dir"])
-        .arg(&dir)
+        .arg(&*dir)
         .args(["--socket", &socket.to_string()])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown sequence"), "{err}");
-    let _ = std::fs::remove_dir_all(&agent_dir);
 }
