@@ -477,6 +477,7 @@ impl Driver {
             Metrics::add(&metrics.datagrams_dropped, 1);
             return;
         }
+        let mut learn_after: Vec<SocketAddr> = Vec::new();
         let reply = match frame.message {
             Message::LeaderChange {
                 leader, servers, ..
@@ -500,8 +501,9 @@ impl Driver {
                 servers,
                 ..
             } => {
-                let learned: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-                self.learn(now, from, &learned);
+                // Learned after the Welcome is taken: rebuilding the
+                // requester first would orphan the Hello it answers.
+                learn_after = servers.iter().map(|s| s.addr).collect();
                 Reply::Done(Answer::Welcome { node_id, lease_ms })
             }
             Message::BlockGrant {
@@ -562,6 +564,9 @@ impl Driver {
             self.set_connection(Connection::Connected);
         }
         self.drain_events(now);
+        if !learn_after.is_empty() {
+            self.learn(now, from, &learn_after);
+        }
         self.transmit(now);
     }
 

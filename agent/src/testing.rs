@@ -97,6 +97,11 @@ impl FakeCluster {
         self.lock().granted.clone()
     }
 
+    /// How many `Hello`s were welcomed (node ids handed out).
+    pub fn registrations(&self) -> u64 {
+        self.lock().next_node - 100
+    }
+
     /// The next id the cluster would grant.
     pub fn next_id(&self) -> u128 {
         self.lock().next_id

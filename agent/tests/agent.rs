@@ -461,3 +461,31 @@ fn a_ring_that_cannot_be_created_is_reported_and_harms_nothing_else() {
     ids.take(1000).unwrap();
     let _ = std::fs::remove_file(&blocked.0);
 }
+
+#[test]
+fn learns_servers_from_welcome_without_registering_twice() {
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(8, &["w"]);
+    let leader = cluster.start_server(1).unwrap();
+    let other = cluster.start_server(2).unwrap();
+    // Only the leader is configured; it lists both in Welcome.
+    leader.set_servers(&[(1, leader.addr()), (2, other.addr())]);
+    let agent = unid_agent::run(config(vec![leader.addr()], &dir, &["w"])).unwrap();
+    let mut ids = client(&dir, &agent, "w");
+    ids.take(100).unwrap();
+    assert_eq!(cluster.registrations(), 1);
+    assert_eq!(agent.metrics().registrations.load(Ordering::Relaxed), 1);
+    // The leader dies; the other server (learned, not configured) takes over.
+    leader.kill();
+    let before = other.received();
+    let mut got = Vec::new();
+    for _ in 0..5000 {
+        got.push(ids.next().unwrap().get());
+    }
+    assert!(
+        other.received() > before,
+        "the learned server was never asked"
+    );
+    assert_increasing(&got, "client");
+    assert_unique_and_granted(&[&got], &cluster);
+}
