@@ -7,6 +7,10 @@ use std::path::PathBuf;
 use unid_engine::client::{Answer, Client, ClientConfig};
 use unid_proto::{ErrorCode, Id, Message, Width};
 
+/// How long `sequence create` waits for one server's answer: the server's Raft write timeout
+/// (2 s) and some.
+const CREATE_ATTEMPT_MS: u64 = 2_500;
+
 /// How to reach the cluster (shared by `unid sequence` and `unid status`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClusterArgs {
@@ -24,6 +28,11 @@ pub struct ClusterArgs {
 impl ClusterArgs {
     /// A client of these servers.
     pub fn client(&self) -> anyhow::Result<Client> {
+        self.client_waiting(ClientConfig::default().attempt_ms)
+    }
+
+    /// A client that waits `attempt_ms` for each answer before asking again (elsewhere).
+    pub fn client_waiting(&self, attempt_ms: u64) -> anyhow::Result<Client> {
         let secret = match &self.secret_file {
             Some(path) => {
                 let s = std::fs::read(path)
@@ -33,9 +42,9 @@ impl ClusterArgs {
             None => None,
         };
         let config = ClientConfig {
+            attempt_ms,
             deadline_ms: self.timeout_ms,
             secret,
-            ..ClientConfig::default()
         };
         Ok(Client::new(&self.servers, config)?)
     }
@@ -154,7 +163,10 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             }
             unid_proto::SequenceName::check(&name)
                 .map_err(|e| anyhow::anyhow!("bad sequence name {name:?}: {e}"))?;
-            let mut client = cluster.client()?;
+            // A create is a Raft write (up to 2 s without a quorum): wait for its answer
+            // rather than send it again, which would answer "already exists" if the first
+            // one committed.
+            let mut client = cluster.client_waiting(CREATE_ATTEMPT_MS)?;
             let msg = Message::SequenceCreate {
                 name: &name,
                 width: w,

@@ -361,3 +361,41 @@ fn concurrent_agents_never_get_overlapping_blocks_across_leader_crashes() {
         s.shutdown().unwrap();
     }
 }
+
+#[test]
+fn a_source_over_its_rate_is_limited() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut c = ServerConfig::new(1, root.path().join("s1"));
+    c.udp_addr = local(port);
+    c.raft_addr = local(free_port());
+    c.init = true;
+    c.source_rate_per_s = 5;
+    let s = run(c).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut codec = Codec::new();
+    let mut out = [0u8; 1200];
+    for seq in 1..=50 {
+        let h = Header {
+            sender: 0,
+            seq,
+            reply_to: 0,
+            epoch: 0,
+        };
+        let n = codec
+            .encode(&h, &Message::Ping { sent_us: seq }, None, &mut out)
+            .unwrap();
+        sock.send_to(&out[..n], s.udp_addr()).unwrap();
+    }
+    let mut buf = [0u8; 1500];
+    let mut answers = 0;
+    while sock.recv_from(&mut buf).is_ok() {
+        answers += 1;
+    }
+    // A burst of twice the rate, and a token or so more while the pings went out.
+    assert!((10..=12).contains(&answers), "{answers} answers");
+    assert!(s.stats().dropped_rate >= 38);
+    s.shutdown().unwrap();
+}
