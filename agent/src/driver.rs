@@ -600,11 +600,9 @@ impl Driver {
                     };
                     tracing::debug!("request {seq} ({req:?}) failed: {error}");
                     self.forget(&req);
-                    if self.connection != Connection::Registering || self.node_id != 0 {
-                        self.set_connection(Connection::Unreachable);
-                    } else {
-                        tracing::warn!("no server answers yet: {error}; still trying");
-                    }
+                    // Logged once per change; a never-registered agent
+                    // shows Unreachable with node id 0.
+                    self.set_connection(Connection::Unreachable);
                 }
             }
         }

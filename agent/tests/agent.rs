@@ -489,3 +489,30 @@ fn learns_servers_from_welcome_without_registering_twice() {
     assert_increasing(&got, "client");
     assert_unique_and_granted(&[&got], &cluster);
 }
+
+#[test]
+fn starting_without_a_cluster_says_so_and_recovers() {
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(8, &["late"]);
+    let server = cluster.start_server(1).unwrap();
+    server.set_mode(Mode::Silent);
+    let mut c = config(vec![server.addr()], &dir, &["late"]);
+    c.socket_wait_ms = 100;
+    let agent = unid_agent::run(c).unwrap();
+    wait_until("unreachable", 5000, || {
+        agent.status().connection == Connection::Unreachable
+    });
+    assert_eq!(agent.status().node_id, 0);
+    let mut conn = connect(&agent);
+    let e = socket_next(&mut conn, "late", 5).unwrap_err();
+    assert!(e.starts_with("ERR NOT_READY "), "{e}");
+    server.set_mode(Mode::Leader);
+    wait_until("connected", 10_000, || {
+        agent.status().connection == Connection::Connected
+    });
+    wait_until("ids in the ring", 10_000, || {
+        agent.status().sequences[0].ring_ids >= 5
+    });
+    let got = socket_next(&mut conn, "late", 5).unwrap();
+    assert_eq!(got.len(), 5);
+}
