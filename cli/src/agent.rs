@@ -100,7 +100,8 @@ fn resolve(server: &str) -> anyhow::Result<Vec<SocketAddr>> {
 fn read_secret(path: &Path) -> anyhow::Result<unid_proto::AuthKey> {
     let bytes =
         std::fs::read(path).with_context(|| format!("reading secret file {}", path.display()))?;
-    let trimmed = bytes.trim_ascii_end();
+    // Trimmed at both ends, as `unid server` does: the same file gives the same key.
+    let trimmed = bytes.trim_ascii();
     if trimmed.is_empty() {
         bail!("secret file {} is empty", path.display());
     }

@@ -108,6 +108,25 @@ fn agent_serves_unique_increasing_ids_through_leader_stop_and_kill() {
     };
     round("steady", &mut seen);
 
+    // A second agent that knows only a follower: redirected to the leader,
+    // it learns the others from Welcome; its ids never collide with the
+    // first agent's.
+    let follower = servers.iter().find(|s| s.id != leader).unwrap().udp;
+    let ring_dir2 = root.path().join("rings2");
+    let socket2 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let agent2 = start_agent(
+        &[follower],
+        &ring_dir2,
+        socket2,
+        root.path().join("agent2.log"),
+    );
+    let other = collect(next(&ring_dir2, socket2, 20_000), &agent2);
+    assert_eq!(other.len(), 20_000);
+    for id in &other {
+        assert!(seen.insert(*id), "id {id} served by both agents");
+    }
+    drop(agent2);
+
     // The leader stops cleanly: it tells the agent where to go.
     let li = (leader - 1) as usize;
     let st = servers[li].sigterm(Duration::from_secs(10));
