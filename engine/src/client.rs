@@ -164,7 +164,13 @@ impl Client {
                 .codec
                 .encode(&header, msg, self.key.as_ref(), &mut out)
                 .map_err(|e| ClientError::Encode(e.to_string()))?;
-            if let Err(e) = self.socket.send_to(&out[..len], target) {
+            // Connected, so that a server that is down is reported at once (ICMP port
+            // unreachable reaches only connected UDP sockets) and only its answers arrive.
+            let sent = self
+                .socket
+                .connect(target)
+                .and_then(|()| self.socket.send(&out[..len]));
+            if let Err(e) = sent {
                 last = format!("sending to {target}: {e}");
                 self.next_server(&mut target);
                 std::thread::sleep(Duration::from_millis(50));
@@ -179,8 +185,9 @@ impl Client {
                     break;
                 }
                 let _ = self.socket.set_read_timeout(Some(attempt_end - now));
-                let (n, from) = match self.socket.recv_from(&mut buf) {
-                    Ok(x) => x,
+                let from = target;
+                let n = match self.socket.recv(&mut buf) {
+                    Ok(n) => n,
                     Err(e)
                         if matches!(
                             e.kind(),
@@ -192,6 +199,7 @@ impl Client {
                     // ICMP port unreachable from a server that is down.
                     Err(e) => {
                         last = format!("{target}: {e}");
+                        next = Step::Refused;
                         break;
                     }
                 };
@@ -232,6 +240,10 @@ impl Client {
             match next {
                 Step::Resend => {}
                 Step::Wait => std::thread::sleep(Duration::from_millis(50)),
+                Step::Refused => {
+                    self.next_server(&mut target);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 Step::Timeout => {
                     if last == "nothing sent" || !last.starts_with(&target.to_string()) {
                         last = format!("{target} timed out");
@@ -256,6 +268,7 @@ impl Client {
 #[derive(PartialEq, Eq)]
 enum Step {
     Timeout,
+    Refused,
     Resend,
     Wait,
 }
