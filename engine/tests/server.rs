@@ -399,3 +399,48 @@ fn a_source_over_its_rate_is_limited() {
     assert!(s.stats().dropped_rate >= 38);
     s.shutdown().unwrap();
 }
+
+#[test]
+fn a_silent_agent_is_forgotten_and_pings_keep_it() {
+    let root = tempfile::tempdir().unwrap();
+    let mut c = ServerConfig::new(1, root.path().join("s1"));
+    c.udp_addr = local(free_port());
+    c.raft_addr = local(free_port());
+    c.init = true;
+    c.lease_ms = 300;
+    let s = run(c).unwrap();
+    let mut client = client(&[s.udp_addr()]);
+    create(&mut client, "lease", Width::W8);
+    let kept = hello(&mut client, "kept-agent");
+    let silent = {
+        let mut other = Client::new(&[s.udp_addr()], ClientConfig::default()).unwrap();
+        hello(&mut other, "silent-agent")
+    };
+    assert!(matches!(
+        request(&mut client, kept, "lease", 5),
+        Got::Block(..)
+    ));
+    let pong = |c: &mut Client| {
+        c.call(kept, &Message::Ping { sent_us: 1 }, |f, _| {
+            match f.message {
+                Message::Pong { lease_ms, .. } => Some(Answer::Done(lease_ms)),
+                _ => None,
+            }
+        })
+        .unwrap()
+    };
+    assert_eq!(pong(&mut client), 300);
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(pong(&mut client), 300, "a ping renews the lease");
+    }
+    assert!(matches!(
+        request(&mut client, kept, "lease", 5),
+        Got::Block(..)
+    ));
+    assert!(
+        matches!(request(&mut client, silent, "lease", 5), Got::Unregistered),
+        "silent for 800 ms with a 300 ms lease"
+    );
+    s.shutdown().unwrap();
+}
