@@ -1,0 +1,494 @@
+//! One simulated agent: its own UDP socket (so its own per-source rate bucket on the
+//! server), registration with `Hello`, a window of block requests in flight, retransmits
+//! with the same seq, and the redirects (`NotLeader`, `LeaderChange`, ICMP errors from a
+//! dead server). It records every grant for the checker and every latency.
+
+use std::collections::BTreeMap;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use unid_loadgen::checker::{Grant, Unanswered};
+use unid_proto::{
+    Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, Id, Message, NodeId, NodeRole, decode,
+};
+
+/// Highest latency the histograms hold, in microseconds (larger values are clamped).
+pub const LATENCY_US_MAX: u64 = 120_000_000;
+
+/// Error codes are 1..=9; index 0 counts codes this version does not know.
+pub const ERROR_CODES: usize = 10;
+
+/// Availability thresholds: a request answered within this many microseconds of its first
+/// send.
+pub const AVAILABILITY_US: [u64; 3] = [10_000, 100_000, 1_000_000];
+
+/// State every agent thread shares with `main`.
+pub struct Shared {
+    /// When the run started: every `t_us` is measured from here.
+    pub start: Instant,
+    /// No new request after this.
+    pub stop_issuing_at: Instant,
+    /// Give up on requests still unanswered after this.
+    pub drain_until: Instant,
+    /// Set by `main` to stop everything now.
+    pub abort: AtomicBool,
+    /// `--requests-max` (u64::MAX: none).
+    pub requests_max: u64,
+    /// Requests issued so far (all agents).
+    pub requests: AtomicU64,
+    /// Grants received so far (first answer per request).
+    pub grants: AtomicU64,
+    /// Ids in those grants.
+    pub ids: AtomicU64,
+    /// Errors received.
+    pub errors: AtomicU64,
+    /// Retransmits sent.
+    pub retransmits: AtomicU64,
+}
+
+/// What each agent is told.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The servers' UDP addresses (the first one is asked first).
+    pub servers: Vec<SocketAddr>,
+    /// The sequence.
+    pub sequence: String,
+    /// Ids per block request.
+    pub count: u64,
+    /// Requests in flight per agent.
+    pub window: usize,
+    /// Requests per second for this agent (0: as fast as the window allows).
+    pub rate_per_s: f64,
+    /// First retransmit timeout; doubles per attempt up to [`RTO_MS_MAX`].
+    pub rto_ms: u64,
+}
+
+/// Upper bound of the retransmit timeout.
+pub const RTO_MS_MAX: u64 = 1_000;
+
+/// What an agent recorded.
+pub struct AgentResult {
+    /// Every grant received (a request answered twice appears twice).
+    pub grants: Vec<Grant>,
+    /// Requests with neither a grant nor a final error at the end.
+    pub unanswered: Vec<Unanswered>,
+    /// Latency from first send to the first answer (grant or final error), in µs.
+    pub latency_us: Histogram<u64>,
+    /// Errors received, by code (see [`ERROR_CODES`]).
+    pub errors_by_code: [u64; ERROR_CODES],
+    /// Requests issued.
+    pub requests: u64,
+    /// Requests ended by a final error (not retried).
+    pub failed: u64,
+    /// Requests answered within each of [`AVAILABILITY_US`].
+    pub answered_within: [u64; 3],
+    /// Retransmits.
+    pub retransmits: u64,
+    /// `NotLeader` answers followed.
+    pub redirects: u64,
+    /// `LeaderChange` messages followed.
+    pub leader_changes: u64,
+    /// Times it registered (`Welcome`).
+    pub registrations: u64,
+    /// Socket errors on receive (ICMP unreachable from a dead server, mostly).
+    pub socket_errors: u64,
+    /// Datagrams that did not decode.
+    pub undecodable: u64,
+}
+
+struct Request {
+    first_sent: Instant,
+    retry_at: Instant,
+    attempts: u32,
+    floor: Id,
+}
+
+/// One agent; `run` drives it until the run ends.
+pub struct Agent {
+    index: u32,
+    cfg: AgentConfig,
+    shared: Arc<Shared>,
+    sock: UdpSocket,
+    codec: Codec,
+    target: SocketAddr,
+    target_index: usize,
+    node_id: NodeId,
+    incarnation: u64,
+    seq: u64,
+    hello_seq: u64,
+    hello_due: Instant,
+    hello_attempts: u32,
+    highest_epoch: u64,
+    inflight: BTreeMap<u64, Request>,
+    max_end: Id,
+    last_rotate: Instant,
+    out: AgentResult,
+}
+
+impl Agent {
+    /// A new agent with its own socket on 127.0.0.1.
+    pub fn new(index: u32, cfg: AgentConfig, shared: Arc<Shared>, incarnation: u64) -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind an agent socket on 127.0.0.1");
+        let now = Instant::now();
+        let target = cfg.servers[index as usize % cfg.servers.len()];
+        Agent {
+            index,
+            target,
+            target_index: index as usize % cfg.servers.len(),
+            cfg,
+            shared,
+            sock,
+            codec: Codec::new(),
+            node_id: 0,
+            incarnation,
+            seq: 0,
+            hello_seq: 0,
+            hello_due: now,
+            hello_attempts: 0,
+            highest_epoch: 0,
+            inflight: BTreeMap::new(),
+            max_end: 0,
+            last_rotate: now,
+            out: AgentResult {
+                grants: Vec::new(),
+                unanswered: Vec::new(),
+                latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
+                    .expect("valid histogram bounds"),
+                errors_by_code: [0; ERROR_CODES],
+                requests: 0,
+                failed: 0,
+                answered_within: [0; 3],
+                retransmits: 0,
+                redirects: 0,
+                leader_changes: 0,
+                registrations: 0,
+                socket_errors: 0,
+                undecodable: 0,
+            },
+        }
+    }
+
+    fn t_us(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.shared.start).as_micros() as u64
+    }
+
+    fn send(&mut self, seq: u64, msg: &Message<'_>) {
+        let mut buf = [0u8; DATAGRAM_BYTES_MAX];
+        let header = Header {
+            sender: self.node_id,
+            seq,
+            reply_to: 0,
+            epoch: self.highest_epoch,
+        };
+        if let Ok(n) = self.codec.encode(&header, msg, None, &mut buf) {
+            // A full socket buffer or an ICMP error: the retransmit timer covers it.
+            let _ = self.sock.send_to(&buf[..n], self.target);
+        }
+    }
+
+    fn send_hello(&mut self) {
+        // A long name: a follower's NotLeader must fit in no more bytes than the Hello.
+        let name = format!(
+            "loadgen-agent-{:05}-padded-so-a-not-leader-answer-fits",
+            self.index
+        );
+        let msg = Message::Hello {
+            role: NodeRole::Agent,
+            incarnation: self.incarnation,
+            name: &name,
+            listen: None,
+            backup_of: None,
+        };
+        self.send(self.hello_seq, &msg);
+    }
+
+    fn send_request(&mut self, seq: u64) {
+        let sequence = self.cfg.sequence.clone();
+        let msg = Message::BlockRequest {
+            sequence: &sequence,
+            count: self.cfg.count,
+        };
+        self.send(seq, &msg);
+    }
+
+    fn rto(&self, attempts: u32) -> Duration {
+        let ms = self
+            .cfg
+            .rto_ms
+            .saturating_mul(1u64 << attempts.min(10))
+            .min(RTO_MS_MAX);
+        Duration::from_millis(ms)
+    }
+
+    /// Resend everything in flight at once (after a redirect or a registration).
+    fn retry_all_now(&mut self, now: Instant) {
+        for r in self.inflight.values_mut() {
+            r.retry_at = now;
+        }
+    }
+
+    fn rotate(&mut self, now: Instant) {
+        self.target_index = (self.target_index + 1) % self.cfg.servers.len();
+        self.target = self.cfg.servers[self.target_index];
+        self.last_rotate = now;
+    }
+
+    fn register_again(&mut self, now: Instant) {
+        self.node_id = 0;
+        self.seq += 1;
+        self.hello_seq = self.seq;
+        self.hello_due = now;
+        self.hello_attempts = 0;
+    }
+
+    fn answered(&mut self, seq: u64, now: Instant) -> Option<Request> {
+        let r = self.inflight.remove(&seq)?;
+        let lat = now.saturating_duration_since(r.first_sent).as_micros() as u64;
+        let _ = self.out.latency_us.record(lat.clamp(1, LATENCY_US_MAX));
+        for (i, limit) in AVAILABILITY_US.iter().enumerate() {
+            if lat <= *limit {
+                self.out.answered_within[i] += 1;
+            }
+        }
+        Some(r)
+    }
+
+    fn handle(&mut self, data: &[u8], from: SocketAddr, now: Instant) {
+        let Ok(frame) = decode(data, None) else {
+            self.out.undecodable += 1;
+            return;
+        };
+        let h = frame.header;
+        let stale = h.epoch != 0 && h.epoch < self.highest_epoch;
+        if !stale {
+            self.highest_epoch = self.highest_epoch.max(h.epoch);
+        }
+        match frame.message {
+            Message::BlockGrant { width, block, .. } => {
+                if h.reply_to == 0 || h.reply_to > self.seq || h.reply_to == self.hello_seq {
+                    return;
+                }
+                let floor = match self.answered(h.reply_to, now) {
+                    Some(r) => {
+                        self.shared.grants.fetch_add(1, Ordering::Relaxed);
+                        self.shared.ids.fetch_add(block.count(), Ordering::Relaxed);
+                        r.floor
+                    }
+                    // A second answer to a request already answered: still ids granted to
+                    // this agent, so the checker sees it; its floor is unknown.
+                    None => 0,
+                };
+                self.out.grants.push(Grant {
+                    agent: self.index,
+                    seq: h.reply_to,
+                    first: block.first(),
+                    count: block.count(),
+                    width,
+                    t_us: self.t_us(now),
+                    epoch: h.epoch,
+                    from,
+                    floor,
+                });
+                self.max_end = self.max_end.max(block.end());
+            }
+            Message::Welcome { node_id, .. }
+                if h.reply_to == self.hello_seq && self.node_id == 0 =>
+            {
+                self.node_id = node_id;
+                self.target = from;
+                self.out.registrations += 1;
+                self.retry_all_now(now);
+            }
+            Message::NotLeader { leader, .. } => {
+                if stale {
+                    return;
+                }
+                self.out.redirects += 1;
+                match leader {
+                    Some(l) if l != self.target => self.target = l,
+                    // Unknown leader (an election), or it names the server we asked: wait a
+                    // little, then try the next server.
+                    _ => {
+                        let later = now + Duration::from_millis(20);
+                        if now.duration_since(self.last_rotate) >= Duration::from_millis(20) {
+                            self.rotate(now);
+                        }
+                        for r in self.inflight.values_mut() {
+                            r.retry_at = r.retry_at.min(later);
+                        }
+                        self.hello_due = self.hello_due.min(later);
+                        return;
+                    }
+                }
+                self.retry_all_now(now);
+                self.hello_due = now;
+            }
+            Message::LeaderChange { leader, .. } => {
+                if stale {
+                    return;
+                }
+                self.out.leader_changes += 1;
+                self.target = leader;
+                self.retry_all_now(now);
+                self.hello_due = now;
+            }
+            Message::Error {
+                code,
+                retry_after_ms,
+                ..
+            } => {
+                self.shared.errors.fetch_add(1, Ordering::Relaxed);
+                let slot = code as usize;
+                self.out.errors_by_code[if slot < ERROR_CODES { slot } else { 0 }] += 1;
+                let later = now + Duration::from_millis(u64::from(retry_after_ms.clamp(1, 1_000)));
+                if h.reply_to == self.hello_seq {
+                    self.hello_due = later;
+                    return;
+                }
+                match code {
+                    ErrorCode::NotReady | ErrorCode::RateLimited | ErrorCode::Internal => {
+                        if let Some(r) = self.inflight.get_mut(&h.reply_to) {
+                            r.retry_at = later;
+                        }
+                    }
+                    ErrorCode::NotRegistered => {
+                        if self.node_id != 0 {
+                            self.register_again(now);
+                        }
+                    }
+                    _ => {
+                        if self.answered(h.reply_to, now).is_some() {
+                            self.out.failed += 1;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Runs until the run ends; returns what it recorded.
+    pub fn run(mut self) -> AgentResult {
+        self.register_again(Instant::now());
+        let interval =
+            (self.cfg.rate_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / self.cfg.rate_per_s));
+        let mut next_issue = Instant::now();
+        let mut buf = [0u8; 2048];
+        let mut read_timeout = Duration::ZERO;
+        loop {
+            let now = Instant::now();
+            if self.shared.abort.load(Ordering::Relaxed) || now >= self.shared.drain_until {
+                break;
+            }
+            let issuing = now < self.shared.stop_issuing_at;
+            if !issuing && self.inflight.is_empty() {
+                break;
+            }
+            if self.node_id == 0 {
+                if self.hello_due <= now {
+                    self.hello_attempts += 1;
+                    if self.hello_attempts % 3 == 0 {
+                        self.rotate(now);
+                    }
+                    self.send_hello();
+                    self.hello_due = now + Duration::from_millis(200);
+                }
+            } else {
+                while issuing && self.inflight.len() < self.cfg.window && next_issue <= now {
+                    let n = self.shared.requests.fetch_add(1, Ordering::Relaxed);
+                    if n >= self.shared.requests_max {
+                        break;
+                    }
+                    self.seq += 1;
+                    let seq = self.seq;
+                    self.send_request(seq);
+                    self.out.requests += 1;
+                    self.inflight.insert(
+                        seq,
+                        Request {
+                            first_sent: now,
+                            retry_at: now + self.rto(0),
+                            attempts: 0,
+                            floor: self.max_end,
+                        },
+                    );
+                    next_issue = match interval {
+                        // Behind by more than a second: do not burst to catch up.
+                        Some(i) => (next_issue + i).max(now - Duration::from_secs(1)),
+                        None => now,
+                    };
+                }
+                let due: Vec<u64> = self
+                    .inflight
+                    .iter()
+                    .filter(|(_, r)| r.retry_at <= now)
+                    .map(|(s, _)| *s)
+                    .collect();
+                for seq in due {
+                    self.send_request(seq);
+                    let rto = {
+                        let r = self.inflight.get_mut(&seq).expect("listed above");
+                        r.attempts += 1;
+                        r.attempts
+                    };
+                    let at = now + self.rto(rto);
+                    if let Some(r) = self.inflight.get_mut(&seq) {
+                        r.retry_at = at;
+                    }
+                    self.out.retransmits += 1;
+                    self.shared.retransmits.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // Sleep in recv until the next thing to do.
+            let mut wake = now + Duration::from_millis(50);
+            if self.node_id == 0 {
+                wake = wake.min(self.hello_due);
+            } else {
+                if issuing && self.inflight.len() < self.cfg.window {
+                    wake = wake.min(next_issue);
+                }
+                if let Some(r) = self.inflight.values().map(|r| r.retry_at).min() {
+                    wake = wake.min(r);
+                }
+            }
+            let timeout = wake
+                .saturating_duration_since(now)
+                .max(Duration::from_micros(200));
+            if timeout != read_timeout {
+                let _ = self.sock.set_read_timeout(Some(timeout));
+                read_timeout = timeout;
+            }
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    self.handle(&buf[..n], from, Instant::now());
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => {
+                    // ICMP port unreachable: the server we sent to is gone. Try the next one.
+                    self.out.socket_errors += 1;
+                    let now = Instant::now();
+                    if now.duration_since(self.last_rotate) >= Duration::from_millis(20) {
+                        self.rotate(now);
+                        self.retry_all_now(now);
+                        self.hello_due = self.hello_due.min(now);
+                    }
+                }
+            }
+        }
+        let unanswered: Vec<Unanswered> = self
+            .inflight
+            .iter()
+            .map(|(seq, r)| Unanswered {
+                agent: self.index,
+                seq: *seq,
+                sent_us: self.t_us(r.first_sent),
+            })
+            .collect();
+        self.out.unanswered = unanswered;
+        self.out
+    }
+}

@@ -1,0 +1,182 @@
+//! `--spawn-servers N`: `unid server` processes on 127.0.0.1 with free ports and temporary
+//! data dirs, which the nemesis can kill (SIGKILL) and restart from their data dirs.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+/// Most servers `--spawn-servers` starts.
+pub const SPAWN_SERVERS_MAX: usize = 7;
+
+/// A port free for both TCP and UDP on 127.0.0.1 right now.
+fn free_port() -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let t = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+        let port = t.local_addr()?.port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for both TCP and UDP on 127.0.0.1 after 100 tries")
+}
+
+/// One spawned server.
+pub struct Server {
+    /// Its node id (1 ..= N).
+    pub id: u64,
+    /// Its UDP address.
+    pub udp: SocketAddr,
+    raft: SocketAddr,
+    dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// The spawned cluster; dropping it kills every server.
+pub struct Cluster {
+    /// The servers, server `id` at index `id - 1`.
+    pub servers: Vec<Server>,
+    unid_bin: PathBuf,
+    peers: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` servers under `root` (data dirs and logs), the first with `--init`.
+    pub fn spawn(unid_bin: &Path, root: &Path, n: usize) -> anyhow::Result<Cluster> {
+        if n == 0 || n > SPAWN_SERVERS_MAX {
+            bail!("--spawn-servers must be in 1..={SPAWN_SERVERS_MAX}, not {n}");
+        }
+        if !unid_bin.is_file() {
+            bail!("--unid-bin {}: no such file", unid_bin.display());
+        }
+        let mut servers = Vec::with_capacity(n);
+        for id in 1..=n as u64 {
+            servers.push(Server {
+                id,
+                udp: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+                raft: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+                dir: root.join(format!("server-{id}")),
+                log: root.join(format!("server-{id}.log")),
+                child: None,
+            });
+        }
+        let peers = servers
+            .iter()
+            .map(|s| format!("{}={}={}", s.id, s.raft, s.udp))
+            .collect();
+        let mut cluster = Cluster {
+            servers,
+            unid_bin: unid_bin.to_owned(),
+            peers,
+        };
+        for id in 1..=n as u64 {
+            cluster.start(id, id == 1)?;
+        }
+        Ok(cluster)
+    }
+
+    /// The UDP addresses.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.servers.iter().map(|s| s.udp).collect()
+    }
+
+    fn server(&mut self, id: u64) -> anyhow::Result<&mut Server> {
+        let i = usize::try_from(id.wrapping_sub(1)).unwrap_or(usize::MAX);
+        self.servers
+            .get_mut(i)
+            .with_context(|| format!("no spawned server with id {id}"))
+    }
+
+    /// Whether server `id` runs (as far as this process knows).
+    pub fn running(&mut self, id: u64) -> bool {
+        self.server(id).map(|s| s.child.is_some()).unwrap_or(false)
+    }
+
+    /// Starts (or restarts, from its data dir) server `id`.
+    pub fn start(&mut self, id: u64, init: bool) -> anyhow::Result<()> {
+        let bin = self.unid_bin.clone();
+        let peers = self.peers.clone();
+        let s = self.server(id)?;
+        if s.child.is_some() {
+            bail!("server {id} already runs");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&s.log)
+            .with_context(|| format!("open {}", s.log.display()))?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["server", "--id", &id.to_string()])
+            .args(["--listen", &s.udp.to_string()])
+            .args(["--raft", &s.raft.to_string()])
+            .arg("--data-dir")
+            .arg(&s.dir)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for p in &peers {
+            cmd.args(["--peer", p]);
+        }
+        if init {
+            cmd.arg("--init");
+        }
+        s.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("start {} server --id {id}", bin.display()))?,
+        );
+        Ok(())
+    }
+
+    /// SIGKILLs server `id` and reaps it; false if it was not running.
+    pub fn kill9(&mut self, id: u64) -> bool {
+        let Ok(s) = self.server(id) else {
+            return false;
+        };
+        match s.child.take() {
+            Some(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Servers that exited on their own (id, status), reaped.
+    pub fn exited(&mut self) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        for s in &mut self.servers {
+            if let Some(c) = s.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                out.push((s.id, st.to_string()));
+                s.child = None;
+            }
+        }
+        out
+    }
+
+    /// The last `lines` lines of server `id`'s log.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let Some(s) = self.servers.iter().find(|s| s.id == id) else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(&s.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            if let Some(mut c) = s.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
