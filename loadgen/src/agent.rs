@@ -94,6 +94,8 @@ pub struct AgentResult {
     pub leader_changes: u64,
     /// Times it registered (`Welcome`).
     pub registrations: u64,
+    /// Times it switched to the next server after timeouts with no answer at all.
+    pub rotations: u64,
     /// Socket errors on receive (ICMP unreachable from a dead server, mostly).
     pub socket_errors: u64,
     /// Datagrams that did not decode.
@@ -126,6 +128,7 @@ pub struct Agent {
     inflight: BTreeMap<u64, Request>,
     max_end: Id,
     last_rotate: Instant,
+    last_heard: Instant,
     out: AgentResult,
 }
 
@@ -153,6 +156,7 @@ impl Agent {
             inflight: BTreeMap::new(),
             max_end: 0,
             last_rotate: now,
+            last_heard: now,
             out: AgentResult {
                 grants: Vec::new(),
                 unanswered: Vec::new(),
@@ -166,6 +170,7 @@ impl Agent {
                 redirects: 0,
                 leader_changes: 0,
                 registrations: 0,
+                rotations: 0,
                 socket_errors: 0,
                 undecodable: 0,
             },
@@ -225,13 +230,19 @@ impl Agent {
     }
 
     /// Resend everything in flight at once (after a redirect or a registration).
+    /// The backoff starts again: it is another server.
     fn retry_all_now(&mut self, now: Instant) {
         for r in self.inflight.values_mut() {
             r.retry_at = now;
+            r.attempts = 0;
         }
     }
 
+    /// Switches to the server after the current one in the list.
     fn rotate(&mut self, now: Instant) {
+        if let Some(i) = self.cfg.servers.iter().position(|s| *s == self.target) {
+            self.target_index = i;
+        }
         self.target_index = (self.target_index + 1) % self.cfg.servers.len();
         self.target = self.cfg.servers[self.target_index];
         self.last_rotate = now;
@@ -263,6 +274,9 @@ impl Agent {
             return;
         };
         let h = frame.header;
+        if from == self.target {
+            self.last_heard = now;
+        }
         let stale = h.epoch != 0 && h.epoch < self.highest_epoch;
         if !stale {
             self.highest_epoch = self.highest_epoch.max(h.epoch);
@@ -422,6 +436,19 @@ impl Agent {
                         None => now,
                     };
                 }
+                // Not a word from the server we ask for an RTO while requests wait: it is
+                // probably dead (a killed leader sends nothing, and an unconnected UDP socket
+                // hears no ICMP). Ask the next server at once, whatever the backoff: it
+                // answers or redirects.
+                let quiet = Duration::from_millis(self.cfg.rto_ms);
+                if !self.inflight.is_empty()
+                    && now.duration_since(self.last_heard) >= quiet
+                    && now.duration_since(self.last_rotate) >= quiet
+                {
+                    self.rotate(now);
+                    self.out.rotations += 1;
+                    self.retry_all_now(now);
+                }
                 let due: Vec<u64> = self
                     .inflight
                     .iter()
@@ -453,6 +480,8 @@ impl Agent {
                 }
                 if let Some(r) = self.inflight.values().map(|r| r.retry_at).min() {
                     wake = wake.min(r);
+                    let quiet = Duration::from_millis(self.cfg.rto_ms);
+                    wake = wake.min(self.last_heard.max(self.last_rotate) + quiet);
                 }
             }
             let timeout = wake

@@ -414,6 +414,7 @@ struct Summary {
     redirects: u64,
     leader_changes: u64,
     registrations: u64,
+    rotations: u64,
     socket_errors: u64,
     undecodable: u64,
     issuing_s: f64,
@@ -447,6 +448,7 @@ impl Summary {
             redirects: 0,
             leader_changes: 0,
             registrations: 0,
+            rotations: 0,
             socket_errors: 0,
             undecodable: 0,
             issuing_s: issuing_end.duration_since(start).as_secs_f64().max(1e-3),
@@ -469,6 +471,7 @@ impl Summary {
             s.redirects += r.redirects;
             s.leader_changes += r.leader_changes;
             s.registrations += r.registrations;
+            s.rotations += r.rotations;
             s.socket_errors += r.socket_errors;
             s.undecodable += r.undecodable;
         }
@@ -606,6 +609,7 @@ impl Summary {
             ("NotLeader redirects followed", self.redirects),
             ("LeaderChange followed", self.leader_changes),
             ("registrations (Welcome)", self.registrations),
+            ("switches to the next server after silence", self.rotations),
             ("requests ended by a final error", self.failed),
             ("socket errors (ICMP unreachable)", self.socket_errors),
             ("undecodable datagrams", self.undecodable),
