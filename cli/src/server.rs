@@ -3,7 +3,8 @@
 //! Every option can come from a flag or from `--config FILE` (TOML, same names with `_`
 //! instead of `-`; `peer` is a list of `"ID=RAFT_ADDR=UDP_ADDR"` strings); a flag wins over the
 //! file. SIGTERM or SIGINT stops the server gracefully: as leader it tells agents and the other
-//! servers where the next leader is (`LeaderChange`) and hands leadership off.
+//! servers where the next leader is (`LeaderChange`) and hands leadership off. A second signal
+//! exits at once.
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
@@ -167,9 +168,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("unid-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            let mut signals = signals.forever();
+            if let Some(sig) = signals.next() {
                 tracing::info!(id, signal = sig, "signal received: stopping gracefully");
                 stopper.stop();
+            }
+            if let Some(sig) = signals.next() {
+                tracing::warn!(id, signal = sig, "second signal: exiting without waiting");
+                std::process::exit(1);
             }
         })
         .context("starting the signal thread")?;
