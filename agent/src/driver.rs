@@ -25,6 +25,8 @@ const RETRY_SLOW_US: u64 = 2_000_000;
 const STATUS_EVERY_US: u64 = 20_000;
 /// Ping interval when the server gave no lease, in milliseconds.
 const LEASE_MS_DEFAULT: u64 = 3000;
+/// The most node-table pages read in one fetch.
+const TABLE_PAGES_MAX: u16 = 16;
 
 /// What a request is for.
 #[derive(Clone, Debug)]
@@ -32,6 +34,7 @@ enum Req {
     Hello,
     Ping,
     Block { index: usize, count: u64 },
+    NodeTable { page: u16 },
 }
 
 /// A final answer from a server.
@@ -53,6 +56,25 @@ enum Answer {
     Error {
         code: ErrorCode,
     },
+    NodeTable {
+        version: u64,
+        page: u16,
+        page_count: u16,
+        servers: Vec<SocketAddr>,
+        /// Every node of the page is a server (servers come first, so more
+        /// may follow on the next page).
+        only_servers: bool,
+    },
+}
+
+/// Reading the node table page by page, after a server list came truncated.
+#[derive(Default)]
+struct TableFetch {
+    wanted: bool,
+    inflight: bool,
+    version: Option<u64>,
+    next_page: u16,
+    collected: Vec<SocketAddr>,
 }
 
 /// The requester plus what it does not do: learning servers, `LeaderChange`,
@@ -186,6 +208,7 @@ pub(crate) struct Driver {
     connection: Connection,
     seqs: Vec<Seq>,
     status_at_us: u64,
+    table: TableFetch,
 }
 
 impl Driver {
@@ -259,6 +282,7 @@ impl Driver {
             connection: Connection::Registering,
             seqs,
             status_at_us: 0,
+            table: TableFetch::default(),
         })
     }
 
@@ -318,6 +342,10 @@ impl Driver {
         self.drain_events(now);
         if self.node_id == 0 && !self.hello_inflight {
             self.hello_inflight = self.link.send(now, Req::Hello).is_some();
+        }
+        if self.node_id != 0 && self.table.wanted && !self.table.inflight {
+            let page = self.table.next_page;
+            self.table.inflight = self.link.send(now, Req::NodeTable { page }).is_some();
         }
         if self.node_id != 0 && !self.ping_inflight && now >= self.next_ping_us {
             self.ping_inflight = self.link.send(now, Req::Ping).is_some();
@@ -435,6 +463,7 @@ impl Driver {
                     backup_of: None,
                 },
                 Req::Ping => Message::Ping { sent_us: now },
+                Req::NodeTable { page } => Message::NodeTableRequest { page: *page },
                 Req::Block { index, count } => {
                     name = self.seqs[*index].name.clone();
                     Message::BlockRequest {
@@ -480,9 +509,13 @@ impl Driver {
         let mut learn_after: Vec<SocketAddr> = Vec::new();
         let reply = match frame.message {
             Message::LeaderChange {
-                leader, servers, ..
+                leader,
+                servers,
+                truncated,
+                ..
             } => {
                 self.link.highest_epoch = epoch;
+                self.table.wanted |= truncated;
                 let learned: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
                 if leader != self.link.requester.leader() || !learned.is_empty() {
                     tracing::info!(%leader, epoch, "leader change: switching now");
@@ -499,8 +532,9 @@ impl Driver {
                 node_id,
                 lease_ms,
                 servers,
-                ..
+                truncated,
             } => {
+                self.table.wanted |= truncated;
                 // Learned after the Welcome is taken: rebuilding the
                 // requester first would orphan the Hello it answers.
                 learn_after = servers.iter().map(|s| s.addr).collect();
@@ -517,14 +551,34 @@ impl Driver {
                 count: block.count(),
             }),
             Message::Pong { lease_ms, .. } => Reply::Done(Answer::Pong { lease_ms }),
+            Message::NodeTable {
+                version,
+                page,
+                page_count,
+                nodes,
+            } => Reply::Done(Answer::NodeTable {
+                version,
+                page,
+                page_count,
+                servers: nodes
+                    .iter()
+                    .filter(|n| n.role == NodeRole::Server)
+                    .map(|n| n.addr)
+                    .collect(),
+                only_servers: nodes.iter().all(|n| n.role == NodeRole::Server),
+            }),
             Message::Error {
                 code: ErrorCode::NotReady | ErrorCode::RateLimited,
                 ..
             } => Reply::TryLater,
             Message::Error { code, .. } => Reply::Done(Answer::Error { code }),
             Message::NotLeader {
-                leader, servers, ..
+                leader,
+                servers,
+                truncated,
+                ..
             } => {
+                self.table.wanted |= truncated;
                 let learned: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
                 if let Some(l) = leader
                     && !self.link.servers.contains(&l)
@@ -614,6 +668,7 @@ impl Driver {
             Req::Hello => self.hello_inflight = false,
             Req::Ping => self.ping_inflight = false,
             Req::Block { index, .. } => self.seqs[*index].inflight = None,
+            Req::NodeTable { .. } => self.table.inflight = false,
         }
     }
 
@@ -652,6 +707,20 @@ impl Driver {
                     count: granted,
                 },
             ) => self.on_grant(now, index, count, sent_us, &sequence, width, first, granted),
+            (
+                Req::NodeTable { .. },
+                Answer::NodeTable {
+                    version,
+                    page,
+                    page_count,
+                    servers,
+                    only_servers,
+                },
+            ) => self.on_table_page(now, version, page, page_count, servers, only_servers),
+            (Req::NodeTable { .. }, Answer::Error { code }) => {
+                tracing::debug!("node table refused: {code:?}");
+                self.table = TableFetch::default();
+            }
             (Req::Block { index, .. }, Answer::Error { code }) => {
                 let s = &mut self.seqs[index];
                 let state = match code {
@@ -673,6 +742,41 @@ impl Driver {
                 tracing::debug!("unexpected answer {answer:?} to {req:?}");
             }
         }
+    }
+
+    fn on_table_page(
+        &mut self,
+        now: u64,
+        version: u64,
+        page: u16,
+        page_count: u16,
+        servers: Vec<SocketAddr>,
+        only_servers: bool,
+    ) {
+        let t = &mut self.table;
+        if t.version.is_some_and(|v| v != version) {
+            // The table changed between pages: start again (bounded: once
+            // per change, and a fetch reads at most TABLE_PAGES_MAX pages).
+            t.collected.clear();
+            t.next_page = 0;
+            t.version = Some(version);
+            return;
+        }
+        t.version = Some(version);
+        for a in servers {
+            if !t.collected.contains(&a) {
+                t.collected.push(a);
+            }
+        }
+        if only_servers && page + 1 < page_count && page + 1 < TABLE_PAGES_MAX {
+            t.next_page = page + 1;
+            return;
+        }
+        let learned = std::mem::take(&mut t.collected);
+        self.table = TableFetch::default();
+        tracing::debug!(servers = ?learned, "node table read");
+        let leader = self.link.requester.leader();
+        self.learn(now, leader, &learned);
     }
 
     fn unregistered(&mut self, why: &str) {

@@ -125,6 +125,7 @@ impl FakeCluster {
             received: 0,
             peers: Vec::new(),
             servers: Vec::new(),
+            truncate: false,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let cluster = self.clone();
@@ -156,6 +157,9 @@ struct Knobs {
     peers: Vec<SocketAddr>,
     /// Servers listed in Welcome / NotLeader / LeaderChange.
     servers: Vec<Server>,
+    /// List no servers in Welcome / NotLeader (`truncated` set instead):
+    /// the agent must read the node table.
+    truncate: bool,
 }
 
 /// A running fake server. Dropping it stops it ("dies").
@@ -206,6 +210,12 @@ impl FakeServer {
             .iter()
             .map(|&(id, addr)| Server { id, addr })
             .collect();
+    }
+
+    /// Lists no servers in `Welcome` and `NotLeader` but sets `truncated`,
+    /// so the agent has to read them from the node table.
+    pub fn set_truncate(&self, truncate: bool) {
+        self.knobs().truncate = truncate;
     }
 
     /// Datagrams received so far.
@@ -281,7 +291,7 @@ fn serve(
         let Ok(frame) = decode(&buf[..len], cluster.key.as_ref()) else {
             continue;
         };
-        let (mode, epoch, duplicate, servers) = {
+        let (mode, epoch, duplicate, servers, truncate) = {
             let mut k = knobs.lock().unwrap_or_else(|p| p.into_inner());
             k.received += 1;
             if !k.peers.contains(&from) {
@@ -290,7 +300,7 @@ fn serve(
             if k.drop_every != 0 && k.received % k.drop_every == 0 {
                 continue;
             }
-            (k.mode, k.epoch, k.duplicate, k.servers.clone())
+            (k.mode, k.epoch, k.duplicate, k.servers.clone(), k.truncate)
         };
         let h = frame.header;
         let key = (h.sender, h.seq);
@@ -315,14 +325,33 @@ fn serve(
             reply_to: h.seq,
             epoch,
         };
-        let servers = List::new(&servers);
+        let table: Vec<unid_proto::Node> = servers
+            .iter()
+            .map(|s| unid_proto::Node {
+                id: s.id,
+                addr: s.addr,
+                role: unid_proto::NodeRole::Server,
+            })
+            .collect();
+        let truncated = truncate && !servers.is_empty();
+        let servers = if truncate {
+            List::empty()
+        } else {
+            List::new(&servers)
+        };
         let grant_name: String;
         let message = match (mode, frame.message) {
             (Mode::Follower(leader), _) => Message::NotLeader {
                 leader_id: 0,
                 leader,
                 servers,
-                truncated: false,
+                truncated,
+            },
+            (_, Message::NodeTableRequest { page: 0 }) => Message::NodeTable {
+                version: 1,
+                page: 0,
+                page_count: 1,
+                nodes: List::new(&table),
             },
             (_, Message::Hello { .. }) => {
                 let mut c = cluster.lock();
@@ -332,7 +361,7 @@ fn serve(
                     node_id: c.next_node,
                     lease_ms: 3000,
                     servers,
-                    truncated: false,
+                    truncated,
                 }
             }
             (Mode::ForgetRegistrations, _) => Message::Error {

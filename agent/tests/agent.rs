@@ -464,12 +464,23 @@ fn a_ring_that_cannot_be_created_is_reported_and_harms_nothing_else() {
 
 #[test]
 fn learns_servers_from_welcome_without_registering_twice() {
+    learns_servers(false);
+}
+
+#[test]
+fn learns_servers_from_the_node_table_when_welcome_is_truncated() {
+    learns_servers(true);
+}
+
+fn learns_servers(truncate: bool) {
     let dir = RingDir::new();
     let cluster = FakeCluster::new(8, &["w"]);
     let leader = cluster.start_server(1).unwrap();
     let other = cluster.start_server(2).unwrap();
-    // Only the leader is configured; it lists both in Welcome.
+    // Only the leader is configured; it lists both in Welcome, or (second
+    // run) says the list is truncated and lists them in its node table.
     leader.set_servers(&[(1, leader.addr()), (2, other.addr())]);
+    leader.set_truncate(truncate);
     let agent = unid_agent::run(config(vec![leader.addr()], &dir, &["w"])).unwrap();
     let mut ids = client(&dir, &agent, "w");
     ids.take(100).unwrap();

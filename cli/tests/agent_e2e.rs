@@ -125,6 +125,10 @@ fn agent_serves_unique_increasing_ids_through_leader_stop_and_kill() {
     for id in &other {
         assert!(seen.insert(*id), "id {id} served by both agents");
     }
+    // Welcome cannot carry the server list (answers are no larger than the
+    // Hello): the agent read the node table.
+    let log2 = std::fs::read_to_string(&agent2.log).unwrap_or_default();
+    assert!(log2.contains("node table read"), "{log2}");
     drop(agent2);
 
     // The leader stops cleanly: it tells the agent where to go.
