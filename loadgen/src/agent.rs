@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng as _, SeedableRng as _};
 use unid_loadgen::checker::{Grant, Unanswered};
 use unid_proto::{
     Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, Id, Message, NodeId, NodeRole, decode,
@@ -65,6 +67,41 @@ pub struct AgentConfig {
     pub rate_per_s: f64,
     /// First retransmit timeout; doubles per attempt up to [`RTO_MS_MAX`].
     pub rto_ms: u64,
+    /// Datagram faults injected between this agent and the servers.
+    pub faults: Faults,
+    /// Seed of the fault decisions (each agent draws from `seed` and its index).
+    pub seed: u64,
+}
+
+/// Datagram faults, each a probability per datagram in each direction. They are applied in
+/// the agent's own send and receive paths (the kernel here has no netem): to a server this
+/// is the same as a lossy, duplicating, reordering, corrupting link.
+#[derive(Copy, Clone, Debug, Default, PartialEq)]
+pub struct Faults {
+    /// Lost.
+    pub drop: f64,
+    /// Delivered twice.
+    pub duplicate: f64,
+    /// Held back and delivered after the next datagram (or when the agent next idles).
+    pub reorder: f64,
+    /// One random bit flipped (the CRC must catch it: the server drops it, or our decode
+    /// fails).
+    pub corrupt: f64,
+}
+
+impl Faults {
+    /// Whether any fault is on.
+    pub fn any(&self) -> bool {
+        self.drop > 0.0 || self.duplicate > 0.0 || self.reorder > 0.0 || self.corrupt > 0.0
+    }
+}
+
+/// Flips one random bit of `data`.
+fn flip_bit(rng: &mut SmallRng, data: &mut [u8]) {
+    if !data.is_empty() {
+        let i = rng.random_range(0..data.len());
+        data[i] ^= 1 << rng.random_range(0..8);
+    }
 }
 
 /// Upper bound of the retransmit timeout.
@@ -100,6 +137,8 @@ pub struct AgentResult {
     pub socket_errors: u64,
     /// Datagrams that did not decode.
     pub undecodable: u64,
+    /// Faults injected: dropped, duplicated, reordered, corrupted (both directions).
+    pub faults: [u64; 4],
 }
 
 struct Request {
@@ -130,6 +169,16 @@ pub struct Agent {
     last_rotate: Instant,
     last_heard: Instant,
     out: AgentResult,
+    rng: SmallRng,
+    /// An outgoing datagram held back (reorder), and where to.
+    held_out: Option<(Vec<u8>, SocketAddr)>,
+    /// An incoming datagram held back (reorder), and where from.
+    held_in: Option<(Vec<u8>, SocketAddr)>,
+}
+
+/// The fault seed of agent `index`.
+fn seed_for(seed: u64, index: u32) -> u64 {
+    seed ^ (u64::from(index) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 impl Agent {
@@ -138,6 +187,7 @@ impl Agent {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind an agent socket on 127.0.0.1");
         let now = Instant::now();
         let target = cfg.servers[index as usize % cfg.servers.len()];
+        let cfg_seed = cfg.seed;
         Agent {
             index,
             target,
@@ -173,7 +223,11 @@ impl Agent {
                 rotations: 0,
                 socket_errors: 0,
                 undecodable: 0,
+                faults: [0; 4],
             },
+            rng: SmallRng::seed_from_u64(seed_for(cfg_seed, index)),
+            held_out: None,
+            held_in: None,
         }
     }
 
@@ -190,8 +244,83 @@ impl Agent {
             epoch: self.highest_epoch,
         };
         if let Ok(n) = self.codec.encode(&header, msg, None, &mut buf) {
+            let to = self.target;
+            self.transmit(&buf[..n], to);
+        }
+    }
+
+    /// Sends one datagram through the fault injection.
+    fn transmit(&mut self, data: &[u8], to: SocketAddr) {
+        let f = self.cfg.faults;
+        if !f.any() {
             // A full socket buffer or an ICMP error: the retransmit timer covers it.
-            let _ = self.sock.send_to(&buf[..n], self.target);
+            let _ = self.sock.send_to(data, to);
+            return;
+        }
+        if self.rng.random_bool(f.drop) {
+            self.out.faults[0] += 1;
+            return;
+        }
+        let mut data = data.to_vec();
+        if self.rng.random_bool(f.corrupt) {
+            self.out.faults[3] += 1;
+            flip_bit(&mut self.rng, &mut data);
+        }
+        if self.held_out.is_none() && self.rng.random_bool(f.reorder) {
+            self.out.faults[2] += 1;
+            self.held_out = Some((data, to));
+            return;
+        }
+        let _ = self.sock.send_to(&data, to);
+        if self.rng.random_bool(f.duplicate) {
+            self.out.faults[1] += 1;
+            let _ = self.sock.send_to(&data, to);
+        }
+        if let Some((d, t)) = self.held_out.take() {
+            let _ = self.sock.send_to(&d, t);
+        }
+    }
+
+    /// Receives one datagram through the fault injection and handles it.
+    fn deliver(&mut self, data: &[u8], from: SocketAddr) {
+        let f = self.cfg.faults;
+        if !f.any() {
+            self.handle(data, from, Instant::now());
+            return;
+        }
+        if self.rng.random_bool(f.drop) {
+            self.out.faults[0] += 1;
+            return;
+        }
+        let mut data = data.to_vec();
+        if self.rng.random_bool(f.corrupt) {
+            self.out.faults[3] += 1;
+            flip_bit(&mut self.rng, &mut data);
+        }
+        if self.held_in.is_none() && self.rng.random_bool(f.reorder) {
+            self.out.faults[2] += 1;
+            self.held_in = Some((data, from));
+            return;
+        }
+        self.handle(&data, from, Instant::now());
+        if self.rng.random_bool(f.duplicate) {
+            self.out.faults[1] += 1;
+            self.handle(&data, from, Instant::now());
+        }
+        self.flush_held_in();
+    }
+
+    /// Delivers the held-back datagrams (the agent is idle, or another went past them).
+    fn flush_held(&mut self) {
+        if let Some((d, t)) = self.held_out.take() {
+            let _ = self.sock.send_to(&d, t);
+        }
+        self.flush_held_in();
+    }
+
+    fn flush_held_in(&mut self) {
+        if let Some((d, from)) = self.held_in.take() {
+            self.handle(&d, from, Instant::now());
         }
     }
 
@@ -492,10 +621,10 @@ impl Agent {
                 read_timeout = timeout;
             }
             match self.sock.recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    self.handle(&buf[..n], from, Instant::now());
+                Ok((n, from)) => self.deliver(&buf[..n], from),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    self.flush_held();
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(_) => {
                     // ICMP port unreachable: the server we sent to is gone. Try the next one.
                     self.out.socket_errors += 1;

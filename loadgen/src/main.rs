@@ -20,7 +20,7 @@ use rand::{Rng as _, SeedableRng as _};
 use unid_loadgen::checker::{self, Grant, Unanswered, Verdict};
 use unid_proto::{ErrorCode, Width};
 
-use agent::{AVAILABILITY_US, Agent, AgentConfig, AgentResult, ERROR_CODES, Shared};
+use agent::{AVAILABILITY_US, Agent, AgentConfig, AgentResult, ERROR_CODES, Faults, Shared};
 use cluster::Cluster;
 
 /// Most simulated agents (each is a thread with its own socket).
@@ -93,6 +93,18 @@ struct Args {
     /// Mean interval between faults.
     #[arg(long, default_value_t = 10_000)]
     every_ms: u64,
+    /// Drop this fraction of datagrams, each direction (0..=1).
+    #[arg(long, default_value_t = 0.0)]
+    drop: f64,
+    /// Deliver this fraction of datagrams twice, each direction.
+    #[arg(long, default_value_t = 0.0)]
+    duplicate: f64,
+    /// Deliver this fraction of datagrams after the next one, each direction.
+    #[arg(long, default_value_t = 0.0)]
+    reorder: f64,
+    /// Flip one bit in this fraction of datagrams, each direction.
+    #[arg(long, default_value_t = 0.0)]
+    corrupt: f64,
     /// Write a markdown report here.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -145,6 +157,16 @@ fn validate(a: &Args) -> anyhow::Result<Width> {
     }
     if a.rto_ms == 0 || a.rto_ms > agent::RTO_MS_MAX {
         bail!("--rto-ms must be in 1..={}", agent::RTO_MS_MAX);
+    }
+    for (name, p) in [
+        ("--drop", a.drop),
+        ("--duplicate", a.duplicate),
+        ("--reorder", a.reorder),
+        ("--corrupt", a.corrupt),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("{name} must be a fraction in [0, 1], not {p}");
+        }
     }
     if a.every_ms < 100 {
         bail!("--every-ms must be at least 100");
@@ -217,6 +239,13 @@ fn run() -> anyhow::Result<bool> {
         window: args.window,
         rate_per_s: args.rate / args.agents as f64,
         rto_ms: args.rto_ms,
+        faults: Faults {
+            drop: args.drop,
+            duplicate: args.duplicate,
+            reorder: args.reorder,
+            corrupt: args.corrupt,
+        },
+        seed: args.seed,
     };
     // Distinct per run, so a rerun against the same servers registers afresh.
     let incarnation = std::time::SystemTime::now()
@@ -421,6 +450,9 @@ struct Summary {
     rotations: u64,
     socket_errors: u64,
     undecodable: u64,
+    faults: [u64; 4],
+    /// Requests answered with two different blocks (the ids of one are never used).
+    answered_twice: u64,
     issuing_s: f64,
     /// For each kill: the first grant after it from another server, in µs after the kill.
     failover_us: Vec<Option<u64>>,
@@ -455,6 +487,8 @@ impl Summary {
             rotations: 0,
             socket_errors: 0,
             undecodable: 0,
+            faults: [0; 4],
+            answered_twice: 0,
             issuing_s: issuing_end.duration_since(start).as_secs_f64().max(1e-3),
             failover_us: Vec::new(),
             longest_gap_us: (0, 0),
@@ -478,9 +512,15 @@ impl Summary {
             s.rotations += r.rotations;
             s.socket_errors += r.socket_errors;
             s.undecodable += r.undecodable;
+            for (a, b) in s.faults.iter_mut().zip(r.faults) {
+                *a += b;
+            }
         }
         s.latency_us = latency_us;
         s.verdict = checker::check(width, &mut s.grants, &s.unanswered);
+        let requests_granted: std::collections::HashSet<(u32, u64)> =
+            s.grants.iter().map(|g| (g.agent, g.seq)).collect();
+        s.answered_twice = s.verdict.grants - requests_granted.len() as u64;
         // The checker sorted by id; failover and gaps need arrival order.
         let mut times: Vec<(u64, SocketAddr)> = s.grants.iter().map(|g| (g.t_us, g.from)).collect();
         times.sort_unstable();
@@ -529,7 +569,8 @@ impl Summary {
             o,
             "- Settings: {} agents × window {}, {} ids per request, rate {}, issuing {:.1} s \
              (requests max {}), drain {:.1} s, first RTO {} ms, sequence `{}` width {}, \
-             nemesis {:?} (seed {}, every {} ms).\n",
+             nemesis {:?} (seed {}, every {} ms), datagram faults each way: drop {}, duplicate \
+             {}, reorder {}, corrupt {}.\n",
             args.agents,
             args.window,
             args.count,
@@ -548,6 +589,10 @@ impl Summary {
             args.nemesis,
             args.seed,
             args.every_ms,
+            args.drop,
+            args.duplicate,
+            args.reorder,
+            args.corrupt,
         );
         let granted = self.requests - self.failed - self.unanswered.len() as u64;
         let _ = writeln!(o, "## Throughput\n");
@@ -615,8 +660,16 @@ impl Summary {
             ("registrations (Welcome)", self.registrations),
             ("switches to the next server after silence", self.rotations),
             ("requests ended by a final error", self.failed),
+            (
+                "requests granted two different blocks (ids wasted, not repeated)",
+                self.answered_twice,
+            ),
             ("socket errors (ICMP unreachable)", self.socket_errors),
             ("undecodable datagrams", self.undecodable),
+            ("faults injected: dropped", self.faults[0]),
+            ("faults injected: duplicated", self.faults[1]),
+            ("faults injected: reordered", self.faults[2]),
+            ("faults injected: corrupted", self.faults[3]),
         ] {
             let _ = writeln!(o, "| {what} | {n} |");
         }

@@ -1,6 +1,7 @@
-//! `loadgen` against three real `unid server` processes on 127.0.0.1, with the leader killed
+//! `loadgen` against three real `unid server` processes on 127.0.0.1: with the leader killed
 //! (SIGKILL) and restarted: the checker must pass and the report must show the kill and the
 //! time to the new leader's first grant.
+//! With datagrams lost, duplicated, reordered and corrupted, the checker passes too.
 //!
 //! The `unid` binary comes from `UNID_BIN`, else from the same target directory as
 //! `loadgen` (`cargo build -p unid-cli` first), else this test builds it there.
@@ -120,5 +121,47 @@ fn kill_leader_without_spawned_servers_is_a_clear_error() {
     assert!(
         stderr.contains("--nemesis kill-leader needs --spawn-servers"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn checker_passes_through_lost_duplicated_reordered_and_corrupted_datagrams() {
+    let unid = unid_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.md");
+    let out = Command::new(LOADGEN)
+        .args(["--spawn-servers", "3", "--unid-bin"])
+        .arg(&unid)
+        .args(["--duration-s", "4", "--drain-s", "10"])
+        .args(["--agents", "4", "--window", "4", "--count", "10"])
+        .args(["--drop", "0.05", "--duplicate", "0.05", "--reorder", "0.05"])
+        .args(["--corrupt", "0.02", "--seed", "11"])
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .expect("run loadgen");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "loadgen failed ({}):\n{stderr}",
+        out.status
+    );
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(text.starts_with("# loadgen report: PASSED"), "{text}");
+    let count = |what: &str| -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| {what} |")))
+            .unwrap_or_else(|| panic!("no {what:?} line:\n{text}"));
+        line.split('|').nth(2).unwrap().trim().parse().unwrap()
+    };
+    for what in ["dropped", "duplicated", "reordered", "corrupted"] {
+        assert!(count(&format!("faults injected: {what}")) > 0, "{text}");
+    }
+    // Corrupted answers fail the CRC; lost ones are resent.
+    assert!(count("undecodable datagrams") > 0, "{text}");
+    assert!(
+        count("resends (timeouts, redirects, retries after an error)") > 0,
+        "{text}"
     );
 }
