@@ -37,6 +37,23 @@ fn three_servers_redirect_fail_over_after_kill9_and_rejoin() {
         })
     );
 
+    // Even the shortest Hello gets a redirect it can use (cut to the leader's endpoint so it
+    // is no larger than the Hello).
+    let short = Message::Hello {
+        role: NodeRole::Agent,
+        incarnation: 1,
+        name: "a",
+        listen: None,
+        backup_of: None,
+    };
+    let r = Agent::new().call(follower, &short, Duration::from_secs(2));
+    assert_eq!(
+        r,
+        Some(Reply::NotLeader {
+            leader: Some(servers[li].udp)
+        })
+    );
+
     agent.register(servers[li].udp, Duration::from_secs(10));
     let mut blocks = Vec::new();
     for _ in 0..30 {

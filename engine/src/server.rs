@@ -533,6 +533,21 @@ impl ServerHandler {
                 truncated,
             },
         )
+        .or_else(|| {
+            // The smallest redirect: just the leader's endpoint (FlatBuffers leaves out
+            // zero and false fields), so that it fits even the shortest Hello.
+            let msg = Message::NotLeader {
+                leader_id: 0,
+                leader: Some(leader?.1),
+                servers: List::empty(),
+                truncated: false,
+            };
+            let d = self
+                .shared
+                .encode(&mut self.codec, core.term, reply_to, &msg)
+                .ok()?;
+            self.capped(d, cap)
+        })
     }
 
     fn error(
@@ -2127,6 +2142,16 @@ mod tests {
             .unwrap();
         assert!(fits <= 12, "a NotLeader needs a Hello name of {fits} bytes");
         assert!(not_leader <= hello("a-short-host"));
+        // The smallest redirect (endpoint only) fits the smallest Hello, IPv4 or IPv6.
+        for addr in ["255.255.255.255:65535", "[ffff::ffff]:65535"] {
+            let minimal = len(&Message::NotLeader {
+                leader_id: 0,
+                leader: Some(addr.parse().unwrap()),
+                servers: List::empty(),
+                truncated: false,
+            });
+            assert!(minimal <= hello("a"), "{addr}: {minimal} > {}", hello("a"));
+        }
         assert!(welcome(&one) <= hello(&"x".repeat(40)));
     }
 
