@@ -131,3 +131,69 @@ fn a_server_without_a_reachable_cli_target_fails_clearly() {
     assert!(!ok);
     assert!(err.contains("no answer"), "{err}");
 }
+
+#[test]
+fn with_a_cluster_secret_only_authenticated_requests_are_answered() {
+    let root = tempfile::tempdir().unwrap();
+    let secret = root.path().join("secret");
+    std::fs::write(&secret, "  correct horse battery staple\n").unwrap();
+    let mut servers = servers(root.path(), 1);
+    let s = &mut servers[0];
+    let log = std::fs::File::create(&s.log).unwrap();
+    s.child = Some(
+        std::process::Command::new(UNID)
+            .args(["server", "--id", "1", "--init"])
+            .args([
+                "--listen",
+                &s.udp.to_string(),
+                "--raft",
+                &s.raft.to_string(),
+            ])
+            .arg("--data-dir")
+            .arg(&s.dir)
+            .arg("--secret-file")
+            .arg(&secret)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let addr = s.udp.to_string();
+    let secret = secret.to_str().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, _, err) = unid(&[
+            "sequence",
+            "create",
+            "secret",
+            "--server",
+            &addr,
+            "--secret-file",
+            secret,
+        ]);
+        if ok {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{err}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, out, err) = unid(&[
+        "sequence",
+        "list",
+        "--server",
+        &addr,
+        "--secret-file",
+        secret,
+    ]);
+    assert!(ok && out.trim() == "secret", "{out} {err}");
+    // Without the secret: no answer at all (and no crash).
+    let (ok, _, err) = unid(&["sequence", "list", "--server", &addr, "--timeout-ms", "700"]);
+    assert!(!ok && err.contains("no answer"), "{err}");
+    let mut agent = Agent::new();
+    let r = agent.call(
+        s.udp,
+        &Message::Ping { sent_us: 1 },
+        Duration::from_millis(300),
+    );
+    assert_eq!(r, None);
+}

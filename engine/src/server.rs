@@ -36,8 +36,9 @@
 //!   nothing. The bucket table is bounded ([`SOURCES_MAX`]); when full of active sources, new
 //!   ones are dropped.
 //! - An answer to a sender that is not a registered agent is never larger than the request
-//!   (`Welcome`, `NotLeader` and `Pong` drop servers from their list and set `truncated`
-//!   until they fit). **Exception**: admin answers (`SequenceInfo`, `SequenceListReply`,
+//!   (`Welcome` and `NotLeader` drop servers from their list and set `truncated` until they
+//!   fit; a `NotLeader` that still does not fit is cut to the leader's endpoint alone, which
+//!   fits the shortest `Hello`). **Exception**: admin answers (`SequenceInfo`, `SequenceListReply`,
 //!   `StatusReply`, `NodeTable`) must carry more than they were asked with; they are limited
 //!   to [`ADMIN_RATE_PER_S`] per source and [`ADMIN_GLOBAL_RATE_PER_S`] in all, which bounds
 //!   what a spoofed flood can reflect. With a cluster secret, nothing unauthenticated is
