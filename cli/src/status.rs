@@ -82,6 +82,7 @@ fn agents(client: &mut Client) -> anyhow::Result<Vec<(u64, std::net::SocketAddr)
     let mut out = Vec::new();
     let mut page = 0u16;
     let mut version = None;
+    let mut restarts = 0;
     loop {
         let msg = Message::NodeTableRequest { page };
         let (v, count, nodes) = client.call(0, &msg, |frame, _| match frame.message {
@@ -101,8 +102,9 @@ fn agents(client: &mut Client) -> anyhow::Result<Vec<(u64, std::net::SocketAddr)
             ))),
             _ => None,
         })?;
-        if version.is_some_and(|x| x != v) {
-            // The table changed between pages: start over (bounded by the loop below).
+        if version.is_some_and(|x| x != v) && restarts < 5 {
+            // The table changed between pages: start over (at most 5 times).
+            restarts += 1;
             out.clear();
             page = 0;
             version = Some(v);

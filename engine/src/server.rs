@@ -1116,7 +1116,7 @@ impl ServerHandler {
                 role: NodeRole::Server,
             })
             .collect();
-        let version = self.consensus.with_state(|st| {
+        self.consensus.with_state(|st| {
             for r in st.state.nodes.values() {
                 if r.kind != NodeKind::Agent {
                     continue;
@@ -1131,7 +1131,14 @@ impl ServerHandler {
                     });
                 }
             }
-            st.last_applied.map_or(0, |l| l.index)
+        });
+        // The version changes when the table does: an FNV-1a hash of every entry.
+        let version = nodes.iter().fold(0xcbf2_9ce4_8422_2325, |h, n| {
+            let mut h = (h ^ n.id).wrapping_mul(0x0100_0000_01b3);
+            for b in n.addr.to_string().bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            h
         });
         let page_count = nodes.len().div_ceil(NODE_TABLE_PAGE_MAX).max(1);
         let page_count = u16::try_from(page_count).unwrap_or(u16::MAX);
