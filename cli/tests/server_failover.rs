@@ -120,3 +120,74 @@ fn three_servers_redirect_fail_over_after_kill9_and_rejoin() {
     assert!(out.contains(&format!("leader: {agreed}")), "{out}");
     assert!(out.matches("127.0.0.1:").count() >= 3, "{out}");
 }
+
+fn signal(server: &Server, sig: &str) {
+    let pid = server.child.as_ref().expect("running").id().to_string();
+    let st = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// A leader frozen (SIGSTOP) long enough to be deposed, then thawed: whatever it still grants
+/// before it learns of the new term is below what the new leader grants from. No block of
+/// anyone overlaps another.
+#[test]
+fn a_frozen_and_thawed_old_leader_never_overlaps_the_new_one() {
+    let root = tempfile::tempdir().unwrap();
+    let mut servers = servers(root.path(), 3);
+    start_cluster(&mut servers);
+    let addrs: Vec<_> = servers.iter().map(|s| s.udp).collect();
+    let (leader, _) = wait_leader(&addrs, None, Duration::from_secs(20));
+    create_sequence(&addrs, "frozen", 8);
+    let li = (leader - 1) as usize;
+    let mut agent = Agent::new();
+    agent.register(servers[li].udp, Duration::from_secs(10));
+    let mut blocks = Vec::new();
+    for _ in 0..20 {
+        blocks.push(agent.grant(servers[li].udp, "frozen", 500, Duration::from_secs(10)));
+    }
+
+    signal(&servers[li], "-STOP");
+    let survivors: Vec<_> = servers
+        .iter()
+        .filter(|s| s.id != leader)
+        .map(|s| s.udp)
+        .collect();
+    let (new_leader, _) = wait_leader(&survivors, Some(leader), Duration::from_secs(20));
+    let nl = servers[(new_leader - 1) as usize].udp;
+    for _ in 0..20 {
+        blocks.push(agent.grant(nl, "frozen", 500, Duration::from_secs(10)));
+    }
+
+    // Thaw the old leader and ask it at once, before and while it learns it was deposed.
+    signal(&servers[li], "-CONT");
+    let old = servers[li].udp;
+    let mut from_old = 0;
+    for _ in 0..30 {
+        let r = agent.call(
+            old,
+            &Message::BlockRequest {
+                sequence: "frozen",
+                count: 500,
+            },
+            Duration::from_millis(200),
+        );
+        if let Some(Reply::Grant { first, count }) = r {
+            blocks.push((first, count));
+            from_old += 1;
+        }
+        blocks.push(agent.grant(nl, "frozen", 500, Duration::from_secs(10)));
+    }
+    eprintln!("the thawed old leader granted {from_old} blocks");
+    blocks.sort();
+    for w in blocks.windows(2) {
+        assert!(
+            w[0].0 + w[0].1 as u128 <= w[1].0,
+            "overlapping blocks {:?} and {:?}",
+            w[0],
+            w[1]
+        );
+    }
+}
