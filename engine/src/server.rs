@@ -1269,6 +1269,13 @@ impl ServerHandle {
         }
     }
 
+    /// For tests: the Raft node, to drive what the server does not expose (membership
+    /// changes). Drop it before stopping the server, which must own it alone to shut it down.
+    #[doc(hidden)]
+    pub fn consensus_for_tests(&self) -> Option<Arc<ConsensusNode>> {
+        self.consensus.upgrade()
+    }
+
     /// Whether this server currently grants (leads, with a ready allocator).
     pub fn is_granting(&self) -> bool {
         let core = self.shared.core();
@@ -1404,6 +1411,7 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         peers: config.peers.clone(),
         udp_addr: advertised(udp_addr, raft_addr),
         write_timeout: Duration::from_millis(config.timing.write_timeout_ms),
+        was_member: AtomicBool::new(false),
     };
     let thread = std::thread::Builder::new()
         .name(format!("unid-server-{}", config.id))
@@ -1451,6 +1459,8 @@ struct Controller {
     peers: Vec<Peer>,
     udp_addr: SocketAddr,
     write_timeout: Duration,
+    /// This server has been a member of the cluster (so losing membership means removal).
+    was_member: AtomicBool,
 }
 
 impl Controller {
@@ -1468,8 +1478,8 @@ impl Controller {
         let mut failed = false;
         // Every task the loop starts; aborted at the end so that nothing holds the node.
         let mut tasks = tokio::task::JoinSet::new();
-        this.on_leader(*leader_rx.borrow_and_update(), &mut tasks);
-        loop {
+        let mut removed = this.on_leader(*leader_rx.borrow_and_update(), &mut tasks);
+        while !removed {
             tokio::select! {
                 changed = leader_rx.changed() => {
                     if changed.is_err() {
@@ -1477,7 +1487,7 @@ impl Controller {
                         continue;
                     }
                     let info = *leader_rx.borrow_and_update();
-                    this.on_leader(info, &mut tasks);
+                    removed = this.on_leader(info, &mut tasks);
                 }
                 Some(req) = requests.recv() => {
                     let t = this.clone();
@@ -1525,21 +1535,25 @@ impl Controller {
         this.finish(mode, failed, shards).await
     }
 
-    fn on_leader(self: &Arc<Self>, info: unid_consensus::LeaderInfo, tasks: &mut Tasks) {
+    /// Follows a leader-watch change. Returns `true` if this server, once a member, was
+    /// removed from the cluster: it must stop serving.
+    fn on_leader(self: &Arc<Self>, info: unid_consensus::LeaderInfo, tasks: &mut Tasks) -> bool {
         let id = self.shared.id;
         let mut core = self.shared.core();
         if core.phase == Phase::Stopped {
-            return;
+            return false;
         }
         let was = (core.leader, core.term, core.phase);
         core.term = info.term;
         core.leader = if info.member { info.leader } else { None };
         let leads = info.member && info.leader == Some(id);
-        if !info.member && was.2 != Phase::Follower {
-            tracing::warn!(
-                id,
-                "this server is no longer a member of the cluster: not serving"
-            );
+        if info.member {
+            self.was_member.store(true, Ordering::Relaxed);
+        } else if self.was_member.load(Ordering::Relaxed) {
+            tracing::warn!(id, "this server was removed from the cluster: stopping");
+            core.drop_allocator("removed from the cluster");
+            core.phase = Phase::Stopped;
+            return true;
         }
         if leads {
             if was.2 == Phase::Follower || was.1 != info.term {
@@ -1562,6 +1576,7 @@ impl Controller {
                 tracing::info!(id, term = info.term, leader = ?core.leader, "following");
             }
         }
+        false
     }
 
     /// Reads the ready ceilings and installs the allocator. Retries (each try bounded by the

@@ -444,3 +444,49 @@ fn a_silent_agent_is_forgotten_and_pings_keep_it() {
     );
     s.shutdown().unwrap();
 }
+
+#[test]
+fn a_server_removed_from_the_cluster_stops() {
+    let root = tempfile::tempdir().unwrap();
+    let mut servers = cluster(root.path(), 3);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let leader = loop {
+        if let Some(i) = servers
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.is_granting()))
+        {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let victim = (leader + 1) % 3;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    {
+        let node = servers[leader]
+            .as_ref()
+            .unwrap()
+            .consensus_for_tests()
+            .unwrap();
+        rt.block_on(node.remove_server(victim as u64 + 1)).unwrap();
+    }
+    let removed = servers[victim].take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(removed.wait()).unwrap());
+    let res = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the removed server stops by itself");
+    assert!(res.is_ok(), "{res:?}");
+    // The other two still grant.
+    let addrs: Vec<SocketAddr> = servers.iter().flatten().map(|s| s.udp_addr()).collect();
+    let mut c = client(&addrs);
+    create(&mut c, "after", Width::W8);
+    let node = hello(&mut c, "after-agent");
+    assert!(matches!(request(&mut c, node, "after", 10), Got::Block(..)));
+    for s in servers.into_iter().flatten() {
+        s.shutdown().unwrap();
+    }
+}
