@@ -7,6 +7,18 @@ use std::path::PathBuf;
 use unid_engine::client::{Answer, Client, ClientConfig};
 use unid_proto::{ErrorCode, Id, Message, Width};
 
+/// `println!` that ends the process quietly when stdout is closed (e.g. piped into `head`),
+/// as a program killed by SIGPIPE would, instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+pub(crate) use out;
+
 /// How long `sequence create` waits for one server's answer: the server's Raft write timeout
 /// (2 s) and some.
 const CREATE_ATTEMPT_MS: u64 = 2_500;
@@ -131,12 +143,12 @@ fn info_answer(
 
 fn print_info(i: &Info) {
     let left = i.width.limit().saturating_sub(i.next);
-    println!("name:     {}", i.name);
-    println!("width:    {} bytes", i.width.bytes());
-    println!("start:    {}", i.start);
-    println!("next:     {}", i.next);
-    println!("ceiling:  {}", i.ceiling);
-    println!(
+    out!("name:     {}", i.name);
+    out!("width:    {} bytes", i.width.bytes());
+    out!("start:    {}", i.start);
+    out!("next:     {}", i.next);
+    out!("ceiling:  {}", i.ceiling);
+    out!(
         "left:     {} ids ({:.6}% of the width)",
         left,
         left as f64 / i.width.limit() as f64 * 100.0
@@ -174,7 +186,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             };
             match client.call(0, &msg, info_answer(&name))? {
                 Ok(info) => {
-                    println!("created sequence {}", info.name);
+                    out!("created sequence {}", info.name);
                     print_info(&info);
                     Ok(())
                 }
@@ -195,7 +207,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::List { cluster } => {
             let mut client = cluster.client()?;
             for name in list(&mut client)? {
-                println!("{name}");
+                out!("{name}");
             }
             Ok(())
         }

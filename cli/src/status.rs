@@ -6,7 +6,7 @@ use anyhow::bail;
 use unid_engine::client::{Answer, Client};
 use unid_proto::{Message, NodeRole, SequenceStatus, Width};
 
-use crate::sequence::ClusterArgs;
+use crate::sequence::{ClusterArgs, out};
 
 /// Options of `unid status`.
 #[derive(clap::Args, Debug)]
@@ -133,7 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             first = p;
         }
     }
-    println!(
+    out!(
         "leader: {}   term: {}",
         if first.leader == 0 {
             "none (election in progress?)".to_owned()
@@ -142,13 +142,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         first.term
     );
-    println!("servers:");
-    println!(
+    out!("servers:");
+    out!(
         "  {:>4}  {:<22} {:<10} {:>6}  health",
-        "id", "udp", "role", "term"
+        "id",
+        "udp",
+        "role",
+        "term"
     );
     for s in &first.servers {
-        println!(
+        out!(
             "  {:>4}  {:<22} {:<10} {:>6}  {}",
             s.id,
             s.addr.to_string(),
@@ -158,20 +161,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let agents = agents(&mut client)?;
-    println!("agents: {}", agents.len());
+    out!("agents: {}", agents.len());
     for (id, addr) in agents.iter().take(50) {
-        println!("  {id:>12}  {addr}");
+        out!("  {id:>12}  {addr}");
     }
     if agents.len() > 50 {
-        println!("  ... and {} more", agents.len() - 50);
+        out!("  ... and {} more", agents.len() - 50);
     }
-    println!("sequences:");
-    println!("  {:<24} {:>5}  {:>40}  left", "name", "width", "ceiling");
+    out!("sequences:");
+    out!("  {:<24} {:>5}  {:>40}  left", "name", "width", "ceiling");
     let mut page = first;
     for _ in 0..100_000 {
         for s in &page.sequences {
             let pct = s.remaining as f64 / s.width.limit() as f64 * 100.0;
-            println!(
+            out!(
                 "  {:<24} {:>5}  {:>40}  {} ({:.4}%)",
                 s.name,
                 s.width.bytes(),
