@@ -490,3 +490,32 @@ fn a_server_removed_from_the_cluster_stops() {
         s.shutdown().unwrap();
     }
 }
+
+#[test]
+fn a_retransmitted_hello_gets_the_same_node_id() {
+    let root = tempfile::tempdir().unwrap();
+    let servers = cluster(root.path(), 1);
+    let s = servers[0].as_ref().unwrap();
+    let mut c = client(&[s.udp_addr()]);
+    let first = hello(&mut c, "same-agent");
+    assert_eq!(
+        hello(&mut c, "same-agent"),
+        first,
+        "same source, same incarnation"
+    );
+    let msg = Message::Hello {
+        role: NodeRole::Agent,
+        incarnation: 8,
+        name: "same-agent",
+        listen: None,
+        backup_of: None,
+    };
+    let restarted = c
+        .call(0, &msg, |f, _| match f.message {
+            Message::Welcome { node_id, .. } => Some(Answer::Done(node_id)),
+            _ => Some(Answer::Retry),
+        })
+        .unwrap();
+    assert!(restarted > first, "a new incarnation gets a new id");
+    assert_eq!(s.stats().registrations, 2);
+}
