@@ -145,6 +145,33 @@ impl Cluster {
         }
     }
 
+    /// Sends SIGTERM to server `id` (a leader hands off and sends `LeaderChange`) and waits
+    /// at most `timeout` for it to exit, then SIGKILLs it. Returns whether it exited by
+    /// itself; false also if it was not running.
+    pub fn term(&mut self, id: u64, timeout: std::time::Duration) -> bool {
+        let Ok(s) = self.server(id) else {
+            return false;
+        };
+        let Some(mut c) = s.child.take() else {
+            return false;
+        };
+        let sent = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|st| st.success());
+        let deadline = std::time::Instant::now() + timeout;
+        while sent && std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
     /// Servers that exited on their own (id, status), reaped.
     pub fn exited(&mut self) -> Vec<(u64, String)> {
         let mut out = Vec::new();

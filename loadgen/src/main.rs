@@ -38,6 +38,9 @@ enum Nemesis {
     /// dir after a quarter to half of that. Needs `--spawn-servers`; no kill in the last 2 s
     /// of the issuing.
     KillLeader,
+    /// The same schedule, but SIGTERM: the leader hands off and sends `LeaderChange` before
+    /// it exits (SIGKILL if it has not exited within 5 s).
+    TermLeader,
 }
 
 /// Load generator and checker for a unid cluster.
@@ -176,8 +179,10 @@ fn validate(a: &Args) -> anyhow::Result<Width> {
         (None, true) => bail!("give --spawn-servers N (with --unid-bin) or --server ADDR"),
         _ => {}
     }
-    if a.nemesis == Nemesis::KillLeader && a.spawn_servers.is_none() {
-        bail!("--nemesis kill-leader needs --spawn-servers (it kills and restarts them)");
+    if a.nemesis != Nemesis::None && a.spawn_servers.is_none() {
+        bail!(
+            "--nemesis kill-leader/term-leader needs --spawn-servers (it kills and restarts them)"
+        );
     }
     Ok(width)
 }
@@ -268,7 +273,7 @@ fn run() -> anyhow::Result<bool> {
         Duration::from_millis(rng.random_range(mean_ms * 3 / 4..=mean_ms * 5 / 4))
     };
     let mut next_kill =
-        (args.nemesis == Nemesis::KillLeader).then(|| start + jitter(&mut rng, args.every_ms));
+        (args.nemesis != Nemesis::None).then(|| start + jitter(&mut rng, args.every_ms));
     let mut restart: Option<(Instant, usize)> = None;
     let mut kills: Vec<Kill> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
@@ -330,11 +335,24 @@ fn run() -> anyhow::Result<bool> {
                 match leader {
                     Some(st) if c.running(st.leader_id) => {
                         let killed_at = Instant::now();
-                        c.kill9(st.leader_id);
+                        let how = if args.nemesis == Nemesis::TermLeader {
+                            if c.term(st.leader_id, Duration::from_secs(5)) {
+                                "SIGTERM"
+                            } else {
+                                notes.push(format!(
+                                    "server {} did not exit within 5 s of SIGTERM (SIGKILLed)",
+                                    st.leader_id
+                                ));
+                                "SIGTERM, then SIGKILL"
+                            }
+                        } else {
+                            c.kill9(st.leader_id);
+                            "kill -9"
+                        };
                         let addr = c.servers[(st.leader_id - 1) as usize].udp;
                         let t_us = killed_at.duration_since(start).as_micros() as u64;
                         eprintln!(
-                            "loadgen: kill -9 leader {} (term {}) at {:.3} s",
+                            "loadgen: {how} leader {} (term {}) at {:.3} s",
                             st.leader_id,
                             st.term,
                             t_us as f64 / 1e6
@@ -533,6 +551,12 @@ impl Summary {
             );
         }
         let issuing_end_us = (args.duration_s * 1e6) as u64;
+        // With --requests-max the issuing may end early: rate over the time to the last grant.
+        if let Some(last) = times.last().map(|(t, _)| *t)
+            && last < issuing_end_us
+        {
+            s.issuing_s = (last as f64 / 1e6).max(1e-3);
+        }
         let mut prev = 0u64;
         for (t, _) in times.iter().filter(|(t, _)| *t <= issuing_end_us) {
             if t - prev > s.longest_gap_us.0 {
@@ -609,8 +633,8 @@ impl Summary {
         );
         let _ = writeln!(
             o,
-            "Rates are over the issuing period ({:.2} s); grants answered during the drain count \
-             too.\n",
+            "Rates are over the issuing period ({:.2} s; up to the last grant if that came \
+             earlier); grants answered during the drain count too.\n",
             self.issuing_s
         );
         let h = &self.latency_us;
@@ -682,10 +706,15 @@ impl Summary {
         }
         let _ = writeln!(o);
         if !kills.is_empty() {
-            let _ = writeln!(o, "## Nemesis: kill -9 of the leader\n");
+            let how = if args.nemesis == Nemesis::TermLeader {
+                "SIGTERM to the leader (handoff)"
+            } else {
+                "kill -9 of the leader"
+            };
+            let _ = writeln!(o, "## Nemesis: {how}\n");
             let _ = writeln!(
                 o,
-                "| # | at (s) | server | term | restarted at (s) | kill → first grant by another server (ms) |"
+                "| # | at (s) | server | term | restarted at (s) | signal → first grant by another server (ms) |"
             );
             let _ = writeln!(o, "|---|---|---|---|---|---|");
             for (i, (k, f)) in kills.iter().zip(&self.failover_us).enumerate() {
