@@ -22,7 +22,7 @@ pub struct Args {
     /// TOML file with any of the options below (flags win).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// A server of the cluster, HOST[:PORT] (port 7400 if omitted; repeat).
+    /// A server of the cluster, `HOST[:PORT]` (port 7400 if omitted; repeat).
     #[arg(long, value_name = "ADDR")]
     server: Vec<String>,
     /// A sequence to serve (repeat) [default: default].
