@@ -506,6 +506,16 @@ impl ConsensusNode {
     /// Raises a sequence's ceiling to at least `ceiling` and returns the
     /// committed ceiling, which is `>= ceiling` (max semantics). Once this
     /// returns, every future leader sees a ceiling at least this high.
+    ///
+    /// **Not for a granting leader.** Like every [`ConsensusNode::write`],
+    /// this forwards to the current leader when this node is not (or no
+    /// longer) leader, so a success does not prove the ceiling was committed
+    /// in *this* node's term. A leader that grants ids under the ceiling it
+    /// raised must commit the raise on its own node only (the engine uses
+    /// `raft().client_write`, which fails with `ForwardToLeader` once the node
+    /// is deposed): a deposed leader that accepted a ceiling committed under
+    /// a newer leader's term could grant ids that leader grants too. This
+    /// method is for tools and tests.
     pub async fn raise_ceiling(&self, name: &SequenceName, ceiling: Id) -> Result<Id> {
         match self
             .write(Command::RaiseCeiling {
