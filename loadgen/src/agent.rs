@@ -113,6 +113,9 @@ const READ_TIMEOUTS: [Duration; 5] = [
     Duration::from_millis(50),
 ];
 
+/// How long redirects back to a leader that announced its departure are ignored.
+const DEPARTED: Duration = Duration::from_millis(1_000);
+
 /// Upper bound of the retransmit timeout.
 pub const RTO_MS_MAX: u64 = 1_000;
 
@@ -177,6 +180,9 @@ pub struct Agent {
     max_end: Id,
     last_rotate: Instant,
     last_heard: Instant,
+    /// A leader that said it is leaving (`LeaderChange`), and when: redirects back to it
+    /// are ignored for [`DEPARTED`].
+    departed: Option<(SocketAddr, Instant)>,
     out: AgentResult,
     rng: SmallRng,
     /// An outgoing datagram held back (reorder), and where to.
@@ -216,6 +222,7 @@ impl Agent {
             max_end: 0,
             last_rotate: now,
             last_heard: now,
+            departed: None,
             out: AgentResult {
                 grants: Vec::new(),
                 unanswered: Vec::new(),
@@ -460,6 +467,19 @@ impl Agent {
                     return;
                 }
                 self.out.redirects += 1;
+                let departed = self
+                    .departed
+                    .is_some_and(|(a, at)| Some(a) == leader && now.duration_since(at) < DEPARTED);
+                if departed {
+                    // The successor named by LeaderChange does not lead yet and still names
+                    // the leader that left: stay, and ask it again shortly.
+                    let later = now + Duration::from_millis(10);
+                    for r in self.inflight.values_mut() {
+                        r.retry_at = r.retry_at.min(later);
+                    }
+                    self.hello_due = self.hello_due.min(later);
+                    return;
+                }
                 match leader {
                     Some(l) if l != self.target => self.target = l,
                     // Unknown leader (an election), or it names the server we asked: wait a
@@ -484,6 +504,7 @@ impl Agent {
                     return;
                 }
                 self.out.leader_changes += 1;
+                self.departed = Some((from, now));
                 self.target = leader;
                 self.retry_all_now(now);
                 self.hello_due = now;
