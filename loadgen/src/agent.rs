@@ -48,7 +48,7 @@ pub struct Shared {
     pub ids: AtomicU64,
     /// Errors received.
     pub errors: AtomicU64,
-    /// Retransmits sent.
+    /// Requests sent again, for any reason.
     pub retransmits: AtomicU64,
 }
 
@@ -135,8 +135,12 @@ pub struct AgentResult {
     pub failed: u64,
     /// Requests answered within each of [`AVAILABILITY_US`].
     pub answered_within: [u64; 3],
-    /// Retransmits.
+    /// Retransmits after a timeout (same seq, same server).
     pub retransmits: u64,
+    /// Resends to another server (redirect, silent server, new registration).
+    pub redirect_resends: u64,
+    /// Resends after `NotReady`, `RateLimited` or `Internal`.
+    pub error_retries: u64,
     /// `NotLeader` answers followed.
     pub redirects: u64,
     /// `LeaderChange` messages followed.
@@ -156,8 +160,21 @@ pub struct AgentResult {
 struct Request {
     first_sent: Instant,
     retry_at: Instant,
+    /// Why it will be sent again at `retry_at`.
+    why: Resend,
     attempts: u32,
     floor: Id,
+}
+
+/// Why a request is sent again (same seq).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Resend {
+    /// No answer within the RTO.
+    Timeout,
+    /// Another server: a redirect, a silent server, a new registration.
+    Redirect,
+    /// The server said `NotReady`, `RateLimited` or `Internal`.
+    Error,
 }
 
 /// One agent; `run` drives it until the run ends.
@@ -233,6 +250,8 @@ impl Agent {
                 failed: 0,
                 answered_within: [0; 3],
                 retransmits: 0,
+                redirect_resends: 0,
+                error_retries: 0,
                 redirects: 0,
                 leader_changes: 0,
                 registrations: 0,
@@ -379,6 +398,7 @@ impl Agent {
     fn retry_all_now(&mut self, now: Instant) {
         for r in self.inflight.values_mut() {
             r.retry_at = now;
+            r.why = Resend::Redirect;
             r.attempts = 0;
         }
     }
@@ -476,6 +496,7 @@ impl Agent {
                     let later = now + Duration::from_millis(10);
                     for r in self.inflight.values_mut() {
                         r.retry_at = r.retry_at.min(later);
+                        r.why = Resend::Redirect;
                     }
                     self.hello_due = self.hello_due.min(later);
                     return;
@@ -491,6 +512,8 @@ impl Agent {
                         }
                         for r in self.inflight.values_mut() {
                             r.retry_at = r.retry_at.min(later);
+                            r.why = Resend::Redirect;
+                            r.why = Resend::Redirect;
                         }
                         self.hello_due = self.hello_due.min(later);
                         return;
@@ -526,6 +549,7 @@ impl Agent {
                     ErrorCode::NotReady | ErrorCode::RateLimited | ErrorCode::Internal => {
                         if let Some(r) = self.inflight.get_mut(&h.reply_to) {
                             r.retry_at = later;
+                            r.why = Resend::Error;
                         }
                     }
                     ErrorCode::NotRegistered => {
@@ -585,6 +609,7 @@ impl Agent {
                         Request {
                             first_sent: now,
                             retry_at: now + self.rto(0),
+                            why: Resend::Timeout,
                             attempts: 0,
                             floor: self.max_end,
                         },
@@ -616,16 +641,21 @@ impl Agent {
                     .collect();
                 for seq in due {
                     self.send_request(seq);
-                    let rto = {
+                    let (attempts, why) = {
                         let r = self.inflight.get_mut(&seq).expect("listed above");
                         r.attempts += 1;
-                        r.attempts
+                        (r.attempts, r.why)
                     };
-                    let at = now + self.rto(rto);
+                    let at = now + self.rto(attempts);
                     if let Some(r) = self.inflight.get_mut(&seq) {
                         r.retry_at = at;
+                        r.why = Resend::Timeout;
                     }
-                    self.out.retransmits += 1;
+                    match why {
+                        Resend::Timeout => self.out.retransmits += 1,
+                        Resend::Redirect => self.out.redirect_resends += 1,
+                        Resend::Error => self.out.error_retries += 1,
+                    }
                     self.shared.retransmits.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -386,7 +386,7 @@ fn run() -> anyhow::Result<bool> {
                 .min(shared.requests_max);
             eprintln!(
                 "loadgen: t={:>5.1}s grants/s={:>8} ids/s={:>10} requests={} grants={} \
-                 outstanding={} errors={} retransmits={}",
+                 outstanding={} errors={} resends={}",
                 now.duration_since(start).as_secs_f64(),
                 g - last_grants,
                 ids - last_ids,
@@ -462,6 +462,8 @@ struct Summary {
     failed: u64,
     answered_within: [u64; 3],
     retransmits: u64,
+    redirect_resends: u64,
+    error_retries: u64,
     redirects: u64,
     leader_changes: u64,
     registrations: u64,
@@ -499,6 +501,8 @@ impl Summary {
             failed: 0,
             answered_within: [0; 3],
             retransmits: 0,
+            redirect_resends: 0,
+            error_retries: 0,
             redirects: 0,
             leader_changes: 0,
             registrations: 0,
@@ -524,6 +528,8 @@ impl Summary {
             s.requests += r.requests;
             s.failed += r.failed;
             s.retransmits += r.retransmits;
+            s.redirect_resends += r.redirect_resends;
+            s.error_retries += r.error_retries;
             s.redirects += r.redirects;
             s.leader_changes += r.leader_changes;
             s.registrations += r.registrations;
@@ -654,7 +660,17 @@ impl Summary {
             o,
             "## Availability (fraction of requests answered within)\n"
         );
-        let _ = writeln!(o, "| 10 ms | 100 ms | 1 s |");
+        let heads: Vec<String> = AVAILABILITY_US
+            .iter()
+            .map(|us| {
+                if us % 1_000_000 == 0 {
+                    format!("{} s", us / 1_000_000)
+                } else {
+                    format!("{} ms", us / 1_000)
+                }
+            })
+            .collect();
+        let _ = writeln!(o, "| {} |", heads.join(" | "));
         let _ = writeln!(o, "|---|---|---|");
         let frac = |n: u64| {
             if self.requests == 0 {
@@ -670,14 +686,18 @@ impl Summary {
             frac(self.answered_within[1]),
             frac(self.answered_within[2])
         );
-        let _ = AVAILABILITY_US; // the thresholds above
         let _ = writeln!(o, "## Protocol\n");
         let _ = writeln!(o, "| what | count |");
         let _ = writeln!(o, "|---|---|");
         for (what, n) in [
+            ("retransmits after a timeout (same seq)", self.retransmits),
             (
-                "resends (timeouts, redirects, retries after an error)",
-                self.retransmits,
+                "resends to another server (redirect, silence, registration)",
+                self.redirect_resends,
+            ),
+            (
+                "retries after NotReady/RateLimited/Internal",
+                self.error_retries,
             ),
             ("NotLeader redirects followed", self.redirects),
             ("LeaderChange followed", self.leader_changes),

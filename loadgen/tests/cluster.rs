@@ -158,7 +158,7 @@ fn checker_passes_through_lost_duplicated_reordered_and_corrupted_datagrams() {
     // Corrupted answers fail the CRC; lost ones are resent.
     assert!(count("undecodable datagrams") > 0, "{text}");
     assert!(
-        count("resends (timeouts, redirects, retries after an error)") > 0,
+        count("retransmits after a timeout (same seq)") > 0,
         "{text}"
     );
 }
