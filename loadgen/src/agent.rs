@@ -215,12 +215,17 @@ fn seed_for(seed: u64, index: u32) -> u64 {
 
 impl Agent {
     /// A new agent with its own socket on 127.0.0.1.
-    pub fn new(index: u32, cfg: AgentConfig, shared: Arc<Shared>, incarnation: u64) -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind an agent socket on 127.0.0.1");
+    pub fn new(
+        index: u32,
+        cfg: AgentConfig,
+        shared: Arc<Shared>,
+        incarnation: u64,
+    ) -> std::io::Result<Self> {
+        let sock = UdpSocket::bind("127.0.0.1:0")?;
         let now = Instant::now();
         let target = cfg.servers[index as usize % cfg.servers.len()];
         let cfg_seed = cfg.seed;
-        Agent {
+        Ok(Agent {
             index,
             target,
             target_index: index as usize % cfg.servers.len(),
@@ -263,7 +268,7 @@ impl Agent {
             rng: SmallRng::seed_from_u64(seed_for(cfg_seed, index)),
             held_out: None,
             held_in: None,
-        }
+        })
     }
 
     fn t_us(&self, at: Instant) -> u64 {

@@ -259,7 +259,8 @@ fn run() -> anyhow::Result<bool> {
         .unwrap_or(1);
     let handles: Vec<_> = (0..args.agents)
         .map(|i| {
-            let agent = Agent::new(i as u32, cfg.clone(), shared.clone(), incarnation);
+            let agent = Agent::new(i as u32, cfg.clone(), shared.clone(), incarnation)
+                .context("bind an agent socket on 127.0.0.1")?;
             std::thread::Builder::new()
                 .name(format!("agent-{i}"))
                 .spawn(move || agent.run())
