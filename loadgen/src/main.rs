@@ -257,6 +257,15 @@ fn run() -> anyhow::Result<bool> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(1);
+    // Ctrl-C or SIGTERM: stop the agents, report, and stop the spawned servers on the way
+    // out. A second one exits at once (the servers are then left running).
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, interrupted.clone())
+            .context("install a signal handler")?;
+        signal_hook::flag::register(signal, interrupted.clone())
+            .context("install a signal handler")?;
+    }
     let handles: Vec<_> = (0..args.agents)
         .map(|i| {
             let agent = Agent::new(i as u32, cfg.clone(), shared.clone(), incarnation)
@@ -284,6 +293,10 @@ fn run() -> anyhow::Result<bool> {
         let now = Instant::now();
         if handles.iter().all(|h| h.is_finished()) {
             break;
+        }
+        if interrupted.load(Ordering::Relaxed) && !shared.abort.swap(true, Ordering::Relaxed) {
+            eprintln!("loadgen: interrupted: stopping (again to quit at once)");
+            notes.push("interrupted by a signal before the end".to_owned());
         }
         if let Some(c) = cluster.as_mut() {
             for (id, st) in c.exited() {
