@@ -515,6 +515,25 @@ fn decode_payload(t: MessageType, p: &[u8]) -> Result<Message<'_>, DecodeError> 
                 more: m.more(),
             }
         }
+        T::AddServer => {
+            let m = root::<fb::AddServer>(p)?;
+            Message::AddServer {
+                id: m.id(),
+                raft: endpoint_from_fb(m.raft(), "add server raft")?,
+                listen: endpoint_from_fb(m.listen(), "add server listen")?,
+            }
+        }
+        T::RemoveServer => {
+            let m = root::<fb::RemoveServer>(p)?;
+            Message::RemoveServer { id: m.id() }
+        }
+        T::Membership => {
+            let m = root::<fb::Membership>(p)?;
+            Message::Membership {
+                voters: servers(m.voters())?,
+                truncated: m.truncated(),
+            }
+        }
     };
     Ok(m)
 }
@@ -897,6 +916,27 @@ fn build_payload(fbb: &mut FlatBufferBuilder<'static>, message: &Message<'_>) {
                     more,
                 },
             );
+            fbb.finish_minimal(root);
+        }
+        Message::AddServer { id, raft, listen } => {
+            let (raft, listen) = (endpoint_to_fb(&raft), endpoint_to_fb(&listen));
+            let root = fb::AddServer::create(
+                fbb,
+                &fb::AddServerArgs {
+                    id,
+                    raft: Some(&raft),
+                    listen: Some(&listen),
+                },
+            );
+            fbb.finish_minimal(root);
+        }
+        Message::RemoveServer { id } => {
+            let root = fb::RemoveServer::create(fbb, &fb::RemoveServerArgs { id });
+            fbb.finish_minimal(root);
+        }
+        Message::Membership { voters, truncated } => {
+            let voters = servers_vector(fbb, &voters);
+            let root = fb::Membership::create(fbb, &fb::MembershipArgs { voters, truncated });
             fbb.finish_minimal(root);
         }
     }

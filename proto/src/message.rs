@@ -74,11 +74,17 @@ pub enum MessageType {
     StatusRequest = 17,
     /// [`Message::StatusReply`].
     StatusReply = 18,
+    /// [`Message::AddServer`].
+    AddServer = 19,
+    /// [`Message::RemoveServer`].
+    RemoveServer = 20,
+    /// [`Message::Membership`].
+    Membership = 21,
 }
 
 impl MessageType {
     /// Every message type, in number order.
-    pub const ALL: [MessageType; 18] = [
+    pub const ALL: [MessageType; 21] = [
         MessageType::Ping,
         MessageType::Pong,
         MessageType::Hello,
@@ -97,6 +103,9 @@ impl MessageType {
         MessageType::SequenceListReply,
         MessageType::StatusRequest,
         MessageType::StatusReply,
+        MessageType::AddServer,
+        MessageType::RemoveServer,
+        MessageType::Membership,
     ];
 
     /// The message type with this number, or `None`.
@@ -916,6 +925,27 @@ pub enum Message<'a> {
         /// More sequences follow.
         more: bool,
     },
+    /// Adds a server to the cluster (learner, then voter once caught up).
+    AddServer {
+        /// The new server's node id (never 0).
+        id: NodeId,
+        /// Its Raft (TCP) address.
+        raft: SocketAddr,
+        /// Its UDP address for agents and tools.
+        listen: SocketAddr,
+    },
+    /// Removes a server from the cluster.
+    RemoveServer {
+        /// The server's node id (never 0).
+        id: NodeId,
+    },
+    /// The voters after a membership change committed.
+    Membership {
+        /// The voters (at most [`SERVERS_MAX`]).
+        voters: List<'a, Server>,
+        /// More voters exist than `voters` holds.
+        truncated: bool,
+    },
 }
 
 impl Message<'_> {
@@ -940,6 +970,9 @@ impl Message<'_> {
             Message::SequenceListReply { .. } => MessageType::SequenceListReply,
             Message::StatusRequest { .. } => MessageType::StatusRequest,
             Message::StatusReply { .. } => MessageType::StatusReply,
+            Message::AddServer { .. } => MessageType::AddServer,
+            Message::RemoveServer { .. } => MessageType::RemoveServer,
+            Message::Membership { .. } => MessageType::Membership,
         }
     }
 
@@ -1091,6 +1124,13 @@ impl Message<'_> {
                 check_len("sequences", sequences.len(), STATUS_SEQUENCES_MAX)?;
                 sequences.iter().try_for_each(|s| s.check())
             }
+            Message::AddServer { id, raft, listen } => {
+                check_node_id("add server id", id)?;
+                check_addr("add server raft", &raft)?;
+                check_addr("add server listen", &listen)
+            }
+            Message::RemoveServer { id } => check_node_id("remove server id", id),
+            Message::Membership { voters, .. } => servers(&voters),
         }
     }
 }

@@ -116,7 +116,7 @@ fn unsupported_version() {
 
 #[test]
 fn unknown_type() {
-    for t in [0u8, 19, 200, 255] {
+    for t in [0u8, 22, 200, 255] {
         let d = frame_raw(t, 0, 1, &[], None);
         assert_eq!(
             decode(&d, None),

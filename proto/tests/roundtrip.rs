@@ -296,6 +296,21 @@ proptest! {
             more,
         });
     }
+
+    #[test]
+    fn add_server(h in header(), id in node_id(), raft in addr(), listen in addr()) {
+        roundtrip(h, &Message::AddServer { id, raft, listen });
+    }
+
+    #[test]
+    fn remove_server(h in header(), id in node_id()) {
+        roundtrip(h, &Message::RemoveServer { id });
+    }
+
+    #[test]
+    fn membership(h in header(), voters in servers(16), truncated in any::<bool>()) {
+        roundtrip(h, &Message::Membership { voters: List::new(&voters), truncated });
+    }
 }
 
 /// A few valid messages of different shapes, to mutate.
@@ -347,7 +362,7 @@ proptest! {
     /// re-encode to an equal message.
     #[test]
     fn arbitrary_payloads_never_panic(
-        t in 1u8..=18,
+        t in 1u8..=21,
         payload in prop::collection::vec(any::<u8>(), 0..400),
     ) {
         let datagram = frame_raw(t, 0, 1, &payload, None);
@@ -448,6 +463,9 @@ fn message_type_numbers_are_stable() {
         (MessageType::SequenceListReply, 16),
         (MessageType::StatusRequest, 17),
         (MessageType::StatusReply, 18),
+        (MessageType::AddServer, 19),
+        (MessageType::RemoveServer, 20),
+        (MessageType::Membership, 21),
     ];
     assert_eq!(expected.len(), MessageType::ALL.len());
     for (t, n) in expected {
@@ -455,7 +473,7 @@ fn message_type_numbers_are_stable() {
         assert_eq!(MessageType::from_u8(n), Some(t));
     }
     assert_eq!(MessageType::from_u8(0), None);
-    assert_eq!(MessageType::from_u8(19), None);
+    assert_eq!(MessageType::from_u8(22), None);
     assert_eq!(MessageType::from_u8(255), None);
 }
 
@@ -608,6 +626,16 @@ fn write_fuzz_seeds() {
             servers: List::new(&statuses),
             sequences: List::new(&seqs),
             more: false,
+        },
+        Message::AddServer {
+            id: 4,
+            raft: "127.0.0.1:7504".parse().unwrap(),
+            listen: "127.0.0.1:7404".parse().unwrap(),
+        },
+        Message::RemoveServer { id: 4 },
+        Message::Membership {
+            voters: List::new(&servers),
+            truncated: false,
         },
     ];
     let mut codec = Codec::new();

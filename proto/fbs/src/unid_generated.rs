@@ -4373,5 +4373,408 @@ pub mod unid {
                 ds.finish()
             }
         }
+        pub enum AddServerOffset {}
+        #[derive(Copy, Clone, PartialEq)]
+
+        /// Type 19. An operator adds a server to the cluster at runtime. The leader
+        /// adds it as a learner, waits until it has caught up, then makes it a voter.
+        /// Answered (by the leader, after the change committed) by Membership, or by
+        /// NotLeader or Error (Unauthorized, RateLimited, BadRequest, NotReady,
+        /// Internal).
+        pub struct AddServer<'a> {
+            pub _tab: ::flatbuffers::Table<'a>,
+        }
+
+        impl<'a> ::flatbuffers::Follow<'a> for AddServer<'a> {
+            type Inner = AddServer<'a>;
+            #[inline]
+            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+                Self {
+                    _tab: unsafe { ::flatbuffers::Table::new(buf, loc) },
+                }
+            }
+        }
+
+        impl<'a> AddServer<'a> {
+            pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+            pub const VT_RAFT: ::flatbuffers::VOffsetT = 6;
+            pub const VT_LISTEN: ::flatbuffers::VOffsetT = 8;
+
+            #[inline]
+            pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+                AddServer { _tab: table }
+            }
+            #[allow(unused_mut)]
+            pub fn create<
+                'bldr: 'args,
+                'args: 'mut_bldr,
+                'mut_bldr,
+                A: ::flatbuffers::Allocator + 'bldr,
+            >(
+                _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+                args: &'args AddServerArgs<'args>,
+            ) -> ::flatbuffers::WIPOffset<AddServer<'bldr>> {
+                let mut builder = AddServerBuilder::new(_fbb);
+                builder.add_id(args.id);
+                if let Some(x) = args.listen {
+                    builder.add_listen(x);
+                }
+                if let Some(x) = args.raft {
+                    builder.add_raft(x);
+                }
+                builder.finish()
+            }
+
+            /// The new server's node id (never 0).
+            #[inline]
+            pub fn id(&self) -> u64 {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe { self._tab.get::<u64>(AddServer::VT_ID, Some(0)).unwrap() }
+            }
+            /// Its Raft (TCP) address. Required.
+            #[inline]
+            pub fn raft(&self) -> &'a Endpoint {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe { self._tab.get::<Endpoint>(AddServer::VT_RAFT, None).unwrap() }
+            }
+            /// Its UDP address for agents and tools. Required.
+            #[inline]
+            pub fn listen(&self) -> &'a Endpoint {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe {
+                    self._tab
+                        .get::<Endpoint>(AddServer::VT_LISTEN, None)
+                        .unwrap()
+                }
+            }
+        }
+
+        impl ::flatbuffers::Verifiable for AddServer<'_> {
+            #[inline]
+            fn run_verifier(
+                v: &mut ::flatbuffers::Verifier,
+                pos: usize,
+            ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+                v.visit_table(pos)?
+                    .visit_field::<u64>("id", Self::VT_ID, false)?
+                    .visit_field::<Endpoint>("raft", Self::VT_RAFT, true)?
+                    .visit_field::<Endpoint>("listen", Self::VT_LISTEN, true)?
+                    .finish();
+                Ok(())
+            }
+        }
+        pub struct AddServerArgs<'a> {
+            pub id: u64,
+            pub raft: Option<&'a Endpoint>,
+            pub listen: Option<&'a Endpoint>,
+        }
+        impl<'a> Default for AddServerArgs<'a> {
+            #[inline]
+            fn default() -> Self {
+                AddServerArgs {
+                    id: 0,
+                    raft: None,   // required field
+                    listen: None, // required field
+                }
+            }
+        }
+
+        pub struct AddServerBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+            fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+            start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+        }
+        impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AddServerBuilder<'a, 'b, A> {
+            #[inline]
+            pub fn add_id(&mut self, id: u64) {
+                self.fbb_.push_slot::<u64>(AddServer::VT_ID, id, 0);
+            }
+            #[inline]
+            pub fn add_raft(&mut self, raft: &Endpoint) {
+                self.fbb_
+                    .push_slot_always::<&Endpoint>(AddServer::VT_RAFT, raft);
+            }
+            #[inline]
+            pub fn add_listen(&mut self, listen: &Endpoint) {
+                self.fbb_
+                    .push_slot_always::<&Endpoint>(AddServer::VT_LISTEN, listen);
+            }
+            #[inline]
+            pub fn new(
+                _fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+            ) -> AddServerBuilder<'a, 'b, A> {
+                let start = _fbb.start_table();
+                AddServerBuilder {
+                    fbb_: _fbb,
+                    start_: start,
+                }
+            }
+            #[inline]
+            pub fn finish(self) -> ::flatbuffers::WIPOffset<AddServer<'a>> {
+                let o = self.fbb_.end_table(self.start_);
+                self.fbb_.required(o, AddServer::VT_RAFT, "raft");
+                self.fbb_.required(o, AddServer::VT_LISTEN, "listen");
+                ::flatbuffers::WIPOffset::new(o.value())
+            }
+        }
+
+        impl ::core::fmt::Debug for AddServer<'_> {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                let mut ds = f.debug_struct("AddServer");
+                ds.field("id", &self.id());
+                ds.field("raft", &self.raft());
+                ds.field("listen", &self.listen());
+                ds.finish()
+            }
+        }
+        pub enum RemoveServerOffset {}
+        #[derive(Copy, Clone, PartialEq)]
+
+        /// Type 20. An operator removes a server (voter or learner) from the cluster
+        /// at runtime. Answered like AddServer. The removed server stops by itself.
+        pub struct RemoveServer<'a> {
+            pub _tab: ::flatbuffers::Table<'a>,
+        }
+
+        impl<'a> ::flatbuffers::Follow<'a> for RemoveServer<'a> {
+            type Inner = RemoveServer<'a>;
+            #[inline]
+            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+                Self {
+                    _tab: unsafe { ::flatbuffers::Table::new(buf, loc) },
+                }
+            }
+        }
+
+        impl<'a> RemoveServer<'a> {
+            pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+
+            #[inline]
+            pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+                RemoveServer { _tab: table }
+            }
+            #[allow(unused_mut)]
+            pub fn create<
+                'bldr: 'args,
+                'args: 'mut_bldr,
+                'mut_bldr,
+                A: ::flatbuffers::Allocator + 'bldr,
+            >(
+                _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+                args: &'args RemoveServerArgs,
+            ) -> ::flatbuffers::WIPOffset<RemoveServer<'bldr>> {
+                let mut builder = RemoveServerBuilder::new(_fbb);
+                builder.add_id(args.id);
+                builder.finish()
+            }
+
+            /// The server's node id (never 0).
+            #[inline]
+            pub fn id(&self) -> u64 {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe { self._tab.get::<u64>(RemoveServer::VT_ID, Some(0)).unwrap() }
+            }
+        }
+
+        impl ::flatbuffers::Verifiable for RemoveServer<'_> {
+            #[inline]
+            fn run_verifier(
+                v: &mut ::flatbuffers::Verifier,
+                pos: usize,
+            ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+                v.visit_table(pos)?
+                    .visit_field::<u64>("id", Self::VT_ID, false)?
+                    .finish();
+                Ok(())
+            }
+        }
+        pub struct RemoveServerArgs {
+            pub id: u64,
+        }
+        impl<'a> Default for RemoveServerArgs {
+            #[inline]
+            fn default() -> Self {
+                RemoveServerArgs { id: 0 }
+            }
+        }
+
+        pub struct RemoveServerBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+            fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+            start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+        }
+        impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RemoveServerBuilder<'a, 'b, A> {
+            #[inline]
+            pub fn add_id(&mut self, id: u64) {
+                self.fbb_.push_slot::<u64>(RemoveServer::VT_ID, id, 0);
+            }
+            #[inline]
+            pub fn new(
+                _fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+            ) -> RemoveServerBuilder<'a, 'b, A> {
+                let start = _fbb.start_table();
+                RemoveServerBuilder {
+                    fbb_: _fbb,
+                    start_: start,
+                }
+            }
+            #[inline]
+            pub fn finish(self) -> ::flatbuffers::WIPOffset<RemoveServer<'a>> {
+                let o = self.fbb_.end_table(self.start_);
+                ::flatbuffers::WIPOffset::new(o.value())
+            }
+        }
+
+        impl ::core::fmt::Debug for RemoveServer<'_> {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                let mut ds = f.debug_struct("RemoveServer");
+                ds.field("id", &self.id());
+                ds.finish()
+            }
+        }
+        pub enum MembershipOffset {}
+        #[derive(Copy, Clone, PartialEq)]
+
+        /// Type 21. The cluster's voters after a membership change committed.
+        pub struct Membership<'a> {
+            pub _tab: ::flatbuffers::Table<'a>,
+        }
+
+        impl<'a> ::flatbuffers::Follow<'a> for Membership<'a> {
+            type Inner = Membership<'a>;
+            #[inline]
+            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+                Self {
+                    _tab: unsafe { ::flatbuffers::Table::new(buf, loc) },
+                }
+            }
+        }
+
+        impl<'a> Membership<'a> {
+            pub const VT_VOTERS: ::flatbuffers::VOffsetT = 4;
+            pub const VT_TRUNCATED: ::flatbuffers::VOffsetT = 6;
+
+            #[inline]
+            pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+                Membership { _tab: table }
+            }
+            #[allow(unused_mut)]
+            pub fn create<
+                'bldr: 'args,
+                'args: 'mut_bldr,
+                'mut_bldr,
+                A: ::flatbuffers::Allocator + 'bldr,
+            >(
+                _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+                args: &'args MembershipArgs<'args>,
+            ) -> ::flatbuffers::WIPOffset<Membership<'bldr>> {
+                let mut builder = MembershipBuilder::new(_fbb);
+                if let Some(x) = args.voters {
+                    builder.add_voters(x);
+                }
+                builder.add_truncated(args.truncated);
+                builder.finish()
+            }
+
+            /// The voters (at most SERVERS_MAX = 16), with their UDP addresses.
+            #[inline]
+            pub fn voters(&self) -> Option<::flatbuffers::Vector<'a, ServerEntry>> {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe {
+                    self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ServerEntry>>>(Membership::VT_VOTERS, None)
+                }
+            }
+            /// More voters exist than `voters` holds.
+            #[inline]
+            pub fn truncated(&self) -> bool {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe {
+                    self._tab
+                        .get::<bool>(Membership::VT_TRUNCATED, Some(false))
+                        .unwrap()
+                }
+            }
+        }
+
+        impl ::flatbuffers::Verifiable for Membership<'_> {
+            #[inline]
+            fn run_verifier(
+                v: &mut ::flatbuffers::Verifier,
+                pos: usize,
+            ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+                v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ServerEntry>>>("voters", Self::VT_VOTERS, false)?
+     .visit_field::<bool>("truncated", Self::VT_TRUNCATED, false)?
+     .finish();
+                Ok(())
+            }
+        }
+        pub struct MembershipArgs<'a> {
+            pub voters: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ServerEntry>>>,
+            pub truncated: bool,
+        }
+        impl<'a> Default for MembershipArgs<'a> {
+            #[inline]
+            fn default() -> Self {
+                MembershipArgs {
+                    voters: None,
+                    truncated: false,
+                }
+            }
+        }
+
+        pub struct MembershipBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+            fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+            start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+        }
+        impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MembershipBuilder<'a, 'b, A> {
+            #[inline]
+            pub fn add_voters(
+                &mut self,
+                voters: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b, ServerEntry>>,
+            ) {
+                self.fbb_
+                    .push_slot_always::<::flatbuffers::WIPOffset<_>>(Membership::VT_VOTERS, voters);
+            }
+            #[inline]
+            pub fn add_truncated(&mut self, truncated: bool) {
+                self.fbb_
+                    .push_slot::<bool>(Membership::VT_TRUNCATED, truncated, false);
+            }
+            #[inline]
+            pub fn new(
+                _fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+            ) -> MembershipBuilder<'a, 'b, A> {
+                let start = _fbb.start_table();
+                MembershipBuilder {
+                    fbb_: _fbb,
+                    start_: start,
+                }
+            }
+            #[inline]
+            pub fn finish(self) -> ::flatbuffers::WIPOffset<Membership<'a>> {
+                let o = self.fbb_.end_table(self.start_);
+                ::flatbuffers::WIPOffset::new(o.value())
+            }
+        }
+
+        impl ::core::fmt::Debug for Membership<'_> {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                let mut ds = f.debug_struct("Membership");
+                ds.field("voters", &self.voters());
+                ds.field("truncated", &self.truncated());
+                ds.finish()
+            }
+        }
     } // pub mod wire
 } // pub mod unid
