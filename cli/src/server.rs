@@ -46,6 +46,9 @@ pub struct Args {
     /// Agent lease in milliseconds [default: 10000].
     #[arg(long)]
     lease_ms: Option<u32>,
+    /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// The `--config` file.
@@ -62,6 +65,7 @@ struct FileConfig {
     secret_file: Option<PathBuf>,
     shards: Option<usize>,
     lease_ms: Option<u32>,
+    metrics: Option<SocketAddr>,
 }
 
 fn parse_peer(s: &str) -> anyhow::Result<Peer> {
@@ -115,6 +119,7 @@ fn build(args: Args) -> anyhow::Result<ServerConfig> {
     if let Some(lease_ms) = args.lease_ms.or(file.lease_ms) {
         config.lease_ms = lease_ms;
     }
+    config.metrics_addr = args.metrics.or(file.metrics);
     let peers = if args.peer.is_empty() {
         file.peer
     } else {
@@ -183,6 +188,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         id,
         udp = %handle.udp_addr(),
         raft = %handle.raft_addr(),
+        metrics = ?handle.metrics_addr(),
         "server running"
     );
     handle.wait().context("server")?;
@@ -206,7 +212,7 @@ mod tests {
         let path = dir.path().join("s.toml");
         std::fs::write(
             &path,
-            "id = 2\nlisten = \"127.0.0.1:9000\"\npeer = [\"1=127.0.0.1:1=127.0.0.1:2\", \"2=127.0.0.1:3=127.0.0.1:4\"]\n",
+            "id = 2\nmetrics = \"127.0.0.1:9400\"\nlisten = \"127.0.0.1:9000\"\npeer = [\"1=127.0.0.1:1=127.0.0.1:2\", \"2=127.0.0.1:3=127.0.0.1:4\"]\n",
         )
         .unwrap();
         let cli = Cli::parse_from([
@@ -221,6 +227,7 @@ mod tests {
         assert_eq!(c.udp_addr, "127.0.0.1:9001".parse().unwrap());
         assert_eq!(c.peers.len(), 1);
         assert_eq!(c.peers[0].id, 1);
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9400".parse().unwrap()));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - [`server`] is the unid server process: shards whose handler grants blocks from
 //!   `unid-core`'s allocator, and a control task on a tokio thread driving `unid-consensus`
 //!   (leader tracking, ceiling raises, registrations, graceful handoff, fail-stop).
+//! - [`metrics`] formats Prometheus text metrics and serves them over HTTP (`--metrics`).
 //! - [`client`] is a small blocking UDP client of servers, for operator tools and tests.
 //!
 //! # Why `recvmmsg` after io_uring readiness, not one io_uring op per datagram
@@ -44,6 +45,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 pub mod client;
+pub mod metrics;
 pub mod server;
 pub mod shard;
 pub mod udp;

@@ -162,6 +162,9 @@ pub struct ServerConfig {
     pub replies_per_agent_max: usize,
     /// Datagrams per second one source address may send (burst: twice this).
     pub source_rate_per_s: u32,
+    /// Serve Prometheus metrics over HTTP here (`GET /metrics`; port 0: any; see
+    /// [`ServerHandle::metrics_addr`]).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -184,6 +187,7 @@ impl ServerConfig {
             agents_max: 16_384,
             replies_per_agent_max: 64,
             source_rate_per_s: 20_000,
+            metrics_addr: None,
         }
     }
 
@@ -353,6 +357,9 @@ struct Core {
     admin_global: Bucket,
     /// Every server: id → UDP address.
     servers: BTreeMap<NodeId, SocketAddr>,
+    /// Blocks and ids granted by this server, by sequence (for the metrics; only sequences
+    /// the allocator knows, so bounded by the sequences that exist).
+    granted: HashMap<String, (u64, Id)>,
 }
 
 impl Core {
@@ -434,6 +441,7 @@ struct Shared {
     control_tx: mpsc::Sender<Control>,
     seq: AtomicU64,
     stats: ServerStats,
+    counters: crate::metrics::ServerCounters,
     consensus_stopped: AtomicBool,
 }
 
@@ -456,6 +464,9 @@ impl Shared {
         reply_to: SeqNo,
         msg: &Message<'_>,
     ) -> Result<Vec<u8>, EncodeError> {
+        if let Message::Error { code, .. } = msg {
+            self.counters.error_sent(*code);
+        }
         let mut buf = [0u8; DATAGRAM_BYTES_MAX];
         let header = Header {
             sender: self.id,
@@ -504,6 +515,8 @@ impl ServerHandler {
         if out.push(to, datagram).is_err() {
             // Cannot happen: the shard leaves room for one answer per call.
             bump(&self.shared.stats.dropped_unexpected);
+        } else {
+            bump(&self.shared.counters.datagrams_out);
         }
     }
 
@@ -582,6 +595,7 @@ impl ServerHandler {
             Ok(f) => f,
             Err(e) => {
                 bump(&stats.dropped_malformed);
+                shared.counters.decode_failed(&e);
                 tracing::debug!(%from, "dropped datagram: {e}");
                 return None;
             }
@@ -882,6 +896,13 @@ impl ServerHandler {
         let (msg_result, cache) = match result {
             Ok(block) => {
                 bump(&shared.stats.grants);
+                match core.granted.get_mut(sequence) {
+                    Some(g) => *g = (g.0 + 1, g.1.saturating_add(Id::from(block.count()))),
+                    None => {
+                        core.granted
+                            .insert(sequence.to_owned(), (1, Id::from(block.count())));
+                    }
+                }
                 let width = width.expect("granted from a known sequence");
                 let d = shared.encode(
                     &mut self.codec,
@@ -1177,6 +1198,10 @@ impl Handler for ServerHandler {
             ShardMessage::Send { to, datagram } => self.push(out, to, &datagram),
         }
     }
+
+    fn on_peer_error(&mut self, err: crate::udp::PeerError, _now_us: u64) {
+        self.shared.counters.send_failed(err.kind);
+    }
 }
 
 // ---------------------------------------------------------------------- handle ---
@@ -1226,6 +1251,8 @@ pub struct ServerHandle {
     /// Weak, so that the control task alone owns the node and can shut it down.
     consensus: std::sync::Weak<ConsensusNode>,
     thread: std::thread::JoinHandle<Result<(), ServerError>>,
+    /// The `GET /metrics` endpoint, if configured; stops when the handle is dropped.
+    metrics: Option<crate::metrics::MetricsServer>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -1247,6 +1274,16 @@ impl ServerHandle {
     /// The Raft address the consensus node is bound to.
     pub fn raft_addr(&self) -> SocketAddr {
         self.raft_addr
+    }
+
+    /// The address of the metrics endpoint, if [`ServerConfig::metrics_addr`] was set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
+    }
+
+    /// The metrics in the Prometheus text format, as `GET /metrics` serves them.
+    pub fn metrics_text(&self) -> String {
+        render_metrics(&self.shared, &self.consensus)
     }
 
     /// A [`Stopper`] for other threads.
@@ -1345,11 +1382,13 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
                 at_us: now_us(),
             },
             servers: BTreeMap::new(),
+            granted: HashMap::new(),
         }),
         raise_notify: Notify::new(),
         control_tx,
         seq: AtomicU64::new(1),
         stats: ServerStats::default(),
+        counters: crate::metrics::ServerCounters::default(),
         consensus_stopped: AtomicBool::new(false),
     });
 
@@ -1397,6 +1436,17 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
     }
 
+    let metrics = match config.metrics_addr {
+        Some(addr) => {
+            let (shared, weak) = (shared.clone(), Arc::downgrade(&consensus));
+            let render: crate::metrics::Render = Arc::new(move || render_metrics(&shared, &weak));
+            let m = crate::metrics::MetricsServer::start(addr, render)?;
+            tracing::info!(id = config.id, addr = %m.local_addr(), "metrics on GET /metrics");
+            Some(m)
+        }
+        None => None,
+    };
+
     let (stop_tx, stop_rx) = watch::channel(StopMode::Run);
     let stopper = Stopper {
         tx: Arc::new(stop_tx),
@@ -1430,7 +1480,64 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         shared,
         consensus: weak,
         thread,
+        metrics,
     })
+}
+
+/// Gathers the server's figures (counters are atomics; gauges are read under the `Core` lock,
+/// then the consensus state's read lock, in that order) and formats them after the locks
+/// are released. Holds the consensus node only while reading its state: the control task must
+/// own it alone to stop it.
+fn render_metrics(shared: &Shared, consensus: &std::sync::Weak<ConsensusNode>) -> String {
+    use crate::metrics::{METRICS_SEQUENCES_MAX, SequenceGauges, ServerGauges};
+    let stats = shared.stats.snapshot();
+    let mut omitted = 0;
+    let gauges = {
+        let core = shared.core();
+        let leads =
+            core.leader == Some(shared.id) && matches!(core.phase, Phase::Leading | Phase::Warming);
+        let mut g = ServerGauges {
+            term: core.term,
+            is_leader: leads,
+            granting: core.phase == Phase::Leading && core.allocator.is_some(),
+            agents: core.agents.len(),
+            sequences: Vec::new(),
+        };
+        let consensus = if core.phase == Phase::Stopped {
+            None
+        } else {
+            consensus.upgrade()
+        };
+        if let Some(consensus) = consensus {
+            consensus.with_state(|st| {
+                omitted = st
+                    .state
+                    .sequences
+                    .len()
+                    .saturating_sub(METRICS_SEQUENCES_MAX);
+                for (n, s) in st.state.sequences.iter().take(METRICS_SEQUENCES_MAX) {
+                    let width = s.width();
+                    let (mut ceiling, mut next) = (s.ceiling, s.ceiling);
+                    if let (Some(alloc), Ok(name)) = (core.allocator.as_ref(), SequenceName::new(n))
+                        && let Some(v) = alloc.sequence(&name)
+                    {
+                        ceiling = ceiling.max(v.committed_ceiling);
+                        next = v.next;
+                    }
+                    let (grants, ids) = core.granted.get(n).copied().unwrap_or((0, 0));
+                    g.sequences.push(SequenceGauges {
+                        name: n.clone(),
+                        grants,
+                        ids,
+                        ceiling,
+                        ids_left: width.limit().saturating_sub(next.max(s.start)),
+                    });
+                }
+            });
+        }
+        g
+    };
+    crate::metrics::render_server(&stats, &shared.counters, &gauges, omitted)
 }
 
 /// The address to tell others: a wildcard bind address is replaced by the Raft address's IP
@@ -1546,6 +1653,9 @@ impl Controller {
         let was = (core.leader, core.term, core.phase);
         core.term = info.term;
         core.leader = if info.member { info.leader } else { None };
+        if core.leader.is_some() && core.leader != was.0 {
+            bump(&self.shared.counters.leader_changes);
+        }
         let leads = info.member && info.leader == Some(id);
         if info.member {
             self.was_member.store(true, Ordering::Relaxed);
@@ -1557,6 +1667,7 @@ impl Controller {
         }
         if leads {
             if was.2 == Phase::Follower || was.1 != info.term {
+                bump(&self.shared.counters.leaderships);
                 core.drop_allocator("new term");
                 core.phase = Phase::Warming;
                 tracing::info!(
@@ -1796,8 +1907,10 @@ impl Controller {
             name: raise.sequence.as_str().to_owned(),
             ceiling: raise.ceiling,
         };
+        let started_us = now_us();
         let res =
             tokio::time::timeout(self.write_timeout, self.consensus.raft().client_write(cmd)).await;
+        let took_us = now_us().saturating_sub(started_us);
         let outcome: Result<Id, String> = match res {
             Err(_) => Err(format!("timed out after {:?}", self.write_timeout)),
             Ok(Err(e)) => Err(e.to_string()),
@@ -1817,6 +1930,7 @@ impl Controller {
         match outcome {
             Ok(ceiling) => {
                 bump(&self.shared.stats.raises_committed);
+                self.shared.counters.raise_latency.observe_us(took_us);
                 if let Err(e) = alloc.on_raise_committed(&raise.sequence, ceiling) {
                     tracing::warn!(sequence = %raise.sequence.as_str(), "raise refused ({e}); dropping the allocator");
                     core.drop_allocator("a ceiling this leader did not propose");
