@@ -2,6 +2,7 @@
 //! with an `Args` (clap) and a `run(args) -> anyhow::Result<()>`.
 
 mod agent;
+mod cluster;
 mod config;
 mod dev;
 mod next;
@@ -32,6 +33,9 @@ enum Command {
     Sequence(sequence::Command),
     /// Show the cluster at a glance: servers, leader, agents, sequences.
     Status(status::Args),
+    /// Add or remove servers while the cluster runs.
+    #[command(subcommand)]
+    Cluster(cluster::Command),
     /// Start a local cluster and an agent on 127.0.0.1 for development; Ctrl-C stops it all.
     Dev(dev::Args),
 }
@@ -44,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Command::Next(args) => next::run(args),
         Command::Sequence(cmd) => sequence::run(cmd),
         Command::Status(args) => status::run(args),
+        Command::Cluster(cmd) => cluster::run(cmd),
         Command::Dev(args) => dev::run(args),
     };
     match result {

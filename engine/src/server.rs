@@ -44,6 +44,17 @@
 //!   what a spoofed flood can reflect. With a cluster secret, nothing unauthenticated is
 //!   answered at all.
 //!
+//! # Membership changes
+//! `AddServer` and `RemoveServer` (from `unid cluster`) are admin requests: rate limited like
+//! the others and, with a cluster secret, only accepted authenticated. A follower answers
+//! `NotLeader` (the client follows it; nothing is forwarded). The leader runs one change at a
+//! time (a second one meanwhile gets `Error{NotReady}`): `AddServer` adds the server as a
+//! learner, waits until it has caught up, makes it a voter and records its UDP address;
+//! `RemoveServer` removes a voter (not the leader itself: hand leadership over first, e.g.
+//! SIGTERM), after which the removed server stops by itself. Both are idempotent (adding a
+//! voter with the same id, or removing a server that is not one, changes nothing) and answer
+//! `Membership` with the voters once the change committed, or `Error`.
+//!
 //! # Leases and bounds
 //! Agents are soft state: an agent not heard from (any datagram) for `lease_ms` is forgotten
 //! and must `Hello` again (it gets `NotRegistered`). At most [`ServerConfig::agents_max`]
@@ -415,6 +426,24 @@ enum Control {
         width: Width,
         start: Id,
     },
+    Membership {
+        from: SocketAddr,
+        reply_to: SeqNo,
+        op: MembershipOp,
+    },
+}
+
+/// A membership change an operator asked for.
+#[derive(Debug)]
+enum MembershipOp {
+    Add {
+        id: NodeId,
+        raft: SocketAddr,
+        listen: SocketAddr,
+    },
+    Remove {
+        id: NodeId,
+    },
 }
 
 /// Messages the control task sends to a shard.
@@ -773,6 +802,34 @@ impl ServerHandler {
                     return None;
                 }
                 self.node_table(&core, h.seq, page)
+            }
+            Message::AddServer { .. } | Message::RemoveServer { .. } => {
+                // decode() already refused unauthenticated datagrams when there is a key.
+                if shared.key.is_some() && !frame.authenticated {
+                    return None;
+                }
+                if !self.admin_allowed(&mut core, from, now_us) {
+                    return None;
+                }
+                if !leading {
+                    return self.not_leader(&core, h.seq, req);
+                }
+                let op = match frame.message {
+                    Message::AddServer { id, raft, listen } => {
+                        MembershipOp::Add { id, raft, listen }
+                    }
+                    Message::RemoveServer { id } => MembershipOp::Remove { id },
+                    _ => return None,
+                };
+                let request = Control::Membership {
+                    from,
+                    reply_to: h.seq,
+                    op,
+                };
+                if shared.control_tx.try_send(request).is_err() {
+                    return self.error(term, h.seq, ErrorCode::NotReady, None, 100);
+                }
+                None
             }
             _ => {
                 bump(&stats.dropped_unexpected);
@@ -1462,6 +1519,7 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         udp_addr: advertised(udp_addr, raft_addr),
         write_timeout: Duration::from_millis(config.timing.write_timeout_ms),
         was_member: AtomicBool::new(false),
+        membership_busy: tokio::sync::Mutex::new(()),
     };
     let thread = std::thread::Builder::new()
         .name(format!("unid-server-{}", config.id))
@@ -1568,6 +1626,8 @@ struct Controller {
     write_timeout: Duration,
     /// This server has been a member of the cluster (so losing membership means removal).
     was_member: AtomicBool,
+    /// Held while a membership change an operator asked for runs (one at a time).
+    membership_busy: tokio::sync::Mutex<()>,
 }
 
 impl Controller {
@@ -2092,7 +2152,130 @@ impl Controller {
                         .await;
                 }
             }
+            Control::Membership { from, reply_to, op } => {
+                let datagram = self.change_membership(reply_to, op).await;
+                if let Ok(datagram) = datagram {
+                    let _ = self
+                        .sender
+                        .send(ShardMessage::Send { to: from, datagram })
+                        .await;
+                }
+            }
         }
+    }
+
+    /// Runs one membership change an operator asked for and encodes the answer (see the
+    /// module docs, "Membership changes").
+    async fn change_membership(
+        &self,
+        reply_to: SeqNo,
+        op: MembershipOp,
+    ) -> Result<Vec<u8>, EncodeError> {
+        let term = self.shared.core().term;
+        let error = |code: ErrorCode, retry_after_ms: u32, text: &str| {
+            let mut c = Codec::new();
+            let mut n = text.len().min(100);
+            while !text.is_char_boundary(n) {
+                n -= 1;
+            }
+            let text = &text[..n];
+            self.shared.encode(
+                &mut c,
+                term,
+                reply_to,
+                &Message::Error {
+                    code,
+                    sequence: None,
+                    retry_after_ms,
+                    text,
+                },
+            )
+        };
+        let Ok(_busy) = self.membership_busy.try_lock() else {
+            return error(ErrorCode::NotReady, 200, "a membership change is running");
+        };
+        let voters = self.consensus.metrics().voters;
+        let res = match op {
+            MembershipOp::Add { id, raft, listen } => {
+                if id == self.shared.id || self.id_taken_elsewhere(id, raft) {
+                    return error(ErrorCode::BadRequest, 0, "server id already in use");
+                }
+                if voters.contains(&id) {
+                    Ok(())
+                } else {
+                    tracing::info!(id, %raft, %listen, "adding server (learner, then voter)");
+                    match self.consensus.add_server(id, &raft.to_string()).await {
+                        Ok(()) => self
+                            .consensus
+                            .write(Command::UpsertServer {
+                                id,
+                                addr: listen.to_string(),
+                            })
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+            MembershipOp::Remove { id } => {
+                if id == self.shared.id {
+                    return error(
+                        ErrorCode::BadRequest,
+                        0,
+                        "cannot remove the leader: stop it (SIGTERM hands leadership over) or ask again after",
+                    );
+                }
+                if !voters.contains(&id) {
+                    Ok(())
+                } else if voters.len() <= 1 {
+                    return error(ErrorCode::BadRequest, 0, "cannot remove the last voter");
+                } else {
+                    tracing::info!(id, "removing server");
+                    self.consensus.remove_server(id).await
+                }
+            }
+        };
+        if let Err(e) = res {
+            tracing::warn!("membership change failed: {e}");
+            let code = match e {
+                unid_consensus::Error::Config(_) | unid_consensus::Error::Rejected(_) => {
+                    ErrorCode::BadRequest
+                }
+                _ => ErrorCode::NotReady,
+            };
+            return error(code, 200, &format!("membership change: {e}"));
+        }
+        self.refresh_servers();
+        let voters = self.consensus.metrics().voters;
+        let list: Vec<Server> = {
+            let core = self.shared.core();
+            voters
+                .iter()
+                .filter_map(|id| core.servers.get(id).map(|&addr| Server { id: *id, addr }))
+                .collect()
+        };
+        tracing::info!(voters = ?voters, "membership changed");
+        let n = list.len().min(SERVERS_MAX);
+        let mut codec = Codec::new();
+        self.shared.encode(
+            &mut codec,
+            term,
+            reply_to,
+            &Message::Membership {
+                voters: List::new(&list[..n]),
+                truncated: n < voters.len(),
+            },
+        )
+    }
+
+    /// Whether `id` is already a voter or learner at another Raft address.
+    fn id_taken_elsewhere(&self, id: NodeId, raft: SocketAddr) -> bool {
+        let m = self.consensus.raft().metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .is_some_and(|n| n.addr != raft.to_string())
     }
 
     /// Stops: notices (graceful, as leader), shards, then Raft (with handoff if graceful).
