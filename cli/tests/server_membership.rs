@@ -94,7 +94,9 @@ fn a_server_added_at_runtime_votes_and_a_removed_one_stops() {
     let peers: Vec<String> = servers.iter().map(Server::peer_arg).collect();
     servers[3].start(&peers, false);
     let new = servers[3].peer_arg();
-    let out = cluster_cmd(&["cluster", "add-server", &new], &first3);
+    // Asked through a follower first: it redirects to the leader.
+    let follower = servers[..3].iter().find(|s| s.id != leader).unwrap().udp;
+    let out = cluster_cmd(&["cluster", "add-server", &new], &[follower, lu]);
     eprintln!("add-server:\n{out}");
     assert!(out.contains("voters:"), "{out}");
     assert!(out.contains(&format!("  4 {}", servers[3].udp)), "{out}");
@@ -137,4 +139,75 @@ fn a_server_added_at_runtime_votes_and_a_removed_one_stops() {
     want.retain(|id| *id != gone);
     wait_voters(&rest, &want, Duration::from_secs(15));
     grants(&mut agent, lu, 10, end);
+}
+
+/// With a cluster secret, membership requests without it get no answer; with it, the leader
+/// answers, and refuses what it must not do (remove itself, reuse a member's id elsewhere).
+#[test]
+fn membership_changes_need_the_secret_and_refuse_bad_requests() {
+    let root = tempfile::tempdir().unwrap();
+    let secret = root.path().join("secret");
+    std::fs::write(&secret, "membership secret\n").unwrap();
+    let mut servers = servers(root.path(), 1);
+    let s = &mut servers[0];
+    let log = std::fs::File::create(&s.log).unwrap();
+    s.child = Some(
+        std::process::Command::new(UNID)
+            .args(["server", "--id", "1", "--init"])
+            .args(["--listen", &s.udp.to_string()])
+            .args(["--raft", &s.raft.to_string()])
+            .arg("--data-dir")
+            .arg(&s.dir)
+            .arg("--secret-file")
+            .arg(&secret)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let addr = s.udp.to_string();
+    let secret = secret.to_str().unwrap();
+    let with = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend([
+            "--server",
+            &addr,
+            "--secret-file",
+            secret,
+            "--timeout-ms",
+            "3000",
+        ]);
+        unid(&all)
+    };
+    // Removing a server that is not a member changes nothing (once the server leads).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let (ok, out, err) = with(&["cluster", "remove-server", "7"]);
+        if ok {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "{err}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(out.contains(&format!("  1 {addr}")), "{out}");
+    // Without the secret: no answer at all.
+    let (ok, _, err) = unid(&[
+        "cluster",
+        "remove-server",
+        "7",
+        "--server",
+        &addr,
+        "--timeout-ms",
+        "700",
+    ]);
+    assert!(!ok && err.contains("no answer"), "{err}");
+    // The leader does not remove itself.
+    let (ok, _, err) = with(&["cluster", "remove-server", "1"]);
+    assert!(!ok && err.contains("BadRequest"), "{err}");
+    // A member's id at another Raft address is refused.
+    let (ok, _, err) = with(&["cluster", "add-server", "1=127.0.0.1:9=127.0.0.1:9"]);
+    assert!(!ok && err.contains("BadRequest"), "{err}");
+    // A malformed argument never reaches the wire.
+    let (ok, _, err) = with(&["cluster", "add-server", "2=127.0.0.1:9"]);
+    assert!(!ok && err.contains("ID=RAFT_ADDR=UDP_ADDR"), "{err}");
 }
