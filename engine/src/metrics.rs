@@ -617,8 +617,9 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, render: &Render) {
                 let spawned = std::thread::Builder::new()
                     .name("unid-metrics-conn".into())
                     .spawn(move || {
+                        // Frees the slot even if rendering panics.
+                        let _slot = Slot(active2);
                         serve(stream, &render);
-                        active2.fetch_sub(1, Ordering::AcqRel);
                     });
                 if spawned.is_err() {
                     active.fetch_sub(1, Ordering::AcqRel);
@@ -633,6 +634,15 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, render: &Render) {
                 std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));
             }
         }
+    }
+}
+
+/// One of the [`CONNECTIONS_MAX`] connection slots, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
