@@ -742,6 +742,78 @@ unid_server_lat_seconds_count 4\n";
     }
 
     #[test]
+    fn decode_failures_are_grouped_and_rendered_by_reason() {
+        use unid_proto::DecodeError as D;
+        let c = ServerCounters::default();
+        for e in [
+            D::BadCrc {
+                computed: 1,
+                found: 2,
+            },
+            D::MissingTag,
+            D::BadTag,
+            D::UnexpectedTag,
+            D::TooShort { len: 3 },
+            D::LengthMismatch {
+                expected: 40,
+                actual: 30,
+            },
+            D::LengthMismatch {
+                expected: 30,
+                actual: 40,
+            },
+            D::BadMagic { found: [0, 0] },
+        ] {
+            c.decode_failed(&e);
+        }
+        c.error_sent(unid_proto::ErrorCode::Exhausted);
+        c.send_failed(crate::udp::PeerErrorKind::Refused);
+        let g = ServerGauges {
+            sequences: vec![SequenceGauges {
+                name: "a\"b".into(),
+                grants: 2,
+                ids: u128::from(u64::MAX) + 1,
+                ceiling: 10,
+                ids_left: 5,
+            }],
+            ..ServerGauges::default()
+        };
+        let stats = crate::server::ServerStatsSnapshot {
+            dropped_rate: 4,
+            ..Default::default()
+        };
+        let text = render_server(&stats, &c, &g, 0);
+        for line in [
+            "unid_server_datagrams_dropped_total{reason=\"bad_crc\"} 1\n",
+            "unid_server_datagrams_dropped_total{reason=\"auth\"} 3\n",
+            "unid_server_datagrams_dropped_total{reason=\"truncated\"} 2\n",
+            "unid_server_datagrams_dropped_total{reason=\"malformed\"} 2\n",
+            "unid_server_datagrams_dropped_total{reason=\"rate_limited\"} 4\n",
+            "unid_server_errors_sent_total{code=\"Exhausted\"} 1\n",
+            "unid_server_send_errors_total{kind=\"refused\"} 1\n",
+            "unid_server_sequence_ids_granted_total{sequence=\"a\\\"b\"} 18446744073709551616\n",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+        // Every sample belongs to a family declared once, with HELP and TYPE.
+        let mut declared = std::collections::HashSet::new();
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(declared.insert(name.to_owned()), "{name} declared twice");
+                assert!(text.contains(&format!("# HELP {name} ")), "{name}");
+            } else if !l.starts_with('#') {
+                let name = l.split(['{', ' ']).next().unwrap();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| declared.contains(*f)))
+                    .unwrap_or(name);
+                assert!(declared.contains(family), "{name} has no TYPE");
+            }
+        }
+    }
+
+    #[test]
     fn only_get_metrics_is_routed() {
         assert_eq!(route(b"GET /metrics HTTP/1.1\r\n\r\n"), Route::Metrics);
         assert_eq!(route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Route::Metrics);
