@@ -53,7 +53,9 @@
 //! `RemoveServer` removes a voter (not the leader itself: hand leadership over first, e.g.
 //! SIGTERM), after which the removed server stops by itself. Both are idempotent (adding a
 //! voter with the same id, or removing a server that is not one, changes nothing) and answer
-//! `Membership` with the voters once the change committed, or `Error`.
+//! `Membership` with the voters once the change committed, or `Error`. An add whose server
+//! never catches up (not running, wrong address) fails after 5 Raft write timeouts and leaves
+//! it a learner, which `RemoveServer` does not remove (known gap).
 //!
 //! # Leases and bounds
 //! Agents are soft state: an agent not heard from (any datagram) for `lease_ms` is forgotten
