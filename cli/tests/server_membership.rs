@@ -207,6 +207,12 @@ fn membership_changes_need_the_secret_and_refuse_bad_requests() {
     // A member's id at another Raft address is refused.
     let (ok, _, err) = with(&["cluster", "add-server", "1=127.0.0.1:9=127.0.0.1:9"]);
     assert!(!ok && err.contains("BadRequest"), "{err}");
+    // A server whose Raft address accepts no connection (not started, typo) is refused
+    // before the membership changes, and the cluster keeps committing.
+    let (ok, _, err) = with(&["cluster", "add-server", "5=127.0.0.1:9=127.0.0.1:9"]);
+    assert!(!ok && err.contains("BadRequest"), "{err}");
+    let (ok, out, err) = with(&["sequence", "create", "after-refused-add"]);
+    assert!(ok, "{out} {err}");
     // A malformed argument never reaches the wire.
     let (ok, _, err) = with(&["cluster", "add-server", "2=127.0.0.1:9"]);
     assert!(!ok && err.contains("ID=RAFT_ADDR=UDP_ADDR"), "{err}");

@@ -53,9 +53,11 @@
 //! `RemoveServer` removes a voter (not the leader itself: hand leadership over first, e.g.
 //! SIGTERM), after which the removed server stops by itself. Both are idempotent (adding a
 //! voter with the same id, or removing a server that is not one, changes nothing) and answer
-//! `Membership` with the voters once the change committed, or `Error`. An add whose server
-//! never catches up (not running, wrong address) fails after 5 Raft write timeouts and leaves
-//! it a learner, which `RemoveServer` does not remove (known gap).
+//! `Membership` with the voters once the change committed, or `Error`. An add whose Raft
+//! address accepts no TCP connection is refused (`BadRequest`) before the membership is
+//! touched: a learner that never answers stalls later changes. One that accepts but never
+//! catches up fails after 5 Raft write timeouts and stays a learner, which `RemoveServer` does
+//! not remove (known gap).
 //!
 //! # Leases and bounds
 //! Agents are soft state: an agent not heard from (any datagram) for `lease_ms` is forgotten
@@ -446,6 +448,24 @@ enum MembershipOp {
     Remove {
         id: NodeId,
     },
+}
+
+/// Whether something accepts TCP connections at `raft` within 3 s (checked before a server is
+/// added, so that a typo or a server not started is refused up front; a server just started
+/// gets the time to bind).
+async fn raft_reachable(raft: SocketAddr) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let attempt =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(raft));
+        if matches!(attempt.await, Ok(Ok(_))) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Messages the control task sends to a shard.
@@ -2204,6 +2224,14 @@ impl Controller {
                 }
                 if voters.contains(&id) {
                     Ok(())
+                } else if !raft_reachable(raft).await {
+                    // A learner that never answers stalls later membership changes (and, seen
+                    // on a 1-server cluster, every write): refuse before touching the membership.
+                    return error(
+                        ErrorCode::BadRequest,
+                        0,
+                        "the new server's Raft address does not accept connections: start it first",
+                    );
                 } else {
                     tracing::info!(id, %raft, %listen, "adding server (learner, then voter)");
                     match self.consensus.add_server(id, &raft.to_string()).await {
