@@ -23,11 +23,12 @@ fn udp_of(servers: &[Server], id: u64) -> SocketAddr {
     servers.iter().find(|s| s.id == id).unwrap().udp
 }
 
-/// `n` grants of 1000 from `leader`, each above the last and above `floor`; returns the end.
-fn grants(agent: &mut Agent, leader: SocketAddr, seq: &str, n: usize, floor: u128) -> u128 {
+/// `n` grants of 1000 from the leader (`*leader`, redirects followed), each above the last
+/// and above `floor`; returns the end.
+fn grants(agent: &mut Agent, leader: &mut SocketAddr, seq: &str, n: usize, floor: u128) -> u128 {
     let mut end = floor;
     for _ in 0..n {
-        let (first, count) = agent.grant(leader, seq, 1000, Duration::from_secs(10));
+        let (first, count) = grant_following(agent, leader, seq, 1000, Duration::from_secs(10));
         assert!(first >= end, "block {first}+{count} not above {end}");
         end = first + count as u128;
     }
@@ -64,8 +65,9 @@ fn five_servers_survive_two_leader_kills() {
     let (mut leader, _) = wait_leader(&addrs(&alive, &servers), None, Duration::from_secs(20));
     create_sequence(&addrs(&alive, &servers), "five", 8);
     let mut agent = Agent::new();
-    agent.register(udp_of(&servers, leader), Duration::from_secs(10));
-    let mut end = grants(&mut agent, udp_of(&servers, leader), "five", 20, 0);
+    let mut lu = udp_of(&servers, leader);
+    let mut end = grants(&mut agent, &mut lu, "five", 20, 0);
+    leader = servers.iter().find(|s| s.udp == lu).unwrap().id;
 
     for round in 1..=2 {
         let killed = Instant::now();
@@ -76,14 +78,14 @@ fn five_servers_survive_two_leader_kills() {
             Some(leader),
             Duration::from_secs(20),
         );
-        let nl = udp_of(&servers, next);
-        end = grants(&mut agent, nl, "five", 1, end);
+        let mut nl = udp_of(&servers, next);
+        end = grants(&mut agent, &mut nl, "five", 1, end);
         eprintln!(
             "kill {round}: leader {leader} → {next}, first grant after {:?}",
             killed.elapsed()
         );
-        end = grants(&mut agent, nl, "five", 19, end);
-        leader = next;
+        end = grants(&mut agent, &mut nl, "five", 19, end);
+        leader = servers.iter().find(|s| s.udp == nl).unwrap().id;
     }
     assert_eq!(alive.len(), 3);
 }
@@ -96,10 +98,10 @@ fn a_leader_in_a_minority_grants_nothing_above_its_committed_ceiling() {
     let all: Vec<SocketAddr> = servers.iter().map(|s| s.udp).collect();
     let (leader, _) = wait_leader(&all, None, Duration::from_secs(20));
     create_sequence(&all, "minority", 8);
-    let lu = udp_of(&servers, leader);
+    let mut lu = udp_of(&servers, leader);
     let mut agent = Agent::new();
-    agent.register(lu, Duration::from_secs(10));
-    let end = grants(&mut agent, lu, "minority", 20, 0);
+    let end = grants(&mut agent, &mut lu, "minority", 20, 0);
+    let leader = servers.iter().find(|s| s.udp == lu).unwrap().id;
     let before = ceiling(lu, "minority");
 
     // Freeze three followers: the leader and one follower are a minority.
@@ -189,7 +191,7 @@ fn a_leader_in_a_minority_grants_nothing_above_its_committed_ceiling() {
         signal(&servers[i], "-CONT");
     }
     let (now, _) = wait_leader(&all, None, Duration::from_secs(20));
-    let nl = udp_of(&servers, now);
-    let after = grants(&mut agent, nl, "minority", 10, end);
+    let mut nl = udp_of(&servers, now);
+    let after = grants(&mut agent, &mut nl, "minority", 10, end);
     assert!(after > end);
 }

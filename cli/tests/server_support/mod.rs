@@ -374,3 +374,50 @@ pub fn create_sequence(servers: &[SocketAddr], name: &str, width: u8) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Asks `*target` for a block until granted, following `NotLeader` redirects (updating
+/// `*target`), registering where the agent is not known and retrying `NotReady`; panics after
+/// `timeout`. For tests where a busy machine may move leadership meanwhile.
+pub fn grant_following(
+    agent: &mut Agent,
+    target: &mut SocketAddr,
+    sequence: &str,
+    count: u64,
+    timeout: Duration,
+) -> (u128, u64) {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    while Instant::now() < deadline {
+        let r = agent.call(
+            *target,
+            &Message::BlockRequest { sequence, count },
+            Duration::from_millis(500),
+        );
+        match r {
+            Some(Reply::Grant { first, count }) => return (first, count),
+            Some(Reply::NotLeader {
+                leader: Some(leader),
+            }) if leader != *target => *target = leader,
+            Some(Reply::Error(ErrorCode::NotRegistered)) => {
+                let hello = Message::Hello {
+                    role: NodeRole::Agent,
+                    incarnation: 1,
+                    name: "test-agent-with-a-long-enough-name",
+                    listen: None,
+                    backup_of: None,
+                };
+                agent.node_id = 0;
+                match agent.call(*target, &hello, Duration::from_millis(500)) {
+                    Some(Reply::Welcome { node_id }) => agent.node_id = node_id,
+                    Some(Reply::NotLeader {
+                        leader: Some(leader),
+                    }) => *target = leader,
+                    other => last = other,
+                }
+            }
+            other => last = other,
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no grant from {target}: last answer {last:?}");
+}
