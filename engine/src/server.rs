@@ -397,6 +397,28 @@ impl Core {
         self.pending_raises.clear();
     }
 
+    /// The fast failure signal: a send to `dest` came back refused or unreachable, so an
+    /// agent registered from that address is gone (its socket is closed, or its host or
+    /// network is). Its lease ends now rather than after `lease_ms` of silence. Only soft
+    /// state is dropped: an agent that is in fact alive gets `NotRegistered` on its next
+    /// request and registers again, under a new node id. Returns the agents forgotten.
+    fn forget_unreachable(&mut self, dest: SocketAddr) -> Vec<NodeId> {
+        let gone: Vec<NodeId> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.addr == dest)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &gone {
+            self.agents.remove(id);
+        }
+        if !gone.is_empty() {
+            let agents = &self.agents;
+            self.hellos.retain(|_, id| agents.contains_key(id));
+        }
+        gone
+    }
+
     fn expire(&mut self, now_us: u64, lease_us: u64) {
         let before = self.agents.len();
         self.agents
@@ -1279,7 +1301,20 @@ impl Handler for ServerHandler {
     }
 
     fn on_peer_error(&mut self, err: crate::udp::PeerError, _now_us: u64) {
+        use crate::udp::PeerErrorKind as K;
         self.shared.counters.send_failed(err.kind);
+        if matches!(err.kind, K::Refused | K::HostUnreachable | K::NetUnreachable) {
+            let gone = self.shared.core().forget_unreachable(err.dest);
+            // One line per agent forgotten (a state change), none per failed datagram.
+            for id in gone {
+                tracing::info!(
+                    node_id = id,
+                    addr = %err.dest,
+                    kind = ?err.kind,
+                    "agent unreachable: its lease ends now"
+                );
+            }
+        }
     }
 }
 
@@ -2417,6 +2452,55 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn empty_core() -> Core {
+        Core {
+            phase: Phase::Leading,
+            term: 1,
+            leader: Some(1),
+            allocator: None,
+            pending_raises: Vec::new(),
+            agents: HashMap::new(),
+            hellos: HashMap::new(),
+            hellos_pending: HashSet::new(),
+            replies: ReplyCache::new(ReplyCacheConfig::DEFAULT).unwrap(),
+            sources: HashMap::new(),
+            admin_sources: HashMap::new(),
+            admin_global: Bucket {
+                tokens: 0.0,
+                at_us: 0,
+            },
+            servers: BTreeMap::new(),
+            granted: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn an_unreachable_agent_is_forgotten_at_once_and_only_it() {
+        let mut core = empty_core();
+        let dead: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        let alive: SocketAddr = "127.0.0.1:40002".parse().unwrap();
+        for (id, addr, incarnation) in [(7, dead, 1), (8, alive, 2)] {
+            core.agents.insert(
+                id,
+                Agent {
+                    addr,
+                    last_seen_us: 1_000,
+                },
+            );
+            core.hellos.insert((addr, incarnation), id);
+        }
+        assert_eq!(core.forget_unreachable(dead), vec![7]);
+        assert!(!core.agents.contains_key(&7));
+        assert!(core.agents.contains_key(&8));
+        assert_eq!(core.hellos.len(), 1);
+        assert_eq!(core.hellos.get(&(alive, 2)), Some(&8));
+        // A second error for the same address changes nothing (and logs nothing).
+        assert!(core.forget_unreachable(dead).is_empty());
+        let unknown: SocketAddr = "127.0.0.1:40003".parse().unwrap();
+        assert!(core.forget_unreachable(unknown).is_empty());
+        assert_eq!(core.agents.len(), 1);
+    }
 
     fn len(msg: &Message<'_>) -> usize {
         let mut buf = [0u8; DATAGRAM_BYTES_MAX];
