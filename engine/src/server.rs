@@ -1303,7 +1303,10 @@ impl Handler for ServerHandler {
     fn on_peer_error(&mut self, err: crate::udp::PeerError, _now_us: u64) {
         use crate::udp::PeerErrorKind as K;
         self.shared.counters.send_failed(err.kind);
-        if matches!(err.kind, K::Refused | K::HostUnreachable | K::NetUnreachable) {
+        if matches!(
+            err.kind,
+            K::Refused | K::HostUnreachable | K::NetUnreachable
+        ) {
             let gone = self.shared.core().forget_unreachable(err.dest);
             // One line per agent forgotten (a state change), none per failed datagram.
             for id in gone {
