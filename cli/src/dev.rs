@@ -324,9 +324,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "unid dev: the first ids of sequence `default`: {}",
         ids.join(" ")
     );
+    // The command as the user typed it (`./target/release/unid`, or `unid` on the PATH).
+    let me = std::env::args().next().unwrap_or_else(|| "unid".to_owned());
     println!("unid dev: in another terminal:");
-    println!("    unid next -n 5            # five more ids, one per line");
-    println!("    unid status               # servers, leader, agents, sequences");
+    println!("    {me} next -n 5            # five more ids, one per line");
+    println!("    {me} status               # servers, leader, agents, sequences");
     println!(
         "    exec 3<>/dev/tcp/{}/{}; echo 'NEXT default 3' >&3; head -n4 <&3   # any language: the localhost socket",
         args.socket.ip(),
