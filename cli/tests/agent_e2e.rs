@@ -176,3 +176,63 @@ fn agent_serves_unique_increasing_ids_through_leader_stop_and_kill() {
         "{log}"
     );
 }
+
+/// Two application processes at once, one through the ring and one through
+/// the localhost socket (`unid next` with no ring in its folder falls back to
+/// the socket), against three real servers; then the agent is restarted,
+/// gracefully and by SIGKILL. Every id is unique, each consumer's ids
+/// increase, and a restarted agent's ids are above everything before.
+#[test]
+fn ring_and_socket_consumers_at_once_and_agent_restarts_never_repeat() {
+    let root = tempfile::tempdir().unwrap();
+    let mut servers = servers(root.path(), 3);
+    start_cluster(&mut servers);
+    let addrs: Vec<_> = servers.iter().map(|s| s.udp).collect();
+    wait_leader(&addrs, None, Duration::from_secs(20));
+    create_sequence(&addrs, "e2e", 8);
+    let ring_dir = root.path().join("rings");
+    // A folder with no ring in it: a consumer pointed here uses the socket.
+    let no_ring_dir = root.path().join("no-rings");
+    std::fs::create_dir_all(&no_ring_dir).unwrap();
+    let socket = SocketAddr::from(([127, 0, 0, 1], free_port()));
+
+    let mut seen = HashSet::new();
+    let mut floor = 0u128;
+    for (run, stop) in [(0, "SIGTERM"), (1, "SIGKILL"), (2, "end")] {
+        let mut agent = start_agent(
+            &addrs,
+            &ring_dir,
+            socket,
+            root.path().join(format!("agent-{run}.log")),
+        );
+        let via_ring = next(&ring_dir, socket, 20_000);
+        let via_socket = next(&no_ring_dir, socket, 5_000);
+        let (a, b) = (collect(via_ring, &agent), collect(via_socket, &agent));
+        assert_eq!((a.len(), b.len()), (20_000, 5_000), "run {run}");
+        for id in a.iter().chain(&b) {
+            assert!(seen.insert(*id), "run {run}: id {id} repeated");
+            assert!(
+                *id > floor,
+                "run {run}: id {id} not above every id of earlier runs ({floor})"
+            );
+        }
+        floor = *a.iter().chain(&b).max().unwrap();
+        let pid = nix::unistd::Pid::from_raw(agent.child.id() as i32);
+        match stop {
+            "SIGTERM" => {
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while agent.child.try_wait().unwrap().is_none() {
+                    assert!(Instant::now() < deadline, "agent ignored SIGTERM");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            "SIGKILL" => {
+                agent.child.kill().unwrap();
+                agent.child.wait().unwrap();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(seen.len(), 3 * 25_000);
+}
