@@ -3,6 +3,7 @@
 
 mod agent;
 mod cluster;
+mod echo;
 mod wire;
 
 use std::fmt::Write as _;
@@ -114,6 +115,13 @@ struct Args {
     /// Keep the spawned servers' data dirs and logs (printed at the end).
     #[arg(long)]
     keep_data: bool,
+    /// Instead of servers, start a UDP echo peer on 127.0.0.1 and drive it with the same
+    /// agents: the network-stack baseline for grants/s (see `src/echo.rs`).
+    #[arg(long)]
+    echo_peer: bool,
+    /// Threads of the echo peer.
+    #[arg(long, default_value_t = 2)]
+    echo_threads: usize,
 }
 
 /// One kill by the nemesis.
@@ -174,7 +182,10 @@ fn validate(a: &Args) -> anyhow::Result<Width> {
     if a.every_ms < 100 {
         bail!("--every-ms must be at least 100");
     }
-    match (a.spawn_servers, a.servers.is_empty()) {
+    if a.echo_peer && (a.spawn_servers.is_some() || !a.servers.is_empty()) {
+        bail!("--echo-peer replaces the servers: give neither --spawn-servers nor --server");
+    }
+    match (a.spawn_servers, a.servers.is_empty() && !a.echo_peer) {
         (Some(_), false) => bail!("give --spawn-servers or --server, not both"),
         (None, true) => bail!("give --spawn-servers N (with --unid-bin) or --server ADDR"),
         _ => {}
@@ -206,9 +217,14 @@ fn run() -> anyhow::Result<bool> {
         }
         None => None,
     };
-    let servers = match &cluster {
-        Some(c) => c.addrs(),
-        None => args.servers.clone(),
+    let echo = match args.echo_peer {
+        true => Some(echo::EchoPeer::start(args.echo_threads, width)?),
+        false => None,
+    };
+    let servers = match (&cluster, &echo) {
+        (_, Some(e)) => vec![e.addr()],
+        (Some(c), None) => c.addrs(),
+        (None, None) => args.servers.clone(),
     };
     eprintln!("loadgen: servers {servers:?}");
     let status = wire::wait_leader(&servers, Duration::from_secs(30))?;

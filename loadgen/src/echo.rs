@@ -1,0 +1,155 @@
+//! `--echo-peer`: the network-stack baseline for the grant rate. Instead of unid servers,
+//! loadgen starts an echo peer on 127.0.0.1 and drives it with the very same agents (same
+//! threads, sockets, windows, timers, histograms and checker) as a real cluster, so that
+//! "grants/s" against servers and "echoes/s" against this peer come from the same client code
+//! and can be compared as a ratio measured in one run.
+//!
+//! The peer answers every datagram with one datagram, as cheaply as the wire format allows and
+//! with no other work: one socket, [`ECHO_THREADS_MAX`] threads at most blocking in
+//! `recv_from` on it, one `decode` and one `encode` per datagram (a `Hello` gets a `Welcome`, a
+//! `BlockRequest` a `BlockGrant` of the next ids from one shared counter, so the checker still
+//! passes; a `StatusRequest` and a `SequenceCreate` get what loadgen's start-up waits for), one
+//! `send_to`. No consensus, no allocator, no reply cache, no rate limit. It uses
+//! one syscall per datagram each way (std sockets: loadgen holds no `unsafe`), where the
+//! server batches with `recvmmsg`/`sendmmsg`.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use unid_proto::{
+    Block, Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, List, Message, Width, decode,
+};
+
+/// Most echo threads.
+pub const ECHO_THREADS_MAX: usize = 64;
+
+/// How long a peer thread blocks in `recv_from` before it checks whether to stop.
+const POLL: Duration = Duration::from_millis(50);
+
+/// A running echo peer; stopped (threads joined) on drop.
+pub struct EchoPeer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    echoed: Arc<AtomicU64>,
+}
+
+impl EchoPeer {
+    /// Binds 127.0.0.1 on a free port and starts `threads` threads answering on it, granting
+    /// ids of `width`.
+    pub fn start(threads: usize, width: Width) -> anyhow::Result<EchoPeer> {
+        anyhow::ensure!(
+            (1..=ECHO_THREADS_MAX).contains(&threads),
+            "--echo-threads must be in 1..={ECHO_THREADS_MAX}"
+        );
+        let sock = UdpSocket::bind("127.0.0.1:0").context("bind the echo peer on 127.0.0.1")?;
+        sock.set_read_timeout(Some(POLL))
+            .context("set the echo peer's read timeout")?;
+        let addr = sock.local_addr().context("the echo peer's address")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let echoed = Arc::new(AtomicU64::new(0));
+        // Ids handed out in the grants, shared so each agent's blocks increase.
+        let next_id = Arc::new(AtomicU64::new(1));
+        let mut handles = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let sock = sock.try_clone().context("clone the echo peer's socket")?;
+            let (stop, echoed, next_id) = (stop.clone(), echoed.clone(), next_id.clone());
+            handles.push(std::thread::spawn(move || {
+                serve(&sock, width, &stop, &echoed, &next_id)
+            }));
+        }
+        Ok(EchoPeer {
+            addr,
+            stop,
+            threads: handles,
+            echoed,
+        })
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for EchoPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+        eprintln!(
+            "loadgen: echo peer answered {} datagrams",
+            self.echoed.load(Ordering::Relaxed)
+        );
+    }
+}
+
+fn serve(
+    sock: &UdpSocket,
+    width: Width,
+    stop: &AtomicBool,
+    echoed: &AtomicU64,
+    next_id: &AtomicU64,
+) {
+    let mut codec = Codec::new();
+    let mut buf = [0u8; 2048];
+    let mut out = [0u8; DATAGRAM_BYTES_MAX];
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue; // the poll timeout
+        };
+        let Ok(frame) = decode(&buf[..n], None) else {
+            continue;
+        };
+        let header = Header {
+            sender: 1,
+            seq: frame.header.seq,
+            reply_to: frame.header.seq,
+            epoch: 1,
+        };
+        let reply = match frame.message {
+            Message::Hello { .. } => Message::Welcome {
+                node_id: 1 + (u64::from(from.port()) << 16),
+                lease_ms: 60_000,
+                servers: List::empty(),
+                truncated: false,
+            },
+            Message::BlockRequest { sequence, count } => {
+                let first = next_id.fetch_add(count, Ordering::Relaxed);
+                let Some(block) = Block::new(u128::from(first), count, width) else {
+                    continue; // past the width's limit: a run of 2-byte ids is soon over
+                };
+                Message::BlockGrant {
+                    sequence,
+                    width,
+                    block,
+                }
+            }
+            // The control path, so that loadgen's start-up finds a "leader" and the sequence.
+            Message::StatusRequest { .. } => Message::StatusReply {
+                leader_id: 1,
+                term: 1,
+                servers: List::empty(),
+                sequences: List::empty(),
+                more: false,
+            },
+            Message::SequenceCreate { name, .. } => Message::Error {
+                code: ErrorCode::AlreadyExists,
+                sequence: Some(name),
+                retry_after_ms: 0,
+                text: "",
+            },
+            _ => continue,
+        };
+        if let Ok(len) = codec.encode(&header, &reply, None, &mut out)
+            && sock.send_to(&out[..len], from).is_ok()
+        {
+            echoed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
