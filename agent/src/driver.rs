@@ -16,6 +16,7 @@ use unid_proto::{
 };
 use unid_ring::{Producer, ProducerOptions, RingError};
 
+use crate::pair::{Beat, Pair, PairEvents};
 use crate::{AgentConfig, Connection, Error, Metrics, SequenceState, Shared};
 
 /// How long to wait before asking again for a sequence the cluster does not
@@ -27,6 +28,9 @@ const STATUS_EVERY_US: u64 = 20_000;
 const LEASE_MS_DEFAULT: u64 = 3000;
 /// The most node-table pages read in one fetch.
 const TABLE_PAGES_MAX: u16 = 16;
+/// After a takeover, blocks are sized at least from the peer's last reported
+/// rate for this long (until this side has measured its own), in microseconds.
+const TAKEOVER_HINT_US: u64 = 2_000_000;
 
 /// What a request is for.
 #[derive(Clone, Debug)]
@@ -176,6 +180,13 @@ struct Seq {
     block_ids: u64,
     state: SequenceState,
     retry_at_us: u64,
+    /// After a takeover: ask for a block now, whatever the ring holds (the
+    /// ring's blocks may lie below ids the peer's consumers already took).
+    force_refill: bool,
+    /// After a takeover: the peer's rate (ids/s), a floor for block sizes
+    /// until `hint_until_us`.
+    rate_hint: f64,
+    hint_until_us: u64,
 }
 
 impl Seq {
@@ -209,6 +220,7 @@ pub(crate) struct Driver {
     seqs: Vec<Seq>,
     status_at_us: u64,
     table: TableFetch,
+    pair: Option<Pair>,
 }
 
 impl Driver {
@@ -254,10 +266,24 @@ impl Driver {
                     block_ids: 0,
                     state: SequenceState::Waiting,
                     retry_at_us: 0,
+                    force_refill: false,
+                    rate_hint: 0.0,
+                    hint_until_us: 0,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        let pair = match &config.pair {
+            Some(p) => Some(
+                Pair::bind(p.clone(), config.key.clone(), 0).map_err(|source| Error::Io {
+                    op: "bind pair udp",
+                    addr: p.listen,
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         Ok(Driver {
+            pair,
             link: Link {
                 requester,
                 servers: config.servers.clone(),
@@ -284,6 +310,10 @@ impl Driver {
             status_at_us: 0,
             table: TableFetch::default(),
         })
+    }
+
+    pub(crate) fn pair_addr(&self) -> Option<SocketAddr> {
+        self.pair.as_ref().map(Pair::local_addr)
     }
 
     fn now_us(&self) -> u64 {
@@ -354,6 +384,7 @@ impl Driver {
         for index in 0..self.seqs.len() {
             self.refill(now, index);
         }
+        self.tick_pair(now);
         self.transmit(now);
         if now >= self.status_at_us {
             self.publish_status(now);
@@ -411,6 +442,13 @@ impl Driver {
         }
         let width = s.width.unwrap_or(Width::W8);
         let block = match s.sizer.block_ids(now, width, s.next_min) {
+            Ok(b) if now < s.hint_until_us => {
+                // Sized at least for the rate the peer served (capped like
+                // any block; the server may grant fewer).
+                let sizing = &self.config.sizing;
+                let hint = (s.rate_hint * sizing.refill_period_ms as f64 / 1000.0).ceil() as u64;
+                b.max(hint.min(sizing.block_ids_max))
+            }
             Ok(b) => b,
             Err(_) => {
                 if s.state != SequenceState::Exhausted {
@@ -421,7 +459,7 @@ impl Driver {
             }
         };
         let have = s.ring_ids().saturating_add(s.held_ids());
-        if have >= block.saturating_mul(blocks_ahead) {
+        if have >= block.saturating_mul(blocks_ahead) && !s.force_refill {
             return;
         }
         s.block_ids = block;
@@ -433,6 +471,7 @@ impl Driver {
             },
         ) {
             self.seqs[index].inflight = Some(seq);
+            self.seqs[index].force_refill = false;
             Metrics::add(&self.shared.metrics.block_requests, 1);
         }
     }
@@ -885,12 +924,97 @@ impl Driver {
         }
     }
 
+    /// Heartbeats with the peer agent; on a takeover, fresh blocks at the
+    /// peer's rate; the pair file when something changed.
+    fn tick_pair(&mut self, now: u64) {
+        let Some(pair) = &mut self.pair else {
+            return;
+        };
+        let mut me = Beat {
+            role: pair.status(now).role,
+            incarnation: self.incarnation,
+            node_id: self.node_id,
+            active: pair.is_active(),
+            connection: format!("{:?}", self.connection).to_lowercase(),
+            listen: pair.local_addr(),
+            socket: self.shared.socket_addr(),
+            sequences: self
+                .seqs
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.as_str().to_owned(),
+                        s.sizer.rate_ids_per_s(now),
+                        s.next_min,
+                    )
+                })
+                .collect(),
+            ring_dir: self.config.ring_dir.clone(),
+        };
+        let PairEvents {
+            took_over,
+            file_dirty,
+        } = pair.tick(now, &mut me);
+        let counters = pair.counters;
+        if took_over {
+            let peer_rates: Vec<(String, f64)> = pair
+                .peer()
+                .map(|p| {
+                    p.sequences
+                        .iter()
+                        .map(|(n, r, _)| (n.clone(), *r))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for s in &mut self.seqs {
+                s.force_refill = true;
+                s.rate_hint = peer_rates
+                    .iter()
+                    .find(|(n, _)| n == s.name.as_str())
+                    .map_or(0.0, |(_, r)| *r);
+                s.hint_until_us = now + TAKEOVER_HINT_US;
+            }
+        }
+        if file_dirty {
+            if let Some(peer) = pair.peer()
+                && peer.ring_dir == self.config.ring_dir
+            {
+                tracing::error!(ring_dir = %peer.ring_dir.display(), "pair: the peer uses the same ring folder; give each agent its own --ring-dir");
+            }
+            let text = pair.file_text(&me);
+            if let Err(e) = crate::pair::write_pair_file(&self.config.ring_dir, &text) {
+                tracing::warn!(dir = %self.config.ring_dir.display(), "pair: cannot write the pair file: {e}");
+            }
+        }
+        let m = &self.shared.metrics;
+        m.peer_beats_sent
+            .store(counters.beats_sent, Ordering::Relaxed);
+        m.peer_beats_received
+            .store(counters.beats_received, Ordering::Relaxed);
+        m.peer_beats_dropped
+            .store(counters.beats_dropped, Ordering::Relaxed);
+        m.peer_send_errors
+            .store(counters.send_errors, Ordering::Relaxed);
+        m.peer_losses_fast
+            .store(counters.losses_fast, Ordering::Relaxed);
+        m.peer_losses_slow
+            .store(counters.losses_slow, Ordering::Relaxed);
+        m.takeovers.store(counters.takeovers, Ordering::Relaxed);
+        if took_over {
+            // Ask now, not at the next tick.
+            for index in 0..self.seqs.len() {
+                self.refill(now, index);
+            }
+        }
+    }
+
     fn publish_status(&self, now: u64) {
         let mut st = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
         st.connection = self.connection;
         st.node_id = self.node_id;
         st.leader = Some(self.link.requester.leader());
         st.epoch = self.link.highest_epoch;
+        st.pair = self.pair.as_ref().map(|p| p.status(now));
         for (line, s) in st.sequences.iter_mut().zip(&self.seqs) {
             line.width = s.width;
             line.state = s.state.clone();

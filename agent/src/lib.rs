@@ -42,8 +42,11 @@
 #![forbid(unsafe_code)]
 
 mod driver;
+pub mod pair;
 mod socket;
 pub mod testing;
+
+pub use pair::{PairConfig, PairRole, PairStatus, PeerLoss, PeerState};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -135,6 +138,8 @@ pub struct AgentConfig {
     /// How often the driver looks at the rings when no datagram arrives, in
     /// milliseconds (1..=100). Default 2.
     pub poll_interval_ms: u64,
+    /// Primary/backup pairing with another agent (see `pair`). Default none.
+    pub pair: Option<PairConfig>,
 }
 
 impl AgentConfig {
@@ -161,6 +166,7 @@ impl AgentConfig {
             },
             key: None,
             poll_interval_ms: 2,
+            pair: None,
         }
     }
 
@@ -229,6 +235,18 @@ impl AgentConfig {
         }
         if let Err(e) = self.requester.validate() {
             return bad("requester", &e.to_string());
+        }
+        if let Some(p) = &self.pair {
+            if let Err(e) = p.validate() {
+                return bad("pair", &e);
+            }
+            let dir = self.ring_dir.as_os_str().len();
+            if dir > pair::RING_DIR_BYTES_MAX || self.ring_dir.to_string_lossy().contains('\n') {
+                return bad(
+                    "ring_dir",
+                    "must be at most 512 bytes and hold no newline for a paired agent",
+                );
+            }
         }
         Ok(())
     }
@@ -299,6 +317,8 @@ pub struct Status {
     pub incarnation: u64,
     /// One line per configured sequence.
     pub sequences: Vec<SequenceStatus>,
+    /// The primary/backup pair, if this agent is paired.
+    pub pair: Option<PairStatus>,
 }
 
 /// Counters, readable at any time with [`AgentHandle::metrics`].
@@ -338,6 +358,20 @@ pub struct Metrics {
     pub socket_refused: AtomicU64,
     /// Socket requests answered with `ERR`.
     pub socket_errors: AtomicU64,
+    /// Heartbeats sent to the pair peer.
+    pub peer_beats_sent: AtomicU64,
+    /// Heartbeats received from the pair peer.
+    pub peer_beats_received: AtomicU64,
+    /// Pair datagrams dropped (malformed, bad tag, not the configured peer).
+    pub peer_beats_dropped: AtomicU64,
+    /// Sends to the peer refused or unreachable (ICMP or no route).
+    pub peer_send_errors: AtomicU64,
+    /// Peer losses noticed by the fast signal (send error).
+    pub peer_losses_fast: AtomicU64,
+    /// Peer losses noticed by the slow signal (missed heartbeats).
+    pub peer_losses_slow: AtomicU64,
+    /// Times this agent became active after standing by.
+    pub takeovers: AtomicU64,
 }
 
 impl Metrics {
@@ -350,7 +384,7 @@ impl Metrics {
     pub fn prometheus(&self, status: &Status) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let counters: [(&str, &AtomicU64, &str); 17] = [
+        let counters: [(&str, &AtomicU64, &str); 24] = [
             ("grants_total", &self.grants, "block grants accepted"),
             (
                 "ids_granted_total",
@@ -420,6 +454,37 @@ impl Metrics {
                 &self.socket_errors,
                 "socket requests answered with ERR",
             ),
+            (
+                "peer_heartbeats_sent_total",
+                &self.peer_beats_sent,
+                "heartbeats sent to the pair peer",
+            ),
+            (
+                "peer_heartbeats_received_total",
+                &self.peer_beats_received,
+                "heartbeats received from the pair peer",
+            ),
+            (
+                "peer_datagrams_dropped_total",
+                &self.peer_beats_dropped,
+                "pair datagrams dropped",
+            ),
+            (
+                "peer_send_errors_total",
+                &self.peer_send_errors,
+                "sends to the peer refused or unreachable",
+            ),
+            (
+                "peer_lost_fast_total",
+                &self.peer_losses_fast,
+                "peer losses noticed by a send error",
+            ),
+            (
+                "peer_lost_slow_total",
+                &self.peer_losses_slow,
+                "peer losses noticed by missed heartbeats",
+            ),
+            ("takeovers_total", &self.takeovers, "takeovers"),
         ];
         for (name, value, help) in counters {
             let kind = if name.ends_with("_total") {
@@ -434,6 +499,13 @@ impl Metrics {
         let connected = u8::from(status.connection == Connection::Connected);
         let _ = writeln!(out, "# TYPE unid_agent_connected gauge");
         let _ = writeln!(out, "unid_agent_connected {connected}");
+        if let Some(p) = &status.pair {
+            let _ = writeln!(out, "# TYPE unid_agent_pair_active gauge");
+            let _ = writeln!(out, "unid_agent_pair_active {}", u8::from(p.active));
+            let _ = writeln!(out, "# TYPE unid_agent_pair_peer_alive gauge");
+            let alive = u8::from(p.peer_state == PeerState::Alive);
+            let _ = writeln!(out, "unid_agent_pair_peer_alive {alive}");
+        }
         let _ = writeln!(out, "# TYPE unid_agent_ring_ids gauge");
         for s in &status.sequences {
             let _ = writeln!(
@@ -460,9 +532,15 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     pub(crate) status: Mutex<Status>,
     pub(crate) metrics: Metrics,
+    /// The localhost socket's address, once bound.
+    pub(crate) socket: std::sync::OnceLock<SocketAddr>,
 }
 
 impl Shared {
+    pub(crate) fn socket_addr(&self) -> Option<SocketAddr> {
+        self.socket.get().copied()
+    }
+
     pub(crate) fn status(&self) -> Status {
         self.status
             .lock()
@@ -477,6 +555,7 @@ pub struct AgentHandle {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     socket: Option<SocketAddr>,
+    pair: Option<SocketAddr>,
 }
 
 impl AgentHandle {
@@ -499,6 +578,12 @@ impl AgentHandle {
     /// configured one was 0).
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         self.socket
+    }
+
+    /// The address the pair link listens on (the real port when the
+    /// configured one was 0), if paired.
+    pub fn pair_addr(&self) -> Option<SocketAddr> {
+        self.pair
     }
 
     /// Whether the agent's threads are all still running.
@@ -556,21 +641,27 @@ pub fn run(config: AgentConfig) -> Result<AgentHandle, Error> {
                 ids_pushed: 0,
             })
             .collect(),
+        pair: None,
     };
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         status: Mutex::new(status),
         metrics: Metrics::default(),
+        socket: std::sync::OnceLock::new(),
     });
     let driver = driver::Driver::new(config.clone(), incarnation, Arc::clone(&shared))?;
     let listener = match config.socket {
         Some(addr) => Some(socket::Server::bind(addr, &config, Arc::clone(&shared))?),
         None => None,
     };
+    if let Some(l) = &listener {
+        let _ = shared.socket.set(l.local_addr());
+    }
     let mut handle = AgentHandle {
         shared,
         threads: Vec::new(),
         socket: listener.as_ref().map(|l| l.local_addr()),
+        pair: driver.pair_addr(),
     };
     let t = std::thread::Builder::new()
         .name("unid-agent-driver".to_owned())

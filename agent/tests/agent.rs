@@ -60,6 +60,7 @@ fn client(dir: &RingDir, agent: &AgentHandle, sequence: &str) -> unid::Unid {
         socket: agent.socket_addr().unwrap(),
         socket_fallback: true,
         wait: Duration::from_secs(3),
+        backup_ring_dir: None,
     };
     unid::Unid::open_with(sequence, options).unwrap()
 }

@@ -46,6 +46,20 @@ pub struct Args {
     /// Let the ring file's group consume too (mode 0660 instead of 0600).
     #[arg(long)]
     group_readable: bool,
+    /// Run as the backup of the primary agent whose pair link listens at ADDR
+    /// (its --peer-listen). Use another --ring-dir and --socket than the primary.
+    #[arg(long, value_name = "ADDR")]
+    backup_of: Option<String>,
+    /// Where this agent's pair link listens (UDP). A primary needs it to have a
+    /// backup; a backup defaults to port 0 (any) on the primary's address family.
+    #[arg(long, value_name = "ADDR")]
+    peer_listen: Option<String>,
+    /// Pair heartbeat interval, in ms [default: 10].
+    #[arg(long, value_name = "MS")]
+    peer_heartbeat_ms: Option<u64>,
+    /// The peer counts as dead after this long without a heartbeat, in ms [default: 100].
+    #[arg(long, value_name = "MS")]
+    peer_dead_ms: Option<u64>,
 }
 
 /// The `--config` file.
@@ -72,6 +86,10 @@ struct FileConfig {
     block_ids_max: Option<u64>,
     /// Most localhost socket connections.
     socket_connections_max: Option<usize>,
+    backup_of: Option<String>,
+    peer_listen: Option<String>,
+    peer_heartbeat_ms: Option<u64>,
+    peer_dead_ms: Option<u64>,
 }
 
 /// `HOST[:PORT]` to addresses (port 7400 when missing).
@@ -194,6 +212,39 @@ fn build(args: Args) -> anyhow::Result<AgentConfig> {
     }
     if let Some(c) = file.socket_connections_max {
         config.socket_connections_max = c;
+    }
+    let backup_of = args.backup_of.or(file.backup_of);
+    let peer_listen = args.peer_listen.or(file.peer_listen);
+    if backup_of.is_some() || peer_listen.is_some() {
+        let addr = |what: &str, s: &str| -> anyhow::Result<SocketAddr> {
+            s.to_socket_addrs()
+                .with_context(|| format!("{what} {s:?} is not HOST:PORT"))?
+                .next()
+                .with_context(|| format!("{what} {s:?} resolves to no address"))
+        };
+        let peer = backup_of
+            .as_deref()
+            .map(|s| addr("--backup-of", s))
+            .transpose()?;
+        let listen = match (&peer_listen, peer) {
+            (Some(l), _) => addr("--peer-listen", l)?,
+            (None, Some(p)) if p.is_ipv6() => "[::1]:0".parse()?,
+            (None, Some(p)) if p.ip().is_loopback() => "127.0.0.1:0".parse()?,
+            (None, _) => "0.0.0.0:0".parse()?,
+        };
+        let role = if peer.is_some() {
+            unid_agent::PairRole::Backup
+        } else {
+            unid_agent::PairRole::Primary
+        };
+        let mut pair = unid_agent::PairConfig::new(role, listen, peer);
+        if let Some(ms) = args.peer_heartbeat_ms.or(file.peer_heartbeat_ms) {
+            pair.heartbeat_ms = ms;
+        }
+        if let Some(ms) = args.peer_dead_ms.or(file.peer_dead_ms) {
+            pair.dead_ms = ms;
+        }
+        config.pair = Some(pair);
     }
     config.validate()?;
     Ok(config)

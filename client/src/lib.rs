@@ -33,6 +33,19 @@
 //! |---|---|---|
 //! | ring folder | `/dev/shm/unid` | `UNID_RING_DIR` or [`Options::ring_dir`] |
 //! | localhost socket | `127.0.0.1:7411` | `UNID_SOCKET` or [`Options::socket`] |
+//! | backup agent's ring folder | read from `RING_DIR/.unid-pair` | `UNID_BACKUP_RING_DIR` or [`Options::backup_ring_dir`] |
+//!
+//! # Primary and backup agents
+//!
+//! When the agent is paired with a backup agent (`unid agent --backup-of`),
+//! each writes a pair file `.unid-pair` in its ring folder naming the other's
+//! ring folder. A handle then maps both rings and takes from the one it used
+//! last; when that one is empty (its agent killed, or slow) it takes from the
+//! other at once, without waiting for the dead agent to be noticed, and keeps
+//! to it. An id not above the last one this handle returned is discarded
+//! (the other agent's blocks may be older): ids are lost at a switch, never
+//! repeated and never out of order. [`Unid::stats`] counts switches and
+//! discarded ids.
 
 #![forbid(unsafe_code)]
 
@@ -55,6 +68,19 @@ pub const RING_DIR_DEFAULT: &str = "/dev/shm/unid";
 pub const SOCKET_DEFAULT: &str = "127.0.0.1:7411";
 /// How often a handle on the socket looks whether the ring has appeared.
 const RING_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How often a paired handle tries to map a missing, closed or dead ring
+/// again (a restarted agent makes a new file).
+const RING_REOPEN_EVERY: Duration = Duration::from_millis(100);
+/// While both rings of a pair are empty, how long one futex wait on a ring
+/// lasts before the other ring is looked at.
+const PAIR_WAIT_SLICE: Duration = Duration::from_millis(1);
+/// In pair mode, an empty ring whose agent's heartbeat is older than this
+/// counts as dead (it is then mapped again when due, in case a restarted
+/// agent made a new file). Agents beat every few milliseconds.
+const PAIR_AGENT_STALE_MS: u64 = 50;
+/// The most takes spent discarding ids not above the last one returned in
+/// one call (each take discards up to a whole block).
+const SKIP_TAKES_MAX: u32 = 1 << 16;
 
 /// An id: its value and the width of its sequence.
 ///
@@ -215,6 +241,9 @@ pub struct Options {
     /// How long [`Unid::next`] waits for an empty ring to be refilled.
     /// Default 2 s.
     pub wait: Duration,
+    /// The backup agent's ring folder. Default: `UNID_BACKUP_RING_DIR`,
+    /// else what the pair file `ring_dir/.unid-pair` names, else none.
+    pub backup_ring_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -231,6 +260,7 @@ impl Default for Options {
             socket,
             socket_fallback: true,
             wait: Duration::from_secs(2),
+            backup_ring_dir: std::env::var_os("UNID_BACKUP_RING_DIR").map(PathBuf::from),
         }
     }
 }
@@ -238,6 +268,40 @@ impl Default for Options {
 enum Source {
     Ring(Consumer),
     Socket { probed: Instant },
+}
+
+/// Counters of one handle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Times a paired handle moved from one agent's ring to the other's.
+    pub switches: u64,
+    /// Ids taken from a ring and discarded because they were not above the
+    /// last id returned (after a switch): lost, never repeated.
+    pub ids_skipped: u128,
+}
+
+/// One ring of a pair.
+struct Slot {
+    dir: PathBuf,
+    consumer: Option<Consumer>,
+    /// Closed or agent dead: reopen when due.
+    dead: bool,
+    reopen_at: Instant,
+}
+
+/// Both rings of a primary/backup pair; `current` is the one used last.
+struct PairRings {
+    slots: [Slot; 2],
+    current: usize,
+}
+
+/// The pair file's `peer_ring_dir` in `dir`, if any.
+fn peer_ring_dir(dir: &std::path::Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(dir.join(".unid-pair")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("peer_ring_dir "))
+        .map(PathBuf::from)
+        .filter(|p| !p.as_os_str().is_empty() && p != dir)
 }
 
 /// A handle on one sequence. Cheap to open; open one per thread (it is
@@ -252,6 +316,12 @@ pub struct Unid {
     /// Ids from a socket reply not handed out yet (a reply can span
     /// blocks); always handed out before anything newer.
     buffered: std::collections::VecDeque<u128>,
+    /// Paired agents: both rings.
+    pair: Option<PairRings>,
+    /// Ids taken from a ring beyond what was asked (after discarding a
+    /// stale run); handed out first.
+    spare: Option<(u128, u64)>,
+    stats: Stats,
 }
 
 impl fmt::Debug for Unid {
@@ -288,8 +358,26 @@ impl Unid {
             width: None,
             last: None,
             buffered: std::collections::VecDeque::new(),
+            pair: None,
+            spare: None,
+            stats: Stats::default(),
             options,
         };
+        let primary = unid.open_ring();
+        if unid.find_pair(primary.as_ref().ok().map(|c| c.width())) {
+            if let Ok(c) = primary {
+                unid.width = Width::from_bytes(c.width());
+                if let Some(p) = &mut unid.pair {
+                    // Mapped again with the pair's liveness options.
+                    p.slots[0].consumer = open_paired(&p.slots[0].dir, &unid.sequence).ok();
+                    p.slots[0].dead = p.slots[0].consumer.is_none();
+                }
+                drop(c);
+            }
+            if unid.width.is_some() {
+                return Ok(unid);
+            }
+        }
         match unid.open_ring() {
             Ok(c) => {
                 unid.width = Width::from_bytes(c.width());
@@ -301,6 +389,61 @@ impl Unid {
             Err(e) => return Err(e),
         }
         Ok(unid)
+    }
+
+    /// Counters: switches between paired rings, ids discarded.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Whether this handle maps the rings of a primary/backup pair.
+    pub fn paired(&self) -> bool {
+        self.pair.is_some()
+    }
+
+    /// Looks for a backup ring folder (options, then the pair file) and,
+    /// if there is one, sets up pair mode with the backup's ring mapped if
+    /// it exists. With `width` (the primary ring's), a backup ring of
+    /// another width is not used. Returns whether pair mode is on.
+    fn find_pair(&mut self, width: Option<u8>) -> bool {
+        if self.pair.is_some() {
+            return true;
+        }
+        let Some(dir) = self
+            .options
+            .backup_ring_dir
+            .clone()
+            .or_else(|| peer_ring_dir(&self.options.ring_dir))
+        else {
+            return false;
+        };
+        let now = Instant::now();
+        let backup = open_paired(&dir, &self.sequence)
+            .ok()
+            .filter(|c| width.is_none_or(|w| w == c.width()));
+        if self.width.is_none()
+            && let Some(c) = &backup
+        {
+            self.width = Width::from_bytes(c.width());
+        }
+        self.pair = Some(PairRings {
+            slots: [
+                Slot {
+                    dir: self.options.ring_dir.clone(),
+                    consumer: None,
+                    dead: false,
+                    reopen_at: now,
+                },
+                Slot {
+                    dir,
+                    consumer: backup,
+                    dead: false,
+                    reopen_at: now + RING_REOPEN_EVERY,
+                },
+            ],
+            current: 0,
+        });
+        true
     }
 
     /// The sequence's name.
@@ -316,6 +459,16 @@ impl Unid {
     /// Whether ids come from the shared-memory ring (else the socket).
     pub fn via_ring(&self) -> bool {
         matches!(self.source, Source::Ring(_))
+            || self
+                .pair
+                .as_ref()
+                .is_some_and(|p| p.slots.iter().any(|s| s.consumer.is_some()))
+    }
+
+    /// In pair mode: whether the ring used last is the backup's (the one
+    /// named by `backup_ring_dir` or the pair file).
+    pub fn on_backup(&self) -> bool {
+        self.pair.as_ref().is_some_and(|p| p.current == 1)
     }
 
     /// The next id: from the ring (waiting up to `options.wait` if it is
@@ -350,9 +503,10 @@ impl Unid {
         let max = max.clamp(1, socket::SOCKET_IDS_MAX);
         let (first, count, width) = self.take_raw(max)?;
         assert!(count >= 1 && count <= max);
-        // Ids from one handle increase: the ring only moves forward and a
-        // restarted agent's blocks lie above every earlier one.
-        debug_assert!(self.last.is_none_or(|l| first > l));
+        // Ids from one handle increase: the ring only moves forward, a
+        // restarted agent's blocks lie above every earlier one, and a
+        // paired handle discards what is not above the last id.
+        assert!(self.last.is_none_or(|l| first > l));
         self.last = Some(first + u128::from(count) - 1);
         self.width = Some(width);
         Ok((
@@ -365,12 +519,25 @@ impl Unid {
     }
 
     fn take_raw(&mut self, max: u64) -> Result<(u128, u64, Width), Error> {
+        if let (Some((first, count)), Some(width)) = (self.spare.take(), self.width) {
+            let n = count.min(max);
+            if n < count {
+                self.spare = Some((first + u128::from(n), count - n));
+            }
+            return Ok((first, n, width));
+        }
         if let (Some(&first), Some(width)) = (self.buffered.front(), self.width) {
             return Ok(self.take_buffered(first, max, width));
+        }
+        if self.pair.is_some() {
+            return self.take_pair(max);
         }
         if let Source::Socket { probed } = self.source
             && probed.elapsed() >= RING_PROBE_EVERY
         {
+            if self.find_pair(None) {
+                return self.take_pair(max);
+            }
             match self.open_ring() {
                 Ok(c) => self.source = Source::Ring(c),
                 Err(_) => {
@@ -382,6 +549,109 @@ impl Unid {
         }
         let reopened = false;
         self.take_ring_or_socket(max, reopened)
+    }
+
+    /// Takes from a pair of rings: the current one, else the other (then
+    /// current), discarding ids not above the last returned; waits in short
+    /// slices on both while both are empty, up to `options.wait`.
+    fn take_pair(&mut self, max: u64) -> Result<(u128, u64, Width), Error> {
+        let deadline = Instant::now() + self.options.wait;
+        loop {
+            let mut any_live = false;
+            let current = self.pair.as_ref().expect("pair mode").current;
+            for k in [current, 1 - current] {
+                self.reopen_if_due(k);
+                let last = self.last;
+                let pair = self.pair.as_mut().expect("pair mode");
+                let slot = &mut pair.slots[k];
+                let Some(c) = &slot.consumer else { continue };
+                let Some(width) = Width::from_bytes(c.width()) else {
+                    continue;
+                };
+                if self.width.is_some_and(|w| w != width) {
+                    continue; // Not the same sequence: never mixed.
+                }
+                match take_fresh(c, max, last, &mut self.stats) {
+                    Ok((first, count, spare)) => {
+                        if k != pair.current {
+                            pair.current = k;
+                            self.stats.switches += 1;
+                        }
+                        slot.dead = false;
+                        self.spare = spare;
+                        self.width = Some(width);
+                        return Ok((first, count, width));
+                    }
+                    Err(RingError::WouldBlock) => any_live = true,
+                    Err(RingError::Closed | RingError::AgentDead { .. }) => {
+                        slot.dead = true;
+                    }
+                    Err(e) => return Err(Error::Ring(e)),
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return self.diagnose(max, any_live);
+            }
+            if !any_live {
+                // Both agents gone (or no ring yet). With no ring mapped at
+                // all the socket may answer; else look again shortly (a
+                // dead ring is mapped again when due).
+                let pair = self.pair.as_ref().expect("pair mode");
+                let unmapped = pair.slots.iter().all(|s| s.consumer.is_none());
+                if unmapped
+                    && self.options.socket_fallback
+                    && let Ok(got) = self.take_socket(max)
+                {
+                    return Ok(got);
+                }
+                std::thread::sleep(PAIR_WAIT_SLICE);
+                continue;
+            }
+            // Both empty: wait briefly on a live ring (a push wakes it), then
+            // look at both again.
+            let pair = self.pair.as_ref().expect("pair mode");
+            let k = if pair.slots[pair.current].consumer.is_some() && !pair.slots[pair.current].dead
+            {
+                pair.current
+            } else {
+                1 - pair.current
+            };
+            let Some(c) = &pair.slots[k].consumer else {
+                continue;
+            };
+            let slice = PAIR_WAIT_SLICE.min(deadline.saturating_duration_since(now));
+            if let Ok(r) = c.take_range_timeout(max, slice) {
+                let mut stats = self.stats;
+                if let Some((first, count, spare)) = fresh(r, max, self.last, &mut stats) {
+                    self.stats = stats;
+                    let width = Width::from_bytes(c.width()).expect("checked above");
+                    let pair = self.pair.as_mut().expect("pair mode");
+                    if k != pair.current {
+                        pair.current = k;
+                        self.stats.switches += 1;
+                    }
+                    self.spare = spare;
+                    return Ok((first, count, width));
+                }
+                self.stats = stats;
+            }
+        }
+    }
+
+    /// Maps slot `k`'s ring again if it is missing or dead and it is time.
+    fn reopen_if_due(&mut self, k: usize) {
+        let pair = self.pair.as_mut().expect("pair mode");
+        let slot = &mut pair.slots[k];
+        if (slot.consumer.is_some() && !slot.dead) || Instant::now() < slot.reopen_at {
+            return;
+        }
+        slot.reopen_at = Instant::now() + RING_REOPEN_EVERY;
+        if let Ok(c) = open_paired(&slot.dir, &self.sequence) {
+            // The same file again (agent still dead) is harmless.
+            slot.consumer = Some(c);
+            slot.dead = false;
+        }
     }
 
     /// The first consecutive run (at most `max`) of the buffered ids.
@@ -411,6 +681,24 @@ impl Unid {
             Err(RingError::WouldBlock) => consumer.take_range_timeout(max, self.options.wait),
             other => other,
         };
+        if matches!(
+            got,
+            Err(RingError::Closed | RingError::AgentDead { .. } | RingError::TimedOut)
+        ) && self.find_pair(Some(width.bytes()))
+        {
+            // A pair file appeared since this handle opened: use both rings.
+            if let Source::Ring(c) = std::mem::replace(
+                &mut self.source,
+                Source::Socket {
+                    probed: Instant::now(),
+                },
+            ) && let Some(p) = &mut self.pair
+            {
+                p.slots[0].consumer = Some(c);
+                p.slots[0].dead = true; // Reopened when due.
+            }
+            return self.take_pair(max);
+        }
         match got {
             Ok(r) => Ok((r.first, r.count, width)),
             Err(RingError::Closed | RingError::AgentDead { .. }) if !reopened => {
@@ -452,8 +740,21 @@ impl Unid {
 
     fn take_socket(&mut self, max: u64) -> Result<(u128, u64, Width), Error> {
         match self.socket.next(&self.sequence, max) {
-            Ok((ids, width)) => {
+            Ok((mut ids, width)) => {
                 assert!(self.buffered.is_empty() && !ids.is_empty());
+                // After a switch between paired agents, this agent's ids
+                // may lie below the last one returned: discard those.
+                if let Some(l) = self.last {
+                    let before = ids.len();
+                    ids.retain(|&i| i > l);
+                    self.stats.ids_skipped += (before - ids.len()) as u128;
+                    if ids.is_empty() {
+                        return Err(Error::NotReady {
+                            sequence: self.sequence.clone(),
+                            detail: "the agent's ids are below the last one returned".into(),
+                        });
+                    }
+                }
                 let first = ids[0];
                 self.buffered.extend(ids);
                 Ok(self.take_buffered(first, max, width))
@@ -505,4 +806,59 @@ impl Unid {
             Err(e) => Err(Error::Ring(e)),
         }
     }
+}
+
+/// Ids to return, `(first, count)`, and the rest of the run taken beyond
+/// them (`spare`).
+type Run = (u128, u64, Option<(u128, u64)>);
+
+/// Maps a ring of a pair (liveness judged by [`PAIR_AGENT_STALE_MS`]).
+fn open_paired(dir: &std::path::Path, sequence: &str) -> Result<Consumer, RingError> {
+    let opts = unid_ring::ConsumerOptions {
+        agent_stale_ms: PAIR_AGENT_STALE_MS,
+        ..unid_ring::ConsumerOptions::default()
+    };
+    Consumer::open_with(dir, sequence, opts)
+}
+
+/// What of range `r` a handle whose last id is `last` may return: `None`
+/// if all of it is not above `last` (discarded, counted in `stats`); a run
+/// straddling `last` is cut; beyond `max`, the rest is a spare.
+fn fresh(r: unid_ring::IdRange, max: u64, last: Option<u128>, stats: &mut Stats) -> Option<Run> {
+    assert!(r.count >= 1);
+    let end = r.first + u128::from(r.count); // exclusive
+    let (first, count) = match last {
+        Some(l) if end - 1 <= l => {
+            stats.ids_skipped += u128::from(r.count);
+            return None;
+        }
+        Some(l) if r.first <= l => {
+            stats.ids_skipped += l - r.first + 1;
+            (l + 1, (end - (l + 1)) as u64)
+        }
+        _ => (r.first, r.count),
+    };
+    if count > max {
+        return Some((first, max, Some((first + u128::from(max), count - max))));
+    }
+    Some((first, count, None))
+}
+
+/// Takes up to `max` ids from `c` above `last` without waiting, discarding
+/// whole blocks that are not above it (at most [`SKIP_TAKES_MAX`] takes).
+fn take_fresh(
+    c: &Consumer,
+    max: u64,
+    last: Option<u128>,
+    stats: &mut Stats,
+) -> Result<Run, RingError> {
+    let mut ask = max;
+    for _ in 0..SKIP_TAKES_MAX {
+        let r = c.try_take_range(ask)?;
+        match fresh(r, max, last, stats) {
+            Some(got) => return Ok(got),
+            None => ask = u64::MAX, // Discard whole blocks from now on.
+        }
+    }
+    Err(RingError::WouldBlock)
 }

@@ -63,6 +63,7 @@ fn options(dir: &Dir, socket: SocketAddr) -> Options {
         socket,
         socket_fallback: true,
         wait: Duration::from_millis(100),
+        backup_ring_dir: None,
     }
 }
 

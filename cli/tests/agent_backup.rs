@@ -1,0 +1,425 @@
+//! A primary agent and its backup (`unid agent --backup-of`) as processes,
+//! against a fake server (`unid_agent::testing`), with two application
+//! processes taking ids through the `unid` crate: kill -9 of the primary,
+//! its restart (it rejoins as the standby), then kill -9 of the backup. The
+//! applications keep getting ids, none repeated, each one's increasing; the
+//! longest `next()` wait is measured and printed.
+//!
+//! The application processes are this test binary run again
+//! (`pair_consumer_child`, which does nothing unless `UNID_PAIR_CONSUMER`
+//! is set).
+
+use std::collections::HashSet;
+use std::io::{BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use unid_agent::testing::FakeCluster;
+
+const UNID: &str = env!("CARGO_BIN_EXE_unid");
+
+fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A fresh folder under /dev/shm, removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let d = PathBuf::from(format!(
+            "/dev/shm/unid-cli-backup-{tag}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `unid agent` process; killed (SIGKILL) on drop.
+struct Agent {
+    child: Option<Child>,
+    args: Vec<String>,
+    log: PathBuf,
+    socket: SocketAddr,
+}
+
+impl Agent {
+    fn start(args: Vec<String>, log: PathBuf, socket: SocketAddr) -> Agent {
+        let mut a = Agent {
+            child: None,
+            args,
+            log,
+            socket,
+        };
+        a.restart();
+        a
+    }
+
+    fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(UNID)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start unid agent");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "agent socket never opened:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, and reap.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn agent_args(server: SocketAddr, dir: &Path, socket: SocketAddr, pair: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "agent",
+        "--server",
+        &server.to_string(),
+        "--sequence",
+        "jobs",
+        "--refill-period-ms",
+        "50",
+        "--socket",
+        &socket.to_string(),
+        "--ring-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(dir.display().to_string());
+    v.extend(pair.iter().cloned());
+    v
+}
+
+/// The pair file's `key value` lines.
+fn pair_file(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join(".unid-pair")).unwrap_or_default()
+}
+
+/// Whether the pair file in `dir` has the line `line`.
+fn pair_says(dir: &Path, line: &str) -> bool {
+    pair_file(dir).lines().any(|l| l == line)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `METRICS` from an agent's socket.
+fn metrics(socket: SocketAddr) -> String {
+    let Ok(mut s) = TcpStream::connect(socket) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"METRICS\nQUIT\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A consumer process: the ids it took (from its output file) and its summary.
+struct Consumer {
+    child: Child,
+    out: PathBuf,
+}
+
+fn consumer(dir: &Path, socket: SocketAddr, out: PathBuf, stop: &Path) -> Consumer {
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "pair_consumer_child", "--nocapture", "--quiet"])
+        .env("UNID_PAIR_CONSUMER", "1")
+        .env("UNID_RING_DIR", dir)
+        .env("UNID_SOCKET", socket.to_string())
+        .env("UNID_TEST_OUT", &out)
+        .env("UNID_TEST_STOP", stop)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Consumer { child, out }
+}
+
+struct Summary {
+    ids: Vec<u64>,
+    max_wait_us: u64,
+    max_wait_at_ms: u64,
+    switches: u64,
+    skipped: u64,
+    errors: u64,
+}
+
+impl Consumer {
+    fn finish(mut self) -> Summary {
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "consumer failed: {st}");
+        let bytes = std::fs::read(&self.out).unwrap();
+        let ids = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let text = std::fs::read_to_string(self.out.with_extension("summary")).unwrap();
+        let get = |k: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k} ")))
+                .unwrap_or_else(|| panic!("{k} missing in {text}"))
+                .parse()
+                .unwrap()
+        };
+        Summary {
+            ids,
+            max_wait_us: get("max_wait_us"),
+            max_wait_at_ms: get("max_wait_at_ms"),
+            switches: get("switches"),
+            skipped: get("skipped"),
+            errors: get("errors"),
+        }
+    }
+}
+
+/// The application process (run by `consumer`): takes ids with `next()`
+/// (about 250k/s, in bursts of 64) until the stop file appears, writes them
+/// to `UNID_TEST_OUT`, the longest `next()` (after the first 1000) and the
+/// counters beside it.
+#[test]
+fn pair_consumer_child() {
+    if std::env::var_os("UNID_PAIR_CONSUMER").is_none() {
+        return;
+    }
+    let out = PathBuf::from(std::env::var_os("UNID_TEST_OUT").unwrap());
+    let stop = PathBuf::from(std::env::var_os("UNID_TEST_STOP").unwrap());
+    let mut unid = unid::Unid::open("jobs").expect("open");
+    assert!(unid.paired(), "the pair file names the backup's ring");
+    let mut w = BufWriter::new(std::fs::File::create(&out).unwrap());
+    let start = Instant::now();
+    let (mut max_wait, mut max_at, mut errors) = (Duration::ZERO, Duration::ZERO, 0u64);
+    let mut n = 0u64;
+    loop {
+        let t = Instant::now();
+        match unid.next() {
+            Ok(id) => {
+                let d = t.elapsed();
+                // The first takes map pages and may meet an empty ring.
+                if d > max_wait && n >= 1000 {
+                    max_wait = d;
+                    max_at = t - start;
+                }
+                w.write_all(&u64::try_from(id).unwrap().to_le_bytes())
+                    .unwrap();
+            }
+            Err(e) => {
+                errors += 1;
+                eprintln!("consumer: next() failed: {e}");
+                if errors > 20 {
+                    break;
+                }
+            }
+        }
+        n += 1;
+        if n.is_multiple_of(64) {
+            std::thread::sleep(Duration::from_micros(200));
+            if n.is_multiple_of(1024) && stop.exists() {
+                break;
+            }
+        }
+    }
+    w.flush().unwrap();
+    let s = unid.stats();
+    std::fs::write(
+        out.with_extension("summary"),
+        format!(
+            "max_wait_us {}\nmax_wait_at_ms {}\nswitches {}\nskipped {}\nerrors {errors}\n",
+            max_wait.as_micros(),
+            max_at.as_millis(),
+            s.switches,
+            s.ids_skipped
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn kill9_of_the_primary_then_of_the_backup_applications_keep_taking_ids() {
+    let cluster = FakeCluster::new(8, &["jobs"]);
+    let server = cluster.start_server(1).unwrap();
+    let (d1, d2, work) = (Dir::new("primary"), Dir::new("backup"), Dir::new("work"));
+    let (s1, s2) = (free_tcp(), free_tcp());
+    let link = free_udp();
+    let mut primary = Agent::start(
+        agent_args(
+            server.addr(),
+            &d1.0,
+            s1,
+            &["--peer-listen".into(), link.to_string()],
+        ),
+        work.0.join("primary.log"),
+        s1,
+    );
+    let mut backup = Agent::start(
+        agent_args(
+            server.addr(),
+            &d2.0,
+            s2,
+            &["--backup-of".into(), link.to_string()],
+        ),
+        work.0.join("backup.log"),
+        s2,
+    );
+    wait_for("the pair to form", Duration::from_secs(20), || {
+        pair_says(&d1.0, "active 1")
+            && pair_says(&d1.0, &format!("peer_ring_dir {}", d2.0.display()))
+            && pair_says(&d2.0, "active 0")
+            && pair_says(&d2.0, "peer_state alive")
+            && d1.0.join("jobs").exists()
+            && d2.0.join("jobs").exists()
+    });
+    let stop = work.0.join("stop");
+    let a = consumer(&d1.0, s1, work.0.join("a.ids"), &stop);
+    let b = consumer(&d1.0, s1, work.0.join("b.ids"), &stop);
+    std::thread::sleep(Duration::from_millis(800));
+
+    // 1. kill -9 the primary: the backup takes over.
+    let t_kill1 = Instant::now();
+    primary.kill9();
+    wait_for("the backup to take over", Duration::from_secs(10), || {
+        pair_says(&d2.0, "active 1")
+    });
+    let takeover_ms = t_kill1.elapsed().as_millis();
+    std::thread::sleep(Duration::from_millis(800));
+
+    // 2. The primary comes back: it rejoins as the standby.
+    primary.restart();
+    wait_for(
+        "the restarted primary to stand by",
+        Duration::from_secs(10),
+        || {
+            pair_says(&d1.0, "active 0")
+                && pair_says(&d1.0, "peer_state alive")
+                && d1.0.join("jobs").exists()
+        },
+    );
+    assert!(pair_says(&d2.0, "active 1"), "backup stays active");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // 3. kill -9 the backup (now active): the primary takes over again.
+    backup.kill9();
+    wait_for("the primary to take over", Duration::from_secs(10), || {
+        pair_says(&d1.0, "active 1")
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let m = metrics(s1);
+    std::fs::write(&stop, b"").unwrap();
+    let (a, b) = (a.finish(), b.finish());
+
+    // No id twice; each consumer's ids increase; every id was granted.
+    let mut seen = HashSet::new();
+    for (name, s) in [("a", &a), ("b", &b)] {
+        assert_eq!(s.errors, 0, "consumer {name} saw errors");
+        assert!(s.ids.len() > 10_000, "consumer {name}: {} ids", s.ids.len());
+        for w in s.ids.windows(2) {
+            assert!(w[0] < w[1], "consumer {name}: {} then {}", w[0], w[1]);
+        }
+        for id in &s.ids {
+            assert!(seen.insert(*id), "id {id} handed out twice");
+        }
+        assert!(
+            s.switches >= 2,
+            "consumer {name} switched {} times",
+            s.switches
+        );
+    }
+    let granted = cluster.granted();
+    for id in &seen {
+        let id = u128::from(*id);
+        assert!(
+            granted
+                .iter()
+                .any(|(_, f, c)| id >= *f && id < f + u128::from(*c)),
+            "id {id} was never granted"
+        );
+    }
+    assert!(metric(&m, "unid_agent_pair_active") == Some(1), "{m}");
+    assert!(
+        metric(&m, "unid_agent_peer_lost_fast_total").unwrap_or(0) >= 1,
+        "the restarted primary saw the backup go by the fast signal:\n{m}"
+    );
+    assert!(metric(&m, "unid_agent_takeovers_total") == Some(1), "{m}");
+    let log = backup.log_text();
+    assert_eq!(
+        log.matches("pair: peer lost").count(),
+        1,
+        "one line per change:\n{log}"
+    );
+    eprintln!(
+        "switch-over: backup active {takeover_ms} ms after kill -9; longest next(): a {} us (at {} ms), b {} us (at {} ms); ids a {} b {}; switches a {} b {}; discarded a {} b {}",
+        a.max_wait_us,
+        a.max_wait_at_ms,
+        b.max_wait_us,
+        b.max_wait_at_ms,
+        a.ids.len(),
+        b.ids.len(),
+        a.switches,
+        b.switches,
+        a.skipped,
+        b.skipped
+    );
+}
