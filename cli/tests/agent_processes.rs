@@ -3,7 +3,7 @@
 //! (SIGTERM and SIGKILL) never repeat an id.
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -66,10 +66,8 @@ impl Drop for Agent {
 }
 
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    let port = unid_engine::ports::free_port().expect("a free port on 127.0.0.1");
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 fn next(dir: &Path, socket: SocketAddr, n: u64) -> Child {

@@ -46,6 +46,7 @@ use std::time::Instant;
 
 pub mod client;
 pub mod metrics;
+pub mod ports;
 pub mod server;
 pub mod shard;
 pub mod udp;

@@ -11,14 +11,7 @@ use unid_engine::server::{Peer, ServerConfig, ServerError, ServerHandle, run};
 use unid_proto::{Codec, ErrorCode, Header, Message, NodeRole, Width, decode};
 
 fn free_port() -> u16 {
-    for _ in 0..100 {
-        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = t.local_addr().unwrap().port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
+    unid_engine::ports::free_port().expect("a free port on 127.0.0.1")
 }
 
 fn local(port: u16) -> SocketAddr {

@@ -1,25 +1,59 @@
 //! `--spawn-servers N`: `unid server` processes on 127.0.0.1 with free ports and temporary
 //! data dirs, which the nemesis can kill (SIGKILL) and restart from their data dirs.
 
+use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context as _, bail};
+use rand::{Rng as _, SeedableRng as _};
 
 /// Most servers `--spawn-servers` starts.
 pub const SPAWN_SERVERS_MAX: usize = 7;
 
-/// A port free for both TCP and UDP on 127.0.0.1 right now.
-fn free_port() -> anyhow::Result<u16> {
+/// The lowest port [`free_port`] picks.
+const PORT_MIN: u16 = 12_000;
+
+/// Whether `port` is free on 127.0.0.1 for both TCP and UDP right now.
+fn free_now(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok() && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// A port free for both TCP and UDP on 127.0.0.1, not in `given`, and below the kernel's
+/// ephemeral range (`ip_local_port_range`) when there is room: a port taken from `bind(0)`
+/// can be handed by the kernel to another socket or an outgoing connection (servers retrying
+/// Raft connections use several a second) before the server binds it, and the server then
+/// exits with `EADDRINUSE`; seen in CI as a cluster that never elected a leader. (The same
+/// rule as `unid_engine::ports`, which loadgen must not link.)
+fn free_port(given: &mut HashSet<u16>) -> anyhow::Result<u16> {
+    let high: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    // RandomState is keyed randomly per process: concurrent loadgens pick different ports.
+    let seed =
+        std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    if high > PORT_MIN {
+        for _ in 0..1_000 {
+            let port = rng.random_range(PORT_MIN..high);
+            if !given.contains(&port) && free_now(port) {
+                given.insert(port);
+                return Ok(port);
+            }
+        }
+    }
     for _ in 0..100 {
         let t = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
         let port = t.local_addr()?.port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        drop(t);
+        if !given.contains(&port) && free_now(port) {
+            given.insert(port);
             return Ok(port);
         }
     }
-    bail!("no port free for both TCP and UDP on 127.0.0.1 after 100 tries")
+    bail!("no port free for both TCP and UDP on 127.0.0.1 after 1100 tries")
 }
 
 /// One spawned server.
@@ -52,11 +86,12 @@ impl Cluster {
             bail!("--unid-bin {}: no such file", unid_bin.display());
         }
         let mut servers = Vec::with_capacity(n);
+        let mut given = HashSet::new();
         for id in 1..=n as u64 {
             servers.push(Server {
                 id,
-                udp: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-                raft: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+                udp: SocketAddr::from(([127, 0, 0, 1], free_port(&mut given)?)),
+                raft: SocketAddr::from(([127, 0, 0, 1], free_port(&mut given)?)),
                 dir: root.join(format!("server-{id}")),
                 log: root.join(format!("server-{id}.log")),
                 child: None,

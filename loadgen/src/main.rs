@@ -227,7 +227,18 @@ fn run() -> anyhow::Result<bool> {
         (None, None) => args.servers.clone(),
     };
     eprintln!("loadgen: servers {servers:?}");
-    let status = wire::wait_leader(&servers, Duration::from_secs(30))?;
+    let status = wire::wait_leader(&servers, Duration::from_secs(30), || {
+        match cluster.as_mut() {
+            Some(c) => match c.exited().first() {
+                Some((id, st)) => bail!(
+                    "spawned server {id} exited ({st}) before a leader was agreed; its log ends:\n{}",
+                    c.log_tail(*id, 20)
+                ),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
+    })?;
     eprintln!(
         "loadgen: leader {} (term {})",
         status.leader_id, status.term

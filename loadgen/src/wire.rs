@@ -130,11 +130,17 @@ impl Admin {
     }
 }
 
-/// Waits until every server in `at` names the same leader; returns it.
-pub fn wait_leader(at: &[SocketAddr], timeout: Duration) -> anyhow::Result<Status> {
+/// Waits until every server in `at` names the same leader; returns it. `check` runs between
+/// polls and ends the wait with its error (e.g. a spawned server that exited).
+pub fn wait_leader(
+    at: &[SocketAddr],
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Status> {
     let mut admin = Admin::new()?;
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
+        check()?;
         let seen: Vec<Option<Status>> = at
             .iter()
             .map(|a| admin.status(*a, Duration::from_millis(300)))

@@ -2,7 +2,7 @@
 //! and temporary data dirs, and a small UDP test agent built from `unid-proto`.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,16 +13,10 @@ use unid_proto::{
 
 pub const UNID: &str = env!("CARGO_BIN_EXE_unid");
 
-/// A port free for both TCP and UDP on 127.0.0.1 right now.
+/// A port free for both TCP and UDP on 127.0.0.1 right now, below the kernel's ephemeral
+/// range so that nothing else takes it before the server binds it (see `unid_engine::ports`).
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let t = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = t.local_addr().unwrap().port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
+    unid_engine::ports::free_port().expect("a free port on 127.0.0.1")
 }
 
 /// One server process.
