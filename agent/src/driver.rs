@@ -2,7 +2,7 @@
 //! and the ring producers.
 
 use std::collections::VecDeque;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use unid_proto::{
 };
 use unid_ring::{Producer, ProducerOptions, RingError};
 
+use crate::net::{Net, PathLoss, PathState, Recv};
 use crate::pair::{Beat, Pair, PairEvents};
 use crate::{AgentConfig, Connection, Error, Metrics, SequenceState, Shared};
 
@@ -28,6 +29,12 @@ const STATUS_EVERY_US: u64 = 20_000;
 const LEASE_MS_DEFAULT: u64 = 3000;
 /// The most node-table pages read in one fetch.
 const TABLE_PAGES_MAX: u16 = 16;
+/// After a request failed (every attempt sent, refused or unanswered), wait
+/// this long before sending it again, in microseconds: a path with no route
+/// fails at once, and must not be retried in a busy loop.
+const RETRY_AFTER_FAIL_US: u64 = 100_000;
+/// Datagrams read from each non-leader socket per loop, at most.
+const RECV_PER_SOCKET_MAX: usize = 16;
 /// After a takeover, blocks are sized at least from the peer's last reported
 /// rate for this long (until this side has measured its own), in microseconds.
 const TAKEOVER_HINT_US: u64 = 2_000_000;
@@ -204,7 +211,10 @@ impl Seq {
 pub(crate) struct Driver {
     config: AgentConfig,
     shared: Arc<Shared>,
-    socket: UdpSocket,
+    net: Net,
+    /// Every server path down for lack of a route.
+    no_route: bool,
+    hello_retry_at_us: u64,
     codec: Codec,
     key: Option<AuthKey>,
     start: Instant,
@@ -229,16 +239,15 @@ impl Driver {
         incarnation: u64,
         shared: Arc<Shared>,
     ) -> Result<Driver, Error> {
-        let bind: SocketAddr = if config.servers.iter().all(|a| a.is_ipv6()) {
-            "[::]:0".parse().expect("valid")
-        } else {
-            "0.0.0.0:0".parse().expect("valid")
-        };
-        let socket = UdpSocket::bind(bind).map_err(|source| Error::Io {
-            op: "bind udp",
-            addr: bind,
-            source,
-        })?;
+        let mut net = Net::new();
+        for a in &config.servers {
+            net.ensure(*a, &config.servers)
+                .map_err(|source| Error::Io {
+                    op: "open udp socket to server",
+                    addr: *a,
+                    source,
+                })?;
+        }
         let requester = Requester::new(config.requester.clone(), &config.servers, incarnation, 0)
             .map_err(|e| Error::InvalidConfig {
             field: "requester",
@@ -296,7 +305,9 @@ impl Driver {
             rng: SmallRng::seed_from_u64(incarnation),
             config,
             shared,
-            socket,
+            net,
+            no_route: false,
+            hello_retry_at_us: 0,
             codec: Codec::new(),
             start: Instant::now(),
             incarnation,
@@ -337,22 +348,22 @@ impl Driver {
                 None => tick_us,
             }
             .max(100);
-            let _ = self
-                .socket
-                .set_read_timeout(Some(Duration::from_micros(wait_us)));
-            match self.socket.recv_from(&mut buf) {
-                Ok((len, from)) => {
-                    let now = self.now_us();
-                    self.on_datagram(now, from, &buf[..len]);
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => {
-                    // E.g. ECONNREFUSED reported for an earlier send.
-                    tracing::debug!("udp recv: {e}");
+            let leader = self.link.requester.leader();
+            let mut got = Vec::new();
+            self.net.recv(
+                leader,
+                Duration::from_micros(wait_us),
+                &mut buf,
+                RECV_PER_SOCKET_MAX,
+                |r, bytes| got.push((r, bytes.to_vec())),
+            );
+            for (r, bytes) in got {
+                let now = self.now_us();
+                match r {
+                    Recv::Datagram { from, .. } => {
+                        self.on_datagram(now, from, &bytes);
+                    }
+                    Recv::PathError { from, loss } => self.on_path_error(now, from, loss),
                 }
             }
         }
@@ -370,7 +381,7 @@ impl Driver {
             self.link.requester.handle_timeout(now, &mut self.rng);
         }
         self.drain_events(now);
-        if self.node_id == 0 && !self.hello_inflight {
+        if self.node_id == 0 && !self.hello_inflight && now >= self.hello_retry_at_us {
             self.hello_inflight = self.link.send(now, Req::Hello).is_some();
         }
         if self.node_id != 0 && self.table.wanted && !self.table.inflight {
@@ -521,15 +532,57 @@ impl Driver {
                     continue;
                 }
             };
-            if let Err(e) = self.socket.send_to(&out[..len], t.destination) {
+            if let Err(e) = self
+                .net
+                .send(t.destination, &out[..len], &self.link.servers)
+            {
                 Metrics::add(&self.shared.metrics.send_errors, 1);
                 tracing::debug!("send to {}: {e}", t.destination);
+                if let Some(loss) = crate::net::classify(&e) {
+                    self.path_down(t.destination, loss);
+                }
                 self.link.requester.handle_send_error(now, t.destination);
             }
         }
     }
 
+    /// The kernel reported an error for `from` (ICMP on its connected
+    /// socket): the fast signal that it or the path is gone.
+    fn on_path_error(&mut self, now: u64, from: SocketAddr, loss: PathLoss) {
+        Metrics::add(&self.shared.metrics.path_errors, 1);
+        self.path_down(from, loss);
+        self.link.requester.handle_send_error(now, from);
+        self.transmit(now);
+    }
+
+    fn path_down(&mut self, addr: SocketAddr, loss: PathLoss) {
+        if self.net.set_state(addr, PathState::Down(loss)).is_some() {
+            Metrics::add(&self.shared.metrics.path_losses, 1);
+            tracing::warn!(server = %addr, "server path down: {loss:?} (fast signal)");
+        }
+        if !self.no_route && self.net.no_route(&self.link.servers) {
+            self.no_route = true;
+            Metrics::add(&self.shared.metrics.network_losses, 1);
+            tracing::warn!(
+                "network lost: no route to any server (interface down?); serving from the rings only"
+            );
+        }
+    }
+
+    fn path_up(&mut self, addr: SocketAddr) {
+        if let Some(was) = self.net.set_state(addr, PathState::Up)
+            && was != PathState::Unknown
+        {
+            tracing::info!(server = %addr, "server path up again");
+        }
+        if self.no_route {
+            self.no_route = false;
+            tracing::info!("network back: a server answers");
+        }
+    }
+
     fn on_datagram(&mut self, now: u64, from: SocketAddr, bytes: &[u8]) {
+        self.path_up(from);
         let shared = Arc::clone(&self.shared);
         let metrics = &shared.metrics;
         let frame = match decode(bytes, self.key.as_ref()) {
@@ -693,6 +746,14 @@ impl Driver {
                     };
                     tracing::debug!("request {seq} ({req:?}) failed: {error}");
                     self.forget(&req);
+                    match req {
+                        Req::Block { index, .. } => {
+                            let s = &mut self.seqs[index];
+                            s.retry_at_us = s.retry_at_us.max(now + RETRY_AFTER_FAIL_US);
+                        }
+                        Req::Hello => self.hello_retry_at_us = now + RETRY_AFTER_FAIL_US,
+                        _ => {}
+                    }
                     // Logged once per change; a never-registered agent
                     // shows Unreachable with node id 0.
                     self.set_connection(Connection::Unreachable);
@@ -1015,6 +1076,8 @@ impl Driver {
         st.leader = Some(self.link.requester.leader());
         st.epoch = self.link.highest_epoch;
         st.pair = self.pair.as_ref().map(|p| p.status(now));
+        st.servers = self.net.paths();
+        st.network_down = self.no_route;
         for (line, s) in st.sequences.iter_mut().zip(&self.seqs) {
             line.width = s.width;
             line.state = s.state.clone();

@@ -42,10 +42,12 @@
 #![forbid(unsafe_code)]
 
 mod driver;
+mod net;
 pub mod pair;
 mod socket;
 pub mod testing;
 
+pub use net::{PathLoss, PathState, ServerPath};
 pub use pair::{PairConfig, PairRole, PairStatus, PeerLoss, PeerState};
 
 use std::net::SocketAddr;
@@ -319,6 +321,11 @@ pub struct Status {
     pub sequences: Vec<SequenceStatus>,
     /// The primary/backup pair, if this agent is paired.
     pub pair: Option<PairStatus>,
+    /// Each server's path (errors the kernel reported, answers since).
+    pub servers: Vec<ServerPath>,
+    /// No route to any server (this host's network is gone): serving from
+    /// the rings only until it returns.
+    pub network_down: bool,
 }
 
 /// Counters, readable at any time with [`AgentHandle::metrics`].
@@ -358,6 +365,13 @@ pub struct Metrics {
     pub socket_refused: AtomicU64,
     /// Socket requests answered with `ERR`.
     pub socket_errors: AtomicU64,
+    /// Path errors the kernel reported on a server's socket (ICMP refused,
+    /// host or network unreachable).
+    pub path_errors: AtomicU64,
+    /// Server paths that went down (once per change).
+    pub path_losses: AtomicU64,
+    /// Times every server became unroutable (network lost).
+    pub network_losses: AtomicU64,
     /// Heartbeats sent to the pair peer.
     pub peer_beats_sent: AtomicU64,
     /// Heartbeats received from the pair peer.
@@ -384,7 +398,7 @@ impl Metrics {
     pub fn prometheus(&self, status: &Status) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let counters: [(&str, &AtomicU64, &str); 24] = [
+        let counters: [(&str, &AtomicU64, &str); 27] = [
             ("grants_total", &self.grants, "block grants accepted"),
             (
                 "ids_granted_total",
@@ -455,6 +469,21 @@ impl Metrics {
                 "socket requests answered with ERR",
             ),
             (
+                "path_errors_total",
+                &self.path_errors,
+                "path errors reported by the kernel on server sockets",
+            ),
+            (
+                "path_losses_total",
+                &self.path_losses,
+                "server paths that went down",
+            ),
+            (
+                "network_losses_total",
+                &self.network_losses,
+                "times no server was routable",
+            ),
+            (
                 "peer_heartbeats_sent_total",
                 &self.peer_beats_sent,
                 "heartbeats sent to the pair peer",
@@ -499,6 +528,12 @@ impl Metrics {
         let connected = u8::from(status.connection == Connection::Connected);
         let _ = writeln!(out, "# TYPE unid_agent_connected gauge");
         let _ = writeln!(out, "unid_agent_connected {connected}");
+        let _ = writeln!(out, "# TYPE unid_agent_network_up gauge");
+        let _ = writeln!(
+            out,
+            "unid_agent_network_up {}",
+            u8::from(!status.network_down)
+        );
         if let Some(p) = &status.pair {
             let _ = writeln!(out, "# TYPE unid_agent_pair_active gauge");
             let _ = writeln!(out, "unid_agent_pair_active {}", u8::from(p.active));
@@ -642,6 +677,8 @@ pub fn run(config: AgentConfig) -> Result<AgentHandle, Error> {
             })
             .collect(),
         pair: None,
+        servers: Vec::new(),
+        network_down: false,
     };
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use unid_agent::testing::{FakeCluster, Mode};
-use unid_agent::{AgentConfig, AgentHandle, Connection, SequenceState};
+use unid_agent::{AgentConfig, AgentHandle, Connection, PathLoss, PathState, SequenceState};
 
 static DIRS: AtomicU32 = AtomicU32::new(0);
 
@@ -527,4 +527,47 @@ fn starting_without_a_cluster_says_so_and_recovers() {
     });
     let got = socket_next(&mut conn, "late", 5).unwrap();
     assert_eq!(got.len(), 5);
+}
+
+#[test]
+fn a_dead_server_is_noticed_by_the_fast_signal_and_the_other_serves() {
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(8, &["f"]);
+    let first = cluster.start_server(1).unwrap();
+    let second = cluster.start_server(2).unwrap();
+    let dead = first.addr();
+    let mut c = config(vec![dead, second.addr()], &dir, &["f"]);
+    // Long timers: only the fast signal can move the agent off the dead
+    // server before the requests time out.
+    c.requester.request_timeout_ms = 20_000;
+    c.requester.rto_max_ms = 10_000;
+    c.requester.rto_initial_ms = 5_000;
+    let agent = unid_agent::run(c).unwrap();
+    let mut ids = client(&dir, &agent, "f");
+    let mut got = vec![ids.next().unwrap().get()];
+    assert_eq!(agent.status().leader, Some(dead));
+    let granted_before = cluster.granted().len();
+    // The process goes: its port answers "port unreachable" (ECONNREFUSED
+    // on the agent's connected socket).
+    first.kill();
+    wait_until("the dead server's path down", 5_000, || {
+        let st = agent.status();
+        st.servers
+            .iter()
+            .any(|p| p.addr == dead && p.state == PathState::Down(PathLoss::Refused))
+    });
+    wait_until("a grant from the other server", 5_000, || {
+        got.push(ids.next().unwrap().get());
+        cluster.granted().len() > granted_before + 1
+    });
+    let st = agent.status();
+    assert_eq!(st.leader, Some(second.addr()));
+    assert_eq!(st.connection, Connection::Connected);
+    assert!(!st.network_down);
+    assert!(agent.metrics().path_errors.load(Ordering::Relaxed) >= 1);
+    assert_eq!(agent.metrics().path_losses.load(Ordering::Relaxed), 1);
+    let text = agent.prometheus();
+    assert!(text.contains("unid_agent_path_losses_total 1"), "{text}");
+    assert_increasing(&got, "client");
+    assert_unique_and_granted(&[&got], &cluster);
 }
