@@ -1,4 +1,9 @@
-//! Criterion suites live in `benches/`; this library only holds shared helpers.
+//! Criterion suites live in `benches/`; this library holds shared helpers: the benchmark ring,
+//! the closed-loop client machinery every system is measured with ([`closed_loop`]) and the
+//! operations that need no server ([`ops`]).
+
+pub mod closed_loop;
+pub mod ops;
 
 use std::path::PathBuf;
 use unid_ring::{Consumer, Producer, ProducerOptions};
