@@ -1,0 +1,213 @@
+//! A simulated disk for redb: writes land in a volatile image, `sync_data`
+//! makes them durable, and a crash keeps only what was synced (plus, if
+//! asked, a random subset of the unsynced writes: a disk may have written
+//! any of them, in any order, before power was lost).
+//!
+//! The real store ([`unid_consensus::store::open_with_backend`]) runs on it,
+//! so the redb commit protocol, its recovery after a torn commit, and the
+//! store's fsync discipline are what is tested, not a model of them.
+//!
+//! A disk can also be armed to **fail mid-transaction**: after `n` more
+//! writes every operation fails, as when the process dies in the middle of
+//! a commit. The store turns the error into an openraft storage error, Raft
+//! stops (fail-stop), and the simulator then crashes and restarts the
+//! server from what was synced.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rand::Rng;
+
+/// Largest disk image, in bytes: a bound on what a run can write.
+pub const DISK_BYTES_MAX: u64 = 256 << 20;
+
+#[derive(Debug)]
+enum Op {
+    Write { offset: u64, data: Vec<u8> },
+    SetLen(u64),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// What reads see: every write so far.
+    current: Vec<u8>,
+    /// What survives a crash: the image at the last `sync_data`.
+    durable: Vec<u8>,
+    /// Writes and resizes since the last sync, in order.
+    pending: Vec<Op>,
+    /// Set by a crash (or an armed failure): every later operation fails.
+    dead: bool,
+    /// Writes left before the disk fails, if armed.
+    fail_after_writes: Option<u64>,
+    /// Counters.
+    stats: DiskStats,
+}
+
+/// Counters of one disk (one server incarnation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskStats {
+    /// Writes.
+    pub writes: u64,
+    /// `sync_data` calls.
+    pub syncs: u64,
+    /// Unsynced writes lost at the crash that ended this disk.
+    pub lost_writes: u64,
+    /// Unsynced writes that survived that crash (torn commit).
+    pub kept_writes: u64,
+}
+
+/// One server's disk, shared between the redb database and the simulator.
+#[derive(Clone, Debug, Default)]
+pub struct SimDisk {
+    state: Arc<Mutex<State>>,
+}
+
+fn apply(image: &mut Vec<u8>, op: &Op) {
+    match op {
+        Op::Write { offset, data } => {
+            let end = *offset as usize + data.len();
+            if image.len() < end {
+                image.resize(end, 0);
+            }
+            image[*offset as usize..end].copy_from_slice(data);
+        }
+        Op::SetLen(len) => image.resize(*len as usize, 0),
+    }
+}
+
+impl SimDisk {
+    /// An empty disk.
+    pub fn new() -> SimDisk {
+        SimDisk::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The power goes out: this disk is dead for good (its database gets an
+    /// error on every later call) and a new disk is returned holding what
+    /// was synced, plus each unsynced write with probability 1/2 if `torn`.
+    pub fn crash<R: Rng>(&self, rng: &mut R, torn: bool) -> SimDisk {
+        let mut s = self.lock();
+        s.dead = true;
+        let mut image = s.durable.clone();
+        let pending = std::mem::take(&mut s.pending);
+        for op in &pending {
+            if torn && rng.random_bool(0.5) {
+                apply(&mut image, op);
+                s.stats.kept_writes += 1;
+            } else {
+                s.stats.lost_writes += 1;
+            }
+        }
+        SimDisk {
+            state: Arc::new(Mutex::new(State {
+                current: image.clone(),
+                durable: image,
+                ..State::default()
+            })),
+        }
+    }
+
+    /// Arms a failure: after `writes` more writes, every operation fails.
+    pub fn fail_after_writes(&self, writes: u64) {
+        self.lock().fail_after_writes = Some(writes);
+    }
+
+    /// Whether this disk has failed or crashed.
+    pub fn is_dead(&self) -> bool {
+        self.lock().dead
+    }
+
+    /// This disk's counters.
+    pub fn stats(&self) -> DiskStats {
+        self.lock().stats
+    }
+
+    /// Unsynced operations pending (lost on a crash).
+    pub fn unsynced_ops(&self) -> usize {
+        self.lock().pending.len()
+    }
+}
+
+fn dead() -> std::io::Error {
+    std::io::Error::other("simulated disk: crashed")
+}
+
+impl redb::StorageBackend for SimDisk {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        let s = self.lock();
+        if s.dead {
+            return Err(dead());
+        }
+        Ok(s.current.len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let s = self.lock();
+        if s.dead {
+            return Err(dead());
+        }
+        let end = offset as usize + out.len();
+        if end > s.current.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "simulated disk: read past the end",
+            ));
+        }
+        out.copy_from_slice(&s.current[offset as usize..end]);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let mut s = self.lock();
+        if s.dead {
+            return Err(dead());
+        }
+        if len > DISK_BYTES_MAX {
+            return Err(std::io::Error::other("simulated disk: full"));
+        }
+        let op = Op::SetLen(len);
+        apply(&mut s.current, &op);
+        s.pending.push(op);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        let mut s = self.lock();
+        if s.dead {
+            return Err(dead());
+        }
+        let pending = std::mem::take(&mut s.pending);
+        for op in &pending {
+            apply(&mut s.durable, op);
+        }
+        s.stats.syncs += 1;
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut s = self.lock();
+        if s.dead {
+            return Err(dead());
+        }
+        if let Some(n) = s.fail_after_writes.as_mut() {
+            if *n == 0 {
+                s.dead = true;
+                return Err(dead());
+            }
+            *n -= 1;
+        }
+        if offset + data.len() as u64 > DISK_BYTES_MAX {
+            return Err(std::io::Error::other("simulated disk: full"));
+        }
+        let op = Op::Write {
+            offset,
+            data: data.to_vec(),
+        };
+        apply(&mut s.current, &op);
+        s.pending.push(op);
+        s.stats.writes += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,53 @@
+//! **Progress**: once a majority of servers is up and the network between
+//! them and the agents is healthy (a *calm* period of the fault schedule),
+//! some block is granted within a bound. Agents consume continuously, so a
+//! live cluster is always asked for blocks.
+
+/// The current calm period, if any, and whether it saw a grant.
+#[derive(Debug)]
+pub struct Progress {
+    bound_us: u64,
+    calm_since_us: Option<u64>,
+    granted_in_calm: bool,
+}
+
+impl Progress {
+    /// Progress must happen within `bound_us` of a calm period's start.
+    pub fn new(bound_us: u64) -> Progress {
+        Progress {
+            bound_us,
+            calm_since_us: None,
+            granted_in_calm: false,
+        }
+    }
+
+    /// A calm period starts (`calm`) or ends.
+    pub fn calm(&mut self, now_us: u64, calm: bool) {
+        self.calm_since_us = calm.then_some(now_us);
+        self.granted_in_calm = false;
+    }
+
+    /// A block was granted.
+    pub fn granted(&mut self, _now_us: u64) {
+        if self.calm_since_us.is_some() {
+            self.granted_in_calm = true;
+        }
+    }
+
+    /// Checks the bound at `now_us`.
+    pub fn check(&mut self, now_us: u64) -> Result<(), String> {
+        match self.calm_since_us {
+            Some(since) if !self.granted_in_calm && now_us >= since + self.bound_us => {
+                // Report once per calm period.
+                self.granted_in_calm = true;
+                Err(format!(
+                    "no grant within {} ms of the network healing with every server up \
+                     (calm since {:.3} ms)",
+                    self.bound_us / 1000,
+                    since as f64 / 1000.0
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}

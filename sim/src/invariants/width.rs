@@ -1,0 +1,42 @@
+//! **Ids within width**: every granted block is non-empty, starts at or
+//! above its sequence's start, and ends at or below the width's limit (the
+//! all-ones value is reserved and never issued).
+
+use std::collections::BTreeMap;
+
+use unid_proto::{Id, Width};
+
+/// Each sequence's width and start.
+#[derive(Debug, Default)]
+pub struct InWidth {
+    sequences: BTreeMap<String, (Width, Id)>,
+}
+
+impl InWidth {
+    /// Declares a sequence.
+    pub fn sequence(&mut self, name: &str, width: Width, start: Id) {
+        self.sequences.insert(name.to_owned(), (width, start));
+    }
+
+    /// Checks a grant of `first .. first + count`.
+    pub fn granted(&mut self, sequence: &str, first: Id, count: u64) -> Result<(), String> {
+        let Some(&(width, start)) = self.sequences.get(sequence) else {
+            return Err(format!("{sequence}: granted from an unknown sequence"));
+        };
+        if count == 0 {
+            return Err(format!("{sequence}: an empty block at {first}"));
+        }
+        if first < start {
+            return Err(format!(
+                "{sequence}: {first}+{count} starts below the start {start}"
+            ));
+        }
+        match first.checked_add(Id::from(count)) {
+            Some(end) if end <= width.limit() => Ok(()),
+            _ => Err(format!(
+                "{sequence}: {first}+{count} passes the {width}-byte limit {}",
+                width.limit()
+            )),
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! unid's deterministic simulation: one seed drives a whole cluster in one
+//! process — 3 or 5 servers running the real consensus code (openraft 0.9
+//! with `unid-consensus`'s redb store and state machine), glue that mirrors
+//! `engine/src/server.rs`, and agents running the real `unid-core`
+//! `Requester` and `Sizer` — over a simulated network, clock and disk, and
+//! checks the invariants after every event. See `sim/README.md` for the
+//! design, what is real and what is simulated, and the determinism caveats.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`sim`] | [`SimConfig`] from a seed, the fault schedule, [`run`] → [`Report`] |
+//! | [`server`] | one server: the real `ConsensusNode` and the engine's glue |
+//! | [`agent`] | one agent and its consumers |
+//! | [`net`] | the simulated network (an openraft network factory, datagrams) |
+//! | [`disk`] | the simulated disk (a redb `StorageBackend` that loses unsynced writes) |
+//! | [`clock`] | simulated time |
+//! | [`invariants`] | the invariants, one per file |
+//! | [`trace`] | the event trace and its digest |
+//!
+//! ```no_run
+//! let report = unid_sim::run(unid_sim::SimConfig::from_seed(7))?;
+//! if !report.ok() {
+//!     eprintln!("{}\nreplay: {}", report.violations[0], report.replay_command());
+//! }
+//! # Ok::<(), unid_sim::SimError>(())
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod clock;
+pub mod disk;
+pub mod error;
+pub mod invariants;
+pub mod net;
+pub mod server;
+pub mod sim;
+pub mod trace;
+
+pub use error::SimError;
+pub use invariants::Violation;
+pub use server::Bug;
+pub use sim::{Report, SimConfig, replay_command, run};

@@ -1,0 +1,542 @@
+//! The simulated network: Raft RPCs between servers (an openraft
+//! [`RaftNetworkFactory`] that calls the target's real [`Raft`] handle) and
+//! datagrams between agents and servers, both through one seeded fault
+//! model.
+//!
+//! Every message gets a delay drawn from `delay_us_min ..= delay_us_max`
+//! (different delays reorder messages), may be dropped (requests and
+//! responses separately), may be duplicated (the copy arrives later, so it
+//! is also reordered), and is lost if a partition separates its ends or
+//! its destination is down. Partitions assign every endpoint a group; only
+//! endpoints of one group can talk. A crashed server sends nothing more,
+//! though messages already in flight still arrive, as on a real network.
+//!
+//! A dropped RPC fails after its time-to-live (openraft's `hard_ttl`), as a
+//! lost TCP request would time out; an RPC to a server that is down or cut
+//! off fails at once with `Unreachable` (a refused connection).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+use unid_consensus::types::{Raft, TypeConfig};
+use unid_proto::{Epoch, Id, NodeId, SeqNo, Width};
+
+/// An end of the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Endpoint {
+    /// A server, by node id.
+    Server(NodeId),
+    /// An agent, by index.
+    Agent(usize),
+}
+
+/// A server's address for agents.
+pub fn server_addr(id: NodeId) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, id as u8)), 7400)
+}
+
+/// An agent's address.
+pub fn agent_addr(index: usize) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 1, index as u8)), 7411)
+}
+
+/// The endpoint at `addr`, if it is a simulated one.
+pub fn endpoint_of(addr: SocketAddr) -> Option<Endpoint> {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.octets()[..3] == [10, 0, 0] => {
+            Some(Endpoint::Server(NodeId::from(ip.octets()[3])))
+        }
+        IpAddr::V4(ip) if ip.octets()[..3] == [10, 0, 1] => {
+            Some(Endpoint::Agent(usize::from(ip.octets()[3])))
+        }
+        _ => None,
+    }
+}
+
+/// The error codes the simulated servers answer with (the subset of
+/// `unid_proto::ErrorCode` the block path uses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    /// Leader warming up or waiting for a raise: try again.
+    NotReady,
+    /// The agent must register again.
+    NotRegistered,
+    /// No such sequence.
+    UnknownSequence,
+    /// The sequence has no ids left.
+    Exhausted,
+    /// A malformed request.
+    BadRequest,
+}
+
+/// A datagram's payload (the messages of `unid_proto::Message` the block
+/// path uses, not encoded: the codec is not under test here).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    /// Agent → server: register.
+    Hello {
+        /// The agent's incarnation.
+        incarnation: u64,
+    },
+    /// Agent → server: a block, please.
+    BlockRequest {
+        /// The sequence.
+        sequence: String,
+        /// How many ids.
+        count: u64,
+    },
+    /// Server → agent: registered.
+    Welcome {
+        /// The agent's node id.
+        node_id: NodeId,
+    },
+    /// Server → agent: a block.
+    BlockGrant {
+        /// The sequence.
+        sequence: String,
+        /// Its width.
+        width: Width,
+        /// The first id.
+        first: Id,
+        /// How many ids.
+        count: u64,
+    },
+    /// Server → agent: not the leader.
+    NotLeader {
+        /// Who is, if known.
+        leader: Option<SocketAddr>,
+    },
+    /// Server → agent: an error.
+    Error {
+        /// Which.
+        code: Code,
+    },
+}
+
+/// One datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Datagram {
+    /// Source address.
+    pub from: SocketAddr,
+    /// Destination address.
+    pub to: SocketAddr,
+    /// The sender's node id (0 before registration).
+    pub sender: NodeId,
+    /// The sender's sequence number.
+    pub seq: SeqNo,
+    /// The request this answers (0 for a request).
+    pub reply_to: SeqNo,
+    /// The sender's epoch (a server's term; an agent's highest seen).
+    pub epoch: Epoch,
+    /// The payload.
+    pub msg: Msg,
+}
+
+/// The fault rates in force.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Faults {
+    /// Probability that a message is dropped.
+    pub drop: f64,
+    /// Probability that a message is duplicated.
+    pub duplicate: f64,
+    /// Smallest delay, in microseconds.
+    pub delay_us_min: u64,
+    /// Largest delay, in microseconds.
+    pub delay_us_max: u64,
+}
+
+impl Faults {
+    /// A healthy network: no loss, small delays (they still reorder).
+    pub const CALM: Faults = Faults {
+        drop: 0.0,
+        duplicate: 0.0,
+        delay_us_min: 100,
+        delay_us_max: 2_000,
+    };
+}
+
+/// Network counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Messages sent (RPC requests, responses, datagrams).
+    pub sent: u64,
+    /// Dropped by the fault model.
+    pub dropped: u64,
+    /// Duplicated.
+    pub duplicated: u64,
+    /// Lost to a partition or a server that is down.
+    pub cut: u64,
+}
+
+struct Hub {
+    rng: SmallRng,
+    faults: Faults,
+    groups: BTreeMap<Endpoint, u32>,
+    /// Running servers: id → (incarnation, Raft).
+    rafts: BTreeMap<NodeId, (u64, Raft)>,
+    /// Running endpoints' datagram inboxes: address → (incarnation, sender).
+    inboxes: BTreeMap<SocketAddr, (u64, mpsc::UnboundedSender<Datagram>)>,
+    /// Current incarnation of every endpoint that is up.
+    up: BTreeMap<Endpoint, u64>,
+    stats: NetStats,
+}
+
+/// The simulated network, shared by every task of a run.
+#[derive(Clone)]
+pub struct Net {
+    hub: Arc<Mutex<Hub>>,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Net")
+    }
+}
+
+/// What happens to one message.
+#[derive(Clone, Copy, Debug)]
+struct Fate {
+    /// Partitioned, or the destination is down.
+    cut: bool,
+    drop: bool,
+    delay: Duration,
+    /// A copy arrives after this extra delay.
+    duplicate: Option<Duration>,
+}
+
+impl Net {
+    /// A network with no endpoints, drawing its faults from `seed`.
+    pub fn new(seed: u64) -> Net {
+        Net {
+            hub: Arc::new(Mutex::new(Hub {
+                rng: SmallRng::seed_from_u64(seed ^ 0x6e65_7477_6f72_6b00),
+                faults: Faults::CALM,
+                groups: BTreeMap::new(),
+                rafts: BTreeMap::new(),
+                inboxes: BTreeMap::new(),
+                up: BTreeMap::new(),
+                stats: NetStats::default(),
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Hub> {
+        self.hub.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the fault rates.
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = faults;
+    }
+
+    /// Puts `endpoint` in partition group `group` (all start in group 0).
+    pub fn set_group(&self, endpoint: Endpoint, group: u32) {
+        self.lock().groups.insert(endpoint, group);
+    }
+
+    /// Heals every partition.
+    pub fn heal(&self) {
+        self.lock().groups.clear();
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> NetStats {
+        self.lock().stats
+    }
+
+    /// Brings a server up: its Raft answers RPCs and its inbox gets
+    /// datagrams, for incarnation `incarnation`.
+    pub fn server_up(
+        &self,
+        id: NodeId,
+        incarnation: u64,
+        raft: Raft,
+        inbox: mpsc::UnboundedSender<Datagram>,
+    ) {
+        let mut h = self.lock();
+        h.rafts.insert(id, (incarnation, raft));
+        h.inboxes.insert(server_addr(id), (incarnation, inbox));
+        h.up.insert(Endpoint::Server(id), incarnation);
+    }
+
+    /// Brings an agent up.
+    pub fn agent_up(&self, index: usize, incarnation: u64, inbox: mpsc::UnboundedSender<Datagram>) {
+        let mut h = self.lock();
+        h.inboxes.insert(agent_addr(index), (incarnation, inbox));
+        h.up.insert(Endpoint::Agent(index), incarnation);
+    }
+
+    /// Takes an endpoint down (a crash): it sends and receives nothing more.
+    pub fn down(&self, endpoint: Endpoint) {
+        let mut h = self.lock();
+        h.up.remove(&endpoint);
+        match endpoint {
+            Endpoint::Server(id) => {
+                h.rafts.remove(&id);
+                h.inboxes.remove(&server_addr(id));
+            }
+            Endpoint::Agent(i) => {
+                h.inboxes.remove(&agent_addr(i));
+            }
+        }
+    }
+
+    /// Draws the fate of one message from `from` (incarnation `inc`) to `to`.
+    fn fate(&self, from: Endpoint, inc: u64, to: Endpoint) -> Fate {
+        let mut h = self.lock();
+        h.stats.sent += 1;
+        let f = h.faults;
+        let group = |h: &Hub, e: Endpoint| h.groups.get(&e).copied().unwrap_or(0);
+        let cut = h.up.get(&from) != Some(&inc)
+            || !h.up.contains_key(&to)
+            || group(&h, from) != group(&h, to);
+        let drop = f.drop > 0.0 && h.rng.random_bool(f.drop);
+        let delay_us = h
+            .rng
+            .random_range(f.delay_us_min..=f.delay_us_max.max(f.delay_us_min));
+        let duplicate = if f.duplicate > 0.0 && h.rng.random_bool(f.duplicate) {
+            Some(
+                h.rng
+                    .random_range(f.delay_us_min..=f.delay_us_max.max(f.delay_us_min) * 4),
+            )
+        } else {
+            None
+        };
+        if cut {
+            h.stats.cut += 1;
+        } else if drop {
+            h.stats.dropped += 1;
+        } else if duplicate.is_some() {
+            h.stats.duplicated += 1;
+        }
+        Fate {
+            cut,
+            drop,
+            delay: Duration::from_micros(delay_us),
+            duplicate: duplicate.map(Duration::from_micros),
+        }
+    }
+
+    fn raft(&self, id: NodeId) -> Option<Raft> {
+        self.lock().rafts.get(&id).map(|(_, r)| r.clone())
+    }
+
+    /// Sends a datagram from `from` (incarnation `inc`); it arrives after
+    /// its delay unless the fault model loses it.
+    pub fn send(&self, from: Endpoint, inc: u64, d: Datagram) {
+        let Some(to) = endpoint_of(d.to) else {
+            return;
+        };
+        let fate = self.fate(from, inc, to);
+        if fate.cut || fate.drop {
+            return;
+        }
+        if let Some(extra) = fate.duplicate {
+            self.deliver_after(fate.delay + extra, d.clone());
+        }
+        self.deliver_after(fate.delay, d);
+    }
+
+    fn deliver_after(&self, delay: Duration, d: Datagram) {
+        let net = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let h = net.lock();
+            // Checked again on arrival: the destination may have crashed, or
+            // a partition may have started, while it was in flight.
+            let group = |e: Endpoint| h.groups.get(&e).copied().unwrap_or(0);
+            let same_side = endpoint_of(d.from)
+                .zip(endpoint_of(d.to))
+                .is_some_and(|(a, b)| group(a) == group(b));
+            if let Some((_, tx)) = h.inboxes.get(&d.to)
+                && same_side
+            {
+                let _ = tx.send(d);
+            }
+        });
+    }
+
+    /// The openraft network of server `id`, incarnation `incarnation`.
+    pub fn raft_network(&self, id: NodeId, incarnation: u64) -> SimRaftNetwork {
+        SimRaftNetwork {
+            net: self.clone(),
+            from: id,
+            incarnation,
+        }
+    }
+
+    /// One RPC from `from` to `target`: the request leg, the call on the
+    /// target's Raft, the response leg, each with its own fate, all within
+    /// `ttl`.
+    async fn rpc<Req, Resp, E, F, Fut>(
+        &self,
+        from: NodeId,
+        inc: u64,
+        target: NodeId,
+        req: Req,
+        ttl: Duration,
+        call: F,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        Req: Clone + Send + 'static,
+        Resp: Send + 'static,
+        E: std::error::Error + Send + 'static,
+        F: Fn(Raft, Req) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = Result<Resp, RaftError<u64, E>>> + Send,
+    {
+        let (a, b) = (Endpoint::Server(from), Endpoint::Server(target));
+        let go = self.fate(a, inc, b);
+        if go.cut {
+            tokio::time::sleep(go.delay).await;
+            return Err(RPCError::Unreachable(Unreachable::new(&SimNetError(
+                "unreachable (down or partitioned)",
+            ))));
+        }
+        let net = self.clone();
+        let attempt = async move {
+            if let Some(extra) = go.duplicate {
+                let (net, req, call) = (net.clone(), req.clone(), call.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(go.delay + extra).await;
+                    if let Some(raft) = net.raft(target) {
+                        let _ = call(raft, req).await;
+                    }
+                });
+            }
+            tokio::time::sleep(go.delay).await;
+            if go.drop {
+                std::future::pending::<()>().await;
+            }
+            let Some(raft) = net.raft(target) else {
+                return Err(RPCError::Unreachable(Unreachable::new(&SimNetError(
+                    "target went down",
+                ))));
+            };
+            let resp = call(raft, req).await;
+            // The answer goes back from the target's current incarnation.
+            let back_inc = net.lock().up.get(&b).copied().unwrap_or(u64::MAX);
+            let back = net.fate(b, back_inc, a);
+            if back.cut || back.drop {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(back.delay).await;
+            resp.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
+        };
+        match tokio::time::timeout(ttl, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(RPCError::Network(NetworkError::new(&SimNetError(
+                "timed out (message lost)",
+            )))),
+        }
+    }
+}
+
+/// A simulated network failure.
+#[derive(Debug, thiserror::Error)]
+#[error("simulated network: {0}")]
+struct SimNetError(&'static str);
+
+/// The openraft network factory of one server incarnation.
+#[derive(Clone, Debug)]
+pub struct SimRaftNetwork {
+    net: Net,
+    from: NodeId,
+    incarnation: u64,
+}
+
+/// The client side of RPCs from one server to one target.
+#[derive(Debug)]
+pub struct SimRaftClient {
+    net: Net,
+    from: NodeId,
+    incarnation: u64,
+    target: NodeId,
+}
+
+impl RaftNetworkFactory<TypeConfig> for SimRaftNetwork {
+    type Network = SimRaftClient;
+
+    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> SimRaftClient {
+        SimRaftClient {
+            net: self.net.clone(),
+            from: self.from,
+            incarnation: self.incarnation,
+            target,
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for SimRaftClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.net
+            .rpc(
+                self.from,
+                self.incarnation,
+                self.target,
+                rpc,
+                option.hard_ttl(),
+                |raft: Raft, r| async move { raft.append_entries(r).await },
+            )
+            .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        self.net
+            .rpc(
+                self.from,
+                self.incarnation,
+                self.target,
+                rpc,
+                option.hard_ttl(),
+                |raft: Raft, r| async move { raft.install_snapshot(r).await },
+            )
+            .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.net
+            .rpc(
+                self.from,
+                self.incarnation,
+                self.target,
+                rpc,
+                option.hard_ttl(),
+                |raft: Raft, r| async move { raft.vote(r).await },
+            )
+            .await
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        // As the TCP network: a fixed wait before retrying an unreachable peer.
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(100)))
+    }
+}

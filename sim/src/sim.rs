@@ -1,0 +1,586 @@
+//! The run: one seed → a cluster shape, a fault schedule and every random
+//! choice of the network, the disks and the agents.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::task::JoinHandle;
+use unid_consensus::store::{self, IoMode};
+use unid_consensus::{ConsensusNode, NodeConfig, Timing};
+use unid_proto::{Id, NodeId, SequenceName, Width};
+
+use crate::agent::{Agent, AgentSpec, Consumer};
+use crate::clock::Clock;
+use crate::disk::SimDisk;
+use crate::error::SimError;
+use crate::invariants::{Observer, Seen, Violation};
+use crate::net::{Endpoint, Faults, Net, NetStats};
+use crate::server::{Bug, Server};
+
+/// Raft timing in the simulation. The election timeout range has a single
+/// value (`max = min + 1`; openraft draws from `min..max` with
+/// `rand::thread_rng`, which cannot be seeded): the seeded network delays
+/// break the ties instead.
+pub const TIMING: Timing = Timing {
+    heartbeat_ms: 50,
+    election_min_ms: 150,
+    election_max_ms: 151,
+    connect_timeout_ms: 100,
+    write_timeout_ms: 1_000,
+    install_snapshot_timeout_ms: 1_000,
+    backoff_ms: 100,
+};
+
+/// Everything a run does, derived from its seed by [`SimConfig::from_seed`]
+/// (fields may be changed before [`run`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimConfig {
+    /// The seed.
+    pub seed: u64,
+    /// Servers: 3 or 5.
+    pub servers: usize,
+    /// Agents.
+    pub agents: usize,
+    /// Consumers per agent.
+    pub consumers_per_agent: usize,
+    /// Sequences: name, width, start.
+    pub sequences: Vec<(String, Width, Id)>,
+    /// Rounds of chaos followed by calm.
+    pub rounds: u32,
+    /// Chaos lasts between these, in milliseconds.
+    pub chaos_ms: (u64, u64),
+    /// Calm lasts this long, in milliseconds.
+    pub calm_ms: u64,
+    /// The progress invariant's bound, in milliseconds (< `calm_ms`).
+    pub progress_bound_ms: u64,
+    /// Whether a crash may keep a random subset of unsynced writes (a torn
+    /// commit) rather than none.
+    pub torn_writes: bool,
+    /// A deliberate glue bug (tests only).
+    pub bug: Bug,
+    /// Print every event.
+    pub verbose: bool,
+}
+
+impl SimConfig {
+    /// The configuration seed `seed` runs with.
+    pub fn from_seed(seed: u64) -> SimConfig {
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x7368_6170_6500_0000);
+        let servers = if rng.random_bool(0.3) { 5 } else { 3 };
+        SimConfig {
+            seed,
+            servers,
+            agents: rng.random_range(2..=4),
+            consumers_per_agent: rng.random_range(1..=2),
+            sequences: vec![
+                ("orders".into(), Width::W8, rng.random_range(1..1_000)),
+                ("small".into(), Width::W2, rng.random_range(1..100)),
+            ],
+            rounds: 2,
+            chaos_ms: (1_000, 3_000),
+            calm_ms: 5_000,
+            progress_bound_ms: 4_000,
+            torn_writes: true,
+            bug: Bug::None,
+            verbose: false,
+        }
+    }
+
+    fn validate(&self) -> Result<(), SimError> {
+        let bad = |m: &str| Err(SimError::Config(m.to_owned()));
+        if !(1..=9).contains(&self.servers) {
+            return bad("servers must be in 1..=9");
+        }
+        if !(1..=32).contains(&self.agents) || !(1..=8).contains(&self.consumers_per_agent) {
+            return bad("agents must be in 1..=32, consumers per agent in 1..=8");
+        }
+        if self.sequences.is_empty() || self.chaos_ms.0 > self.chaos_ms.1 {
+            return bad("need a sequence, and chaos_ms.0 <= chaos_ms.1");
+        }
+        if self.progress_bound_ms >= self.calm_ms {
+            return bad("progress_bound_ms must be below calm_ms");
+        }
+        Ok(())
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The configuration it ran.
+    pub config: SimConfig,
+    /// Every invariant violation, in order (the run stops soon after the
+    /// first).
+    pub violations: Vec<Violation>,
+    /// What the checker saw, including the trace digest.
+    pub seen: Seen,
+    /// Network counters.
+    pub net: NetStats,
+    /// Server crashes (scheduled, and disk failures).
+    pub crashes: u64,
+    /// Unsynced disk writes lost, and kept (torn), at crashes.
+    pub lost_writes: (u64, u64),
+    /// Simulated time the run covered, in milliseconds.
+    pub sim_ms: u64,
+}
+
+impl Report {
+    /// Whether every invariant held.
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The command that replays this seed.
+    pub fn replay_command(&self) -> String {
+        replay_command(self.config.seed)
+    }
+}
+
+/// The command that replays `seed`, printing its history.
+pub fn replay_command(seed: u64) -> String {
+    format!("cargo run --release -p unid-sim -- --seed {seed} --verbose")
+}
+
+/// Runs one simulation to its end on a fresh single-threaded runtime with a
+/// paused clock.
+pub fn run(config: SimConfig) -> Result<Report, SimError> {
+    config.validate()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .map_err(SimError::Runtime)?;
+    let report = rt.block_on(async move {
+        let mut w = World::new(config);
+        let res = w.simulate().await;
+        w.shutdown();
+        res.map(|()| w.report())
+    });
+    // Dropping the runtime drops every task still parked.
+    drop(rt);
+    report
+}
+
+struct ServerSlot {
+    id: NodeId,
+    disk: SimDisk,
+    incarnation: u64,
+    running: Option<Server>,
+    /// Restart at this time (after a disk failure), if down.
+    restart_at_us: Option<u64>,
+}
+
+struct AgentSlot {
+    spec: AgentSpec,
+    incarnation: u64,
+    task: Option<JoinHandle<()>>,
+}
+
+struct World {
+    config: SimConfig,
+    rng: SmallRng,
+    clock: Clock,
+    net: Net,
+    obs: Observer,
+    servers: Vec<ServerSlot>,
+    agents: Vec<AgentSlot>,
+    crashes: u64,
+    lost_writes: (u64, u64),
+}
+
+/// How often the schedule wakes to check invariants and disks.
+const STEP_MS: u64 = 25;
+
+impl World {
+    fn new(config: SimConfig) -> World {
+        let seed = config.seed;
+        let verbose = config.verbose;
+        let bound = config.progress_bound_ms * 1000;
+        World {
+            rng: SmallRng::seed_from_u64(seed),
+            clock: Clock::new(),
+            net: Net::new(seed),
+            obs: Observer::new(verbose, bound),
+            servers: Vec::new(),
+            agents: Vec::new(),
+            crashes: 0,
+            lost_writes: (0, 0),
+            config,
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.clock.now_us()
+    }
+
+    fn fault(&self, what: String) {
+        self.obs.fault(self.now_us(), what);
+    }
+
+    async fn start_server(&mut self, i: usize) -> Result<(), SimError> {
+        let slot = &mut self.servers[i];
+        let id = slot.id;
+        slot.incarnation += 1;
+        let inc = slot.incarnation;
+        let (log, sm) =
+            store::open_with_backend(slot.disk.clone(), IoMode::Inline, &format!("server {id}"))
+                .map_err(|source| SimError::Consensus { server: id, source })?;
+        let raft_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, id as u8)), 7500);
+        let mut cfg = NodeConfig::new(id, "/nonexistent-sim-dir", raft_addr);
+        cfg.timing = TIMING;
+        cfg.snapshot_logs = 100;
+        cfg.logs_to_keep = 20;
+        let node = ConsensusNode::start_with_network(cfg, log, sm, self.net.raft_network(id, inc))
+            .await
+            .map_err(|source| SimError::Consensus { server: id, source })?;
+        let server = Server::start(
+            Arc::new(node),
+            inc,
+            self.net.clone(),
+            self.clock,
+            self.obs.clone(),
+            Duration::from_millis(TIMING.write_timeout_ms),
+            self.config.bug,
+        )?;
+        self.servers[i].running = Some(server);
+        self.servers[i].restart_at_us = None;
+        Ok(())
+    }
+
+    fn crash_server(&mut self, i: usize, why: &str) {
+        let torn = self.config.torn_writes && self.rng.random_bool(0.5);
+        let slot = &mut self.servers[i];
+        let Some(server) = slot.running.take() else {
+            return;
+        };
+        // Power off: the disk first (nothing more reaches it), then the
+        // network, then every task.
+        let old = slot.disk.clone();
+        slot.disk = old.crash(&mut self.rng, torn);
+        let st = old.stats();
+        self.lost_writes.0 += st.lost_writes;
+        self.lost_writes.1 += st.kept_writes;
+        let node = server.crash();
+        let raft = node.raft().clone();
+        drop(node);
+        tokio::spawn(async move {
+            let _ = raft.shutdown().await;
+        });
+        self.crashes += 1;
+        let id = slot.id;
+        self.fault(format!(
+            "crash server {id} ({why}; unsynced writes lost {}, kept {})",
+            st.lost_writes, st.kept_writes
+        ));
+    }
+
+    async fn restart_server(&mut self, i: usize) {
+        let id = self.servers[i].id;
+        self.fault(format!("restart server {id}"));
+        if let Err(e) = self.start_server(i).await {
+            // A server that cannot recover its disk is a durability bug.
+            let now = self.now_us();
+            self.obs
+                .fault(now, format!("VIOLATION restart: server {id}: {e}"));
+            self.obs.restart_failed(now, id, e.to_string());
+        }
+    }
+
+    fn start_agent(&mut self, i: usize) {
+        let slot = &mut self.agents[i];
+        slot.incarnation += 1;
+        let seed = self
+            .config
+            .seed
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add((i as u64) << 20 | slot.incarnation);
+        match Agent::new(
+            slot.spec.clone(),
+            slot.incarnation,
+            seed,
+            self.net.clone(),
+            self.clock,
+            self.obs.clone(),
+        ) {
+            Ok(agent) => slot.task = Some(tokio::spawn(agent.run())),
+            Err(e) => self
+                .obs
+                .fault(self.clock.now_us(), format!("agent {i}: {e}")),
+        }
+    }
+
+    fn crash_agent(&mut self, i: usize) {
+        if let Some(t) = self.agents[i].task.take() {
+            t.abort();
+            self.net.down(Endpoint::Agent(i));
+            self.fault(format!("crash agent {i}"));
+        }
+    }
+
+    fn leader(&self) -> Option<usize> {
+        self.servers
+            .iter()
+            .position(|s| s.running.as_ref().is_some_and(|r| r.glue.is_leading()))
+    }
+
+    async fn setup(&mut self) -> Result<(), SimError> {
+        let n = self.config.servers;
+        for id in 1..=n as NodeId {
+            self.servers.push(ServerSlot {
+                id,
+                disk: SimDisk::new(),
+                incarnation: 0,
+                running: None,
+                restart_at_us: None,
+            });
+        }
+        for i in 0..n {
+            self.start_server(i).await?;
+        }
+        let members: BTreeMap<NodeId, String> = (1..=n as NodeId)
+            .map(|id| (id, format!("sim:{id}")))
+            .collect();
+        let first = self.servers[0]
+            .running
+            .as_ref()
+            .map(|s| s.consensus().clone());
+        if let Some(c) = first {
+            c.initialize_with(members)
+                .await
+                .map_err(|source| SimError::Consensus { server: 1, source })?;
+        }
+        let mut waited_ms = 0;
+        let leader = loop {
+            if let Some(l) = self.leader() {
+                break l;
+            }
+            if waited_ms > 10_000 {
+                return Err(SimError::Setup("no leader within 10 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(STEP_MS)).await;
+            waited_ms += STEP_MS;
+        };
+        let c = self.servers[leader]
+            .running
+            .as_ref()
+            .map(|s| s.consensus().clone())
+            .ok_or_else(|| SimError::Setup("leader vanished".into()))?;
+        for (name, width, start) in self.config.sequences.clone() {
+            let n = SequenceName::new(&name)
+                .map_err(|e| SimError::Config(format!("sequence {name}: {e}")))?;
+            c.create_sequence(&n, width, start)
+                .await
+                .map_err(|e| SimError::Setup(format!("create {name}: {e}")))?;
+            self.obs.sequence(&name, width, start);
+        }
+        let names: Vec<String> = self.config.sequences.iter().map(|s| s.0.clone()).collect();
+        let mut consumer = 0;
+        for index in 0..self.config.agents {
+            let consumers = (0..self.config.consumers_per_agent)
+                .map(|k| {
+                    consumer += 1;
+                    Consumer {
+                        id: consumer,
+                        sequence: (index + k) % names.len(),
+                    }
+                })
+                .collect();
+            self.agents.push(AgentSlot {
+                spec: AgentSpec {
+                    index,
+                    sequences: names.clone(),
+                    consumers,
+                    consume_every_us: self.rng.random_range(5_000..=20_000),
+                    take_max: self.rng.random_range(1..=40),
+                    servers: (1..=n as NodeId).collect(),
+                },
+                incarnation: 0,
+                task: None,
+            });
+            self.start_agent(index);
+        }
+        Ok(())
+    }
+
+    /// One schedule step: restarts after disk failures, invariant ticks.
+    async fn step(&mut self) {
+        tokio::time::sleep(Duration::from_millis(STEP_MS)).await;
+        let now = self.now_us();
+        for i in 0..self.servers.len() {
+            let failed = self.servers[i]
+                .running
+                .as_ref()
+                .is_some_and(|s| s.consensus_stopped() || self.servers[i].disk.is_dead());
+            if failed {
+                self.crash_server(i, "disk failed mid-write; Raft stopped");
+                let delay = self.rng.random_range(50_000..500_000);
+                self.servers[i].restart_at_us = Some(now + delay);
+            }
+            if self.servers[i].running.is_none()
+                && self.servers[i].restart_at_us.is_some_and(|t| now >= t)
+            {
+                self.restart_server(i).await;
+            }
+        }
+        self.obs.tick(self.now_us());
+    }
+
+    async fn chaos_action(&mut self) {
+        let n = self.servers.len();
+        match self.rng.random_range(0..10) {
+            0 | 1 => {
+                let i = self.rng.random_range(0..n);
+                if self.servers[i].running.is_some() {
+                    self.crash_server(i, "scheduled");
+                } else {
+                    self.restart_server(i).await;
+                }
+            }
+            2 => {
+                if let Some(l) = self.leader() {
+                    self.crash_server(l, "scheduled, the leader");
+                }
+            }
+            3 => {
+                let groups = self.rng.random_range(2..=3);
+                let mut desc = Vec::new();
+                for s in 0..n {
+                    let g = self.rng.random_range(0..groups);
+                    self.net.set_group(Endpoint::Server(s as NodeId + 1), g);
+                    desc.push(format!("s{}:{g}", s + 1));
+                }
+                for a in 0..self.agents.len() {
+                    let g = self.rng.random_range(0..groups);
+                    self.net.set_group(Endpoint::Agent(a), g);
+                    desc.push(format!("a{a}:{g}"));
+                }
+                self.fault(format!("partition {}", desc.join(" ")));
+            }
+            4 => {
+                if let Some(l) = self.leader() {
+                    self.net.heal();
+                    self.net.set_group(Endpoint::Server(l as NodeId + 1), 1);
+                    self.fault(format!("isolate leader {}", l + 1));
+                }
+            }
+            5 => {
+                self.net.heal();
+                self.fault("heal".into());
+            }
+            6 => {
+                let max_delay = self.rng.random_range(1_000..=50_000);
+                let f = Faults {
+                    drop: self.rng.random_range(0.0..0.3),
+                    duplicate: self.rng.random_range(0.0..0.2),
+                    delay_us_min: 100,
+                    delay_us_max: max_delay,
+                };
+                self.net.set_faults(f);
+                self.fault(format!(
+                    "network drop {:.2} duplicate {:.2} delay 0.1..{} ms",
+                    f.drop,
+                    f.duplicate,
+                    max_delay / 1000
+                ));
+            }
+            7 => {
+                let a = self.rng.random_range(0..self.agents.len());
+                if self.agents[a].task.is_some() {
+                    self.crash_agent(a);
+                } else {
+                    self.fault(format!("restart agent {a}"));
+                    self.start_agent(a);
+                }
+            }
+            _ => {
+                let i = self.rng.random_range(0..n);
+                if self.servers[i].running.is_some() {
+                    let writes = self.rng.random_range(0..40);
+                    self.servers[i].disk.fail_after_writes(writes);
+                    let id = self.servers[i].id;
+                    self.fault(format!("disk of server {id} fails after {writes} writes"));
+                }
+            }
+        }
+    }
+
+    async fn calm(&mut self) {
+        self.net.heal();
+        self.net.set_faults(Faults::CALM);
+        for i in 0..self.servers.len() {
+            if self.servers[i].running.is_none() {
+                self.restart_server(i).await;
+            }
+        }
+        for a in 0..self.agents.len() {
+            if self.agents[a].task.is_none() {
+                self.start_agent(a);
+            }
+        }
+        self.fault("calm: network healed, every server and agent up".into());
+        self.obs.calm(self.now_us(), true);
+        let end = self.now_us() + self.config.calm_ms * 1000;
+        while self.now_us() < end && !self.obs.failed() {
+            self.step().await;
+        }
+        self.obs.calm(self.now_us(), false);
+    }
+
+    async fn simulate(&mut self) -> Result<(), SimError> {
+        self.setup().await?;
+        for _ in 0..self.config.rounds {
+            let (lo, hi) = self.config.chaos_ms;
+            let end = self.now_us() + self.rng.random_range(lo..=hi) * 1000;
+            let mut next_action = self.now_us();
+            while self.now_us() < end && !self.obs.failed() {
+                if self.now_us() >= next_action {
+                    self.chaos_action().await;
+                    next_action = self.now_us() + self.rng.random_range(20_000..400_000);
+                }
+                self.step().await;
+            }
+            if self.obs.failed() {
+                break;
+            }
+            self.calm().await;
+            if self.obs.failed() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) {
+        for a in 0..self.agents.len() {
+            if let Some(t) = self.agents[a].task.take() {
+                t.abort();
+            }
+        }
+        for i in 0..self.servers.len() {
+            if let Some(s) = self.servers[i].running.take() {
+                let node = s.crash();
+                let raft = node.raft().clone();
+                drop(node);
+                tokio::spawn(async move {
+                    let _ = raft.shutdown().await;
+                });
+            }
+        }
+    }
+
+    fn report(&self) -> Report {
+        Report {
+            config: self.config.clone(),
+            violations: self.obs.violations(),
+            seen: self.obs.seen(),
+            net: self.net.stats(),
+            crashes: self.crashes,
+            lost_writes: self.lost_writes,
+            sim_ms: self.now_us() / 1000,
+        }
+    }
+}
