@@ -206,6 +206,9 @@ pub struct ConsensusNode {
     leader_rx: watch::Receiver<LeaderInfo>,
     server_task: JoinHandle<()>,
     watch_task: JoinHandle<()>,
+    /// Whether the TCP peer listener runs (forwarding, handoff, removal
+    /// notices); `false` with [`ConsensusNode::start_with_network`].
+    peer_extras: bool,
 }
 
 impl std::fmt::Debug for ConsensusNode {
@@ -255,25 +258,72 @@ impl ConsensusNode {
             addr: config.raft_addr.to_string(),
             source,
         })?;
-        let t = config.timing;
-        let net = NetConfig {
-            id: config.id,
-            key: config.secret.as_deref().map(AuthKey::from_secret),
-            stats: Arc::new(NetStats::default()),
-            connect_timeout: Duration::from_millis(t.connect_timeout_ms),
-            backoff: Duration::from_millis(t.backoff_ms),
-            pool: Arc::new(network::ConnPool::default()),
-            isolated: Arc::new(AtomicBool::new(false)),
-        };
-        let raft = Raft::new(
-            config.id,
+        let net = net_config(&config);
+        let factory = NetworkFactory::new(net.clone());
+        Self::start_inner(
+            config,
             raft_config,
-            NetworkFactory::new(net.clone()),
             log,
-            sm.clone(),
+            sm,
+            factory,
+            Some(listener),
+            addr,
+            net,
         )
         .await
-        .map_err(|e| Error::Stopped(e.to_string()))?;
+    }
+
+    /// Starts Raft on storage and a network the caller provides, with no TCP
+    /// peer listener: for a deterministic simulation (an in-memory
+    /// [`openraft::network::RaftNetworkFactory`], a store opened with
+    /// [`store::open_with_backend`] on a simulated disk). `config.data_dir`
+    /// is not used; `config.raft_addr` is reported as
+    /// [`raft_addr`](Self::raft_addr) but nothing is bound.
+    ///
+    /// Without the peer listener there are no peer extras: [`write`](Self::write)
+    /// on a follower answers [`Error::NotLeader`] instead of forwarding, and
+    /// the leader handoff and removal notice are not sent. The Raft RPCs, the
+    /// state machine, [`ready_state`](Self::ready_state) and the leader watch
+    /// are the same code as with [`start`](Self::start).
+    pub async fn start_with_network<N>(
+        config: NodeConfig,
+        log: store::LogStore,
+        sm: StateMachineStore,
+        network: N,
+    ) -> Result<ConsensusNode>
+    where
+        N: openraft::network::RaftNetworkFactory<crate::types::TypeConfig>,
+    {
+        if config.id == 0 || config.id >= AGENT_ID_FIRST {
+            return Err(Error::Config(format!(
+                "server id {} not in 1..{AGENT_ID_FIRST}",
+                config.id
+            )));
+        }
+        let raft_config = Arc::new(config.raft_config()?);
+        let net = net_config(&config);
+        let addr = config.raft_addr;
+        Self::start_inner(config, raft_config, log, sm, network, None, addr, net).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start_inner<N>(
+        config: NodeConfig,
+        raft_config: Arc<openraft::Config>,
+        log: store::LogStore,
+        sm: StateMachineStore,
+        network: N,
+        listener: Option<TcpListener>,
+        addr: SocketAddr,
+        net: NetConfig,
+    ) -> Result<ConsensusNode>
+    where
+        N: openraft::network::RaftNetworkFactory<crate::types::TypeConfig>,
+    {
+        let t = config.timing;
+        let raft = Raft::new(config.id, raft_config, network, log, sm.clone())
+            .await
+            .map_err(|e| Error::Stopped(e.to_string()))?;
         let removed = Arc::new(AtomicBool::new(false));
         let (leader_tx, leader_rx) = watch::channel(LeaderInfo {
             leader: None,
@@ -288,7 +338,11 @@ impl ConsensusNode {
             removed: removed.clone(),
             leader_tx: leader_tx.clone(),
         };
-        let server_task = network::serve(listener, raft.clone(), net.clone(), handler);
+        let peer_extras = listener.is_some();
+        let server_task = match listener {
+            Some(listener) => network::serve(listener, raft.clone(), net.clone(), handler),
+            None => tokio::spawn(async {}),
+        };
         let watch_task = tokio::spawn(watch_leader(config.id, raft.metrics(), leader_tx, removed));
         Ok(ConsensusNode {
             id: config.id,
@@ -301,6 +355,7 @@ impl ConsensusNode {
             leader_rx,
             server_task,
             watch_task,
+            peer_extras,
         })
     }
 
@@ -421,7 +476,7 @@ impl ConsensusNode {
         // entry that removes it; tell it directly (best effort: if it is down
         // now it finds out from the operator, or stays harmless — its vote
         // requests lose to every up-to-date log).
-        if let Some(addr) = addr {
+        if let Some(addr) = addr.filter(|_| self.peer_extras) {
             let mut c = PeerClient::new(self.net.clone(), id, addr);
             let d = Duration::from_millis(self.timing.connect_timeout_ms * 2);
             if let Err(e) = c.call(RpcRequest::Removed { from: self.id }, d).await {
@@ -449,7 +504,7 @@ impl ConsensusNode {
         match write_local(&self.raft, cmd.clone(), d).await {
             Err(Error::NotLeader {
                 leader: Some((leader, addr)),
-            }) => self.forward(leader, addr, cmd, d).await,
+            }) if self.peer_extras => self.forward(leader, addr, cmd, d).await,
             other => other,
         }
     }
@@ -702,7 +757,11 @@ impl ConsensusNode {
     }
 
     async fn stop(mut self, handoff: bool) -> Result<()> {
-        let successor = if handoff { self.successor() } else { None };
+        let successor = if handoff && self.peer_extras {
+            self.successor()
+        } else {
+            None
+        };
         let res = self
             .raft
             .shutdown()
@@ -768,6 +827,19 @@ impl Drop for ConsensusNode {
                 let _ = raft.shutdown().await;
             });
         }
+    }
+}
+
+fn net_config(config: &NodeConfig) -> NetConfig {
+    let t = config.timing;
+    NetConfig {
+        id: config.id,
+        key: config.secret.as_deref().map(AuthKey::from_secret),
+        stats: Arc::new(NetStats::default()),
+        connect_timeout: Duration::from_millis(t.connect_timeout_ms),
+        backoff: Duration::from_millis(t.backoff_ms),
+        pool: Arc::new(network::ConnPool::default()),
+        isolated: Arc::new(AtomicBool::new(false)),
     }
 }
 

@@ -75,12 +75,49 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), Error> {
     let path = dir.join(DB_FILE);
     let db = Database::create(&path)
         .map_err(|e| Error::Storage(format!("open {}: {e}", path.display())))?;
+    finish_open(db, IoMode::Blocking, &path.display().to_string())
+}
+
+/// How the store runs its (blocking) redb calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    /// On tokio's blocking pool (`spawn_blocking`), so an fsync never stalls
+    /// the Raft core's executor thread. What [`open`] uses.
+    Blocking,
+    /// Inline, on the calling task. For storage backends that never block
+    /// (memory, a simulated disk): the I/O then happens at a deterministic
+    /// point of the task schedule, which a deterministic simulation needs
+    /// (a blocking-pool thread finishing first or second is up to the OS).
+    Inline,
+}
+
+/// Opens (creating if needed) a database on a custom redb
+/// [`StorageBackend`](redb::StorageBackend), e.g. a simulated disk, with the
+/// same tables, durability and recovery as [`open`]. `name` only labels
+/// errors.
+pub fn open_with_backend(
+    backend: impl redb::StorageBackend,
+    io: IoMode,
+    name: &str,
+) -> Result<(LogStore, StateMachineStore), Error> {
+    let db = Database::builder()
+        .create_with_backend(backend)
+        .map_err(|e| Error::Storage(format!("open {name}: {e}")))?;
+    finish_open(db, io, name)
+}
+
+fn finish_open(
+    db: Database,
+    io: IoMode,
+    name: &str,
+) -> Result<(LogStore, StateMachineStore), Error> {
     let db = Arc::new(Db {
         inner: db,
         fault: AtomicBool::new(false),
+        io,
     });
-    init_tables(&db).map_err(|e| Error::Storage(format!("init {}: {e}", path.display())))?;
-    let data = load_sm(&db).map_err(|e| Error::Storage(format!("load {}: {e}", path.display())))?;
+    init_tables(&db).map_err(|e| Error::Storage(format!("init {name}: {e}")))?;
+    let data = load_sm(&db).map_err(|e| Error::Storage(format!("load {name}: {e}")))?;
     let log = LogStore { db: db.clone() };
     let sm = StateMachineStore {
         db,
@@ -95,6 +132,8 @@ struct Db {
     /// While set, every write transaction fails (see
     /// [`StateMachineStore::inject_write_fault`]).
     fault: AtomicBool,
+    /// Where redb calls run.
+    io: IoMode,
 }
 
 impl std::ops::Deref for Db {
@@ -143,8 +182,10 @@ fn sto(subject: ErrorSubject<u64>, verb: ErrorVerb, e: AnyError) -> StorageError
     StorageIOError::new(subject, verb, e).into()
 }
 
-/// Runs blocking redb work off the async executor.
+/// Runs blocking redb work off the async executor (or inline, see
+/// [`IoMode`]).
 async fn blocking<T, F>(
+    io: IoMode,
     subject: ErrorSubject<u64>,
     verb: ErrorVerb,
     f: F,
@@ -153,6 +194,9 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T, AnyError> + Send + 'static,
 {
+    if io == IoMode::Inline {
+        return f().map_err(|e| sto(subject, verb, e));
+    }
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(sto(subject, verb, e)),
@@ -209,7 +253,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let bounds: (Bound<u64>, Bound<u64>) =
             (range.start_bound().cloned(), range.end_bound().cloned());
         let db = self.db.clone();
-        blocking(ErrorSubject::Logs, ErrorVerb::Read, move || {
+        blocking(self.db.io, ErrorSubject::Logs, ErrorVerb::Read, move || {
             let tx = db.begin_read().map_err(any)?;
             let t = tx.open_table(LOG).map_err(any)?;
             let mut out = Vec::new();
@@ -228,7 +272,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let db = self.db.clone();
-        blocking(ErrorSubject::Logs, ErrorVerb::Read, move || {
+        blocking(self.db.io, ErrorSubject::Logs, ErrorVerb::Read, move || {
             let purged: Option<LogId<u64>> =
                 get_meta::<Option<LogId<u64>>>(&db, KEY_PURGED)?.flatten();
             let tx = db.begin_read().map_err(any)?;
@@ -252,15 +296,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
         let db = self.db.clone();
         let vote = *vote;
-        blocking(ErrorSubject::Vote, ErrorVerb::Write, move || {
-            put_meta(&db, KEY_VOTE, &vote)
-        })
+        blocking(
+            self.db.io,
+            ErrorSubject::Vote,
+            ErrorVerb::Write,
+            move || put_meta(&db, KEY_VOTE, &vote),
+        )
         .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
         let db = self.db.clone();
-        blocking(ErrorSubject::Vote, ErrorVerb::Read, move || {
+        blocking(self.db.io, ErrorSubject::Vote, ErrorVerb::Read, move || {
             get_meta(&db, KEY_VOTE)
         })
         .await
@@ -268,17 +315,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError> {
         let db = self.db.clone();
-        blocking(ErrorSubject::Store, ErrorVerb::Write, move || {
-            put_meta(&db, KEY_COMMITTED, &committed)
-        })
+        blocking(
+            self.db.io,
+            ErrorSubject::Store,
+            ErrorVerb::Write,
+            move || put_meta(&db, KEY_COMMITTED, &committed),
+        )
         .await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError> {
         let db = self.db.clone();
-        blocking(ErrorSubject::Store, ErrorVerb::Read, move || {
-            Ok(get_meta::<Option<LogId<u64>>>(&db, KEY_COMMITTED)?.flatten())
-        })
+        blocking(
+            self.db.io,
+            ErrorSubject::Store,
+            ErrorVerb::Read,
+            move || Ok(get_meta::<Option<LogId<u64>>>(&db, KEY_COMMITTED)?.flatten()),
+        )
         .await
     }
 
@@ -297,17 +350,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             rows.push((e.log_id.index, bytes));
         }
         let db = self.db.clone();
-        let res = blocking(ErrorSubject::Logs, ErrorVerb::Write, move || {
-            let tx = write_tx(&db)?;
-            {
-                let mut t = tx.open_table(LOG).map_err(any)?;
-                for (index, bytes) in &rows {
-                    t.insert(*index, bytes.as_slice()).map_err(any)?;
+        let res = blocking(
+            self.db.io,
+            ErrorSubject::Logs,
+            ErrorVerb::Write,
+            move || {
+                let tx = write_tx(&db)?;
+                {
+                    let mut t = tx.open_table(LOG).map_err(any)?;
+                    for (index, bytes) in &rows {
+                        t.insert(*index, bytes.as_slice()).map_err(any)?;
+                    }
                 }
-            }
-            // Durability::Immediate: returns after fsync.
-            tx.commit().map_err(any)
-        })
+                // Durability::Immediate: returns after fsync.
+                tx.commit().map_err(any)
+            },
+        )
         .await;
         match res {
             Ok(()) => {
@@ -323,46 +381,56 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
         let db = self.db.clone();
-        blocking(ErrorSubject::Logs, ErrorVerb::Delete, move || {
-            let tx = write_tx(&db)?;
-            {
-                let mut t = tx.open_table(LOG).map_err(any)?;
-                let keys: Vec<u64> = t
-                    .range(log_id.index..)
-                    .map_err(any)?
-                    .map(|r| r.map(|(k, _)| k.value()))
-                    .collect::<Result<_, _>>()
-                    .map_err(any)?;
-                for k in keys {
-                    t.remove(k).map_err(any)?;
+        blocking(
+            self.db.io,
+            ErrorSubject::Logs,
+            ErrorVerb::Delete,
+            move || {
+                let tx = write_tx(&db)?;
+                {
+                    let mut t = tx.open_table(LOG).map_err(any)?;
+                    let keys: Vec<u64> = t
+                        .range(log_id.index..)
+                        .map_err(any)?
+                        .map(|r| r.map(|(k, _)| k.value()))
+                        .collect::<Result<_, _>>()
+                        .map_err(any)?;
+                    for k in keys {
+                        t.remove(k).map_err(any)?;
+                    }
                 }
-            }
-            tx.commit().map_err(any)
-        })
+                tx.commit().map_err(any)
+            },
+        )
         .await
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
         let db = self.db.clone();
-        blocking(ErrorSubject::Logs, ErrorVerb::Delete, move || {
-            let purged = encode(&Some(log_id))?;
-            let tx = write_tx(&db)?;
-            {
-                let mut m = tx.open_table(META).map_err(any)?;
-                m.insert(KEY_PURGED, purged.as_slice()).map_err(any)?;
-                let mut t = tx.open_table(LOG).map_err(any)?;
-                let keys: Vec<u64> = t
-                    .range(..=log_id.index)
-                    .map_err(any)?
-                    .map(|r| r.map(|(k, _)| k.value()))
-                    .collect::<Result<_, _>>()
-                    .map_err(any)?;
-                for k in keys {
-                    t.remove(k).map_err(any)?;
+        blocking(
+            self.db.io,
+            ErrorSubject::Logs,
+            ErrorVerb::Delete,
+            move || {
+                let purged = encode(&Some(log_id))?;
+                let tx = write_tx(&db)?;
+                {
+                    let mut m = tx.open_table(META).map_err(any)?;
+                    m.insert(KEY_PURGED, purged.as_slice()).map_err(any)?;
+                    let mut t = tx.open_table(LOG).map_err(any)?;
+                    let keys: Vec<u64> = t
+                        .range(..=log_id.index)
+                        .map_err(any)?
+                        .map(|r| r.map(|(k, _)| k.value()))
+                        .collect::<Result<_, _>>()
+                        .map_err(any)?;
+                    for k in keys {
+                        t.remove(k).map_err(any)?;
+                    }
                 }
-            }
-            tx.commit().map_err(any)
-        })
+                tx.commit().map_err(any)
+            },
+        )
         .await
     }
 }
@@ -540,15 +608,20 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         };
         let db = self.db.clone();
         let sig = Some(meta.signature());
-        blocking(ErrorSubject::Snapshot(sig), ErrorVerb::Write, move || {
-            let v = encode(&stored)?;
-            let tx = write_tx(&db)?;
-            {
-                let mut t = tx.open_table(SNAPSHOT).map_err(any)?;
-                t.insert(KEY_CURRENT, v.as_slice()).map_err(any)?;
-            }
-            tx.commit().map_err(any)
-        })
+        blocking(
+            self.db.io,
+            ErrorSubject::Snapshot(sig),
+            ErrorVerb::Write,
+            move || {
+                let v = encode(&stored)?;
+                let tx = write_tx(&db)?;
+                {
+                    let mut t = tx.open_table(SNAPSHOT).map_err(any)?;
+                    t.insert(KEY_CURRENT, v.as_slice()).map_err(any)?;
+                }
+                tx.commit().map_err(any)
+            },
+        )
         .await?;
         Ok(Snapshot {
             meta,
@@ -622,11 +695,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             part
         };
         let db = self.db.clone();
-        blocking(ErrorSubject::StateMachine, ErrorVerb::Write, move || {
-            let tx = write_tx(&db)?;
-            persist_touched(&tx, &snapshot, &touched, false)?;
-            tx.commit().map_err(any)
-        })
+        blocking(
+            self.db.io,
+            ErrorSubject::StateMachine,
+            ErrorVerb::Write,
+            move || {
+                let tx = write_tx(&db)?;
+                persist_touched(&tx, &snapshot, &touched, false)?;
+                tx.commit().map_err(any)
+            },
+        )
         .await?;
         Ok(responses)
     }
@@ -657,16 +735,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let db = self.db.clone();
         let to_write = new.clone();
-        blocking(ErrorSubject::Snapshot(sig), ErrorVerb::Write, move || {
-            let v = encode(&stored)?;
-            let tx = write_tx(&db)?;
-            persist_touched(&tx, &to_write, &[], true)?;
-            {
-                let mut t = tx.open_table(SNAPSHOT).map_err(any)?;
-                t.insert(KEY_CURRENT, v.as_slice()).map_err(any)?;
-            }
-            tx.commit().map_err(any)
-        })
+        blocking(
+            self.db.io,
+            ErrorSubject::Snapshot(sig),
+            ErrorVerb::Write,
+            move || {
+                let v = encode(&stored)?;
+                let tx = write_tx(&db)?;
+                persist_touched(&tx, &to_write, &[], true)?;
+                {
+                    let mut t = tx.open_table(SNAPSHOT).map_err(any)?;
+                    t.insert(KEY_CURRENT, v.as_slice()).map_err(any)?;
+                }
+                tx.commit().map_err(any)
+            },
+        )
         .await?;
         *self.data.write().unwrap_or_else(|p| p.into_inner()) = new;
         Ok(())
@@ -674,16 +757,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let db = self.db.clone();
-        let stored: Option<StoredSnapshot> =
-            blocking(ErrorSubject::Snapshot(None), ErrorVerb::Read, move || {
+        let stored: Option<StoredSnapshot> = blocking(
+            self.db.io,
+            ErrorSubject::Snapshot(None),
+            ErrorVerb::Read,
+            move || {
                 let tx = db.begin_read().map_err(any)?;
                 let t = tx.open_table(SNAPSHOT).map_err(any)?;
                 match t.get(KEY_CURRENT).map_err(any)? {
                     Some(v) => Ok(Some(decode(v.value())?)),
                     None => Ok(None),
                 }
-            })
-            .await?;
+            },
+        )
+        .await?;
         Ok(stored.map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),

@@ -23,3 +23,23 @@ fn openraft_storage_suite() {
         panic!("storage suite failed: {e}");
     }
 }
+
+/// The same store on a custom redb backend (memory), with its redb calls
+/// run inline (`IoMode::Inline`, what the deterministic simulator uses).
+struct InlineMemoryBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, ()> for InlineMemoryBuilder {
+    async fn build(&self) -> Result<((), LogStore, StateMachineStore), StorageError> {
+        let backend = redb::backends::InMemoryBackend::new();
+        let (log, sm) =
+            store::open_with_backend(backend, store::IoMode::Inline, "memory").expect("open store");
+        Ok(((), log, sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite_on_a_custom_backend_inline() {
+    if let Err(e) = Suite::test_all(InlineMemoryBuilder) {
+        panic!("storage suite failed: {e}");
+    }
+}
