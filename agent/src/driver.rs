@@ -323,6 +323,15 @@ impl Driver {
         })
     }
 
+    /// For `Hello`: a standby backup names the primary it stands in for
+    /// (once it has heard the primary's node id).
+    fn backup_of(&self, now: u64) -> Option<NodeId> {
+        let pair = self.pair.as_ref()?;
+        let role = self.config.pair.as_ref()?.role;
+        let id = pair.status(now).peer_node_id;
+        (role == crate::PairRole::Backup && !pair.is_active() && id != 0).then_some(id)
+    }
+
     pub(crate) fn pair_addr(&self) -> Option<SocketAddr> {
         self.pair.as_ref().map(Pair::local_addr)
     }
@@ -510,7 +519,9 @@ impl Driver {
                     incarnation: self.incarnation,
                     name: &self.config.name,
                     listen: None,
-                    backup_of: None,
+                    // A standby backup names the primary it stands in for
+                    // (once it has heard its node id).
+                    backup_of: self.backup_of(now),
                 },
                 Req::Ping => Message::Ping { sent_us: now },
                 Req::NodeTable { page } => Message::NodeTableRequest { page: *page },

@@ -561,6 +561,64 @@ impl Metrics {
     }
 }
 
+/// The socket's `PAIR` answer: `key value` lines describing this agent, its
+/// pair and its paths to the servers (see `agent/README.md`).
+pub fn pair_text(status: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    let _ = writeln!(t, "node_id {}", status.node_id);
+    let _ = writeln!(t, "incarnation {}", status.incarnation);
+    let _ = writeln!(
+        t,
+        "connection {}",
+        format!("{:?}", status.connection).to_lowercase()
+    );
+    let _ = writeln!(
+        t,
+        "network {}",
+        if status.network_down { "down" } else { "up" }
+    );
+    if let Some(l) = status.leader {
+        let _ = writeln!(t, "leader {l}");
+    }
+    for p in &status.servers {
+        let state = match p.state {
+            PathState::Unknown => "unknown".to_owned(),
+            PathState::Up => "up".to_owned(),
+            PathState::Down(loss) => format!("down-{}", format!("{loss:?}").to_lowercase()),
+        };
+        let _ = writeln!(t, "server {} {state}", p.addr);
+    }
+    match &status.pair {
+        None => t.push_str("role none\n"),
+        Some(p) => {
+            let _ = writeln!(t, "role {}", p.role.as_str());
+            let _ = writeln!(t, "active {}", u8::from(p.active));
+            let _ = writeln!(t, "listen {}", p.listen);
+            if let Some(a) = p.peer {
+                let _ = writeln!(t, "peer {a}");
+            }
+            let state = match p.peer_state {
+                PeerState::Unknown => "unknown".to_owned(),
+                PeerState::Alive => "alive".to_owned(),
+                PeerState::Dead(why) => format!("dead-{}", format!("{why:?}").to_lowercase()),
+            };
+            let _ = writeln!(t, "peer_state {state}");
+            let _ = writeln!(t, "peer_active {}", u8::from(p.peer_active));
+            let _ = writeln!(t, "peer_node_id {}", p.peer_node_id);
+            let _ = writeln!(t, "peer_incarnation {}", p.peer_incarnation);
+            if let Some(s) = p.peer_socket {
+                let _ = writeln!(t, "peer_socket {s}");
+            }
+            if let Some(ms) = p.peer_heard_ms_ago {
+                let _ = writeln!(t, "peer_heard_ms_ago {ms}");
+            }
+            let _ = writeln!(t, "takeovers {}", p.takeovers);
+        }
+    }
+    t
+}
+
 /// State shared by the agent's threads and its handle.
 #[derive(Debug)]
 pub(crate) struct Shared {

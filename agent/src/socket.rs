@@ -234,6 +234,12 @@ fn answer(ctx: &Ctx, line: &[u8], out: &mut String) -> Then {
     if command == "GET" && args.first() == Some(&"/metrics") {
         return Then::Http;
     }
+    if command.eq_ignore_ascii_case("PAIR") && args.is_empty() {
+        let text = crate::pair_text(&ctx.shared.status());
+        let _ = writeln!(out, "OK {}", text.lines().count());
+        out.push_str(&text);
+        return Then::Continue;
+    }
     if command.eq_ignore_ascii_case("METRICS") && args.is_empty() {
         let text = ctx.shared.metrics.prometheus(&ctx.shared.status());
         let _ = writeln!(out, "OK {}", text.lines().count());
@@ -243,7 +249,7 @@ fn answer(ctx: &Ctx, line: &[u8], out: &mut String) -> Then {
     if !command.eq_ignore_ascii_case("NEXT") {
         return err(
             "BAD_REQUEST",
-            "unknown command; use PING, NEXT <sequence> [<n>], METRICS or QUIT",
+            "unknown command; use PING, NEXT <sequence> [<n>], METRICS, PAIR or QUIT",
         );
     }
     let (sequence, n) = match args.as_slice() {

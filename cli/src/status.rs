@@ -1,6 +1,9 @@
 //! `unid status`: the cluster at a glance, asked of the leader (through any server given by
 //! `--server`): servers with role, term and health; the leader; registered agents; per
-//! sequence the committed ceiling and how much of the width is left.
+//! sequence the committed ceiling and how much of the width is left. Then this host's agents,
+//! asked on their localhost sockets (`--agent`, default the usual socket if one answers): each
+//! one's cluster connection, network, paths to the servers, and its primary/backup pair with
+//! which side is active.
 
 use anyhow::bail;
 use unid_engine::client::{Answer, Client};
@@ -13,6 +16,122 @@ use crate::sequence::{ClusterArgs, out};
 pub struct Args {
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// A local agent's socket to ask for its state and pair (repeat) [default: UNID_SOCKET or
+    /// 127.0.0.1:7411, if it answers]. Its pair peer's socket is asked too.
+    #[arg(long = "agent", value_name = "ADDR")]
+    agents: Vec<std::net::SocketAddr>,
+    /// Only the local agents: do not ask the cluster.
+    #[arg(long)]
+    agents_only: bool,
+}
+
+/// The most local agents shown.
+const LOCAL_AGENTS_MAX: usize = 16;
+
+/// An agent's `PAIR` answer as `key value` pairs (None: no answer).
+fn ask_pair(addr: std::net::SocketAddr) -> Option<Vec<(String, String)>> {
+    use std::io::{BufRead, BufReader, Write};
+    let s =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    (&s).write_all(b"PAIR\nQUIT\n").ok()?;
+    let mut r = BufReader::new(s);
+    let mut head = String::new();
+    r.read_line(&mut head).ok()?;
+    let n: usize = head.trim_end().strip_prefix("OK ")?.parse().ok()?;
+    let mut out = Vec::new();
+    for _ in 0..n.min(200) {
+        let mut line = String::new();
+        r.read_line(&mut line).ok()?;
+        let (k, v) = line.trim_end().split_once(' ')?;
+        out.push((k.to_owned(), v.to_owned()));
+    }
+    Some(out)
+}
+
+/// Prints this host's agents and their pairs.
+fn local_agents(explicit: &[std::net::SocketAddr]) {
+    let defaulted = explicit.is_empty();
+    let mut queue: Vec<std::net::SocketAddr> = if defaulted {
+        let s = std::env::var("UNID_SOCKET")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| unid_agent::SOCKET_ADDR_DEFAULT.parse().expect("valid"));
+        vec![s]
+    } else {
+        explicit.to_vec()
+    };
+    let mut shown = 0;
+    let mut at = 0;
+    let mut header = false;
+    while at < queue.len() && shown < LOCAL_AGENTS_MAX {
+        let addr = queue[at];
+        at += 1;
+        let Some(kv) = ask_pair(addr) else {
+            if !defaulted || at > 1 {
+                if !header {
+                    out!("local agents:");
+                    header = true;
+                }
+                out!("  {addr}  no answer (agent not running?)");
+            }
+            continue;
+        };
+        if !header {
+            out!("local agents:");
+            header = true;
+        }
+        shown += 1;
+        let get = |k: &str| {
+            kv.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+                .unwrap_or("-")
+        };
+        let role = get("role");
+        let pair = if role == "none" {
+            "unpaired".to_owned()
+        } else {
+            format!(
+                "{role} {}  peer {} {} ({})",
+                if get("active") == "1" {
+                    "ACTIVE"
+                } else {
+                    "standby"
+                },
+                get("peer"),
+                get("peer_state"),
+                if get("peer_active") == "1" {
+                    "active"
+                } else {
+                    "standby"
+                },
+            )
+        };
+        out!(
+            "  {addr}  node {}  {}  network {}  {pair}",
+            get("node_id"),
+            get("connection"),
+            get("network")
+        );
+        let paths: Vec<String> = kv
+            .iter()
+            .filter(|(k, _)| k == "server")
+            .map(|(_, v)| v.clone())
+            .collect();
+        if !paths.is_empty() {
+            out!("      servers: {}", paths.join(", "));
+        }
+        if let Some(peer) = kv
+            .iter()
+            .find(|(k, _)| k == "peer_socket")
+            .and_then(|(_, v)| v.parse::<std::net::SocketAddr>().ok())
+            && !queue.contains(&peer)
+        {
+            queue.push(peer);
+        }
+    }
 }
 
 struct Server {
@@ -121,6 +240,16 @@ fn agents(client: &mut Client) -> anyhow::Result<Vec<(u64, std::net::SocketAddr)
 
 /// Runs `unid status`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let result = if args.agents_only {
+        Ok(())
+    } else {
+        cluster(&args)
+    };
+    local_agents(&args.agents);
+    result
+}
+
+fn cluster(args: &Args) -> anyhow::Result<()> {
     let mut client = args.cluster.client()?;
     let mut first = status_page(&mut client, None)?;
     // Ask the leader itself if another server answered: it alone sees every follower.

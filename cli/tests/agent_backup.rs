@@ -178,6 +178,18 @@ fn metric(text: &str, name: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// `unid status --agents-only --agent ...`: the local agents' lines.
+fn unid_status(agents: &[SocketAddr]) -> String {
+    let mut cmd = Command::new(UNID);
+    cmd.args(["status", "--agents-only"]);
+    for a in agents {
+        cmd.args(["--agent", &a.to_string()]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A consumer process: the ids it took (from its output file) and its summary.
 struct Consumer {
     child: Child,
@@ -199,7 +211,16 @@ fn consumer(dir: &Path, socket: SocketAddr, out: PathBuf, stop: &Path) -> Consum
     Consumer { child, out }
 }
 
+fn wall_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros()
+}
+
 struct Summary {
+    /// `next()` calls longer than 50 µs: (wall clock µs at the call, µs).
+    slow: Vec<(u128, u128)>,
     ids: Vec<u64>,
     max_wait_us: u64,
     max_wait_at_ms: u64,
@@ -225,7 +246,16 @@ impl Consumer {
                 .parse()
                 .unwrap()
         };
+        let slow = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("slow "))
+            .map(|l| {
+                let (t, d) = l.split_once(' ').unwrap();
+                (t.parse().unwrap(), d.parse().unwrap())
+            })
+            .collect();
         Summary {
+            slow,
             ids,
             max_wait_us: get("max_wait_us"),
             max_wait_at_ms: get("max_wait_at_ms"),
@@ -252,6 +282,8 @@ fn pair_consumer_child() {
     let mut w = BufWriter::new(std::fs::File::create(&out).unwrap());
     let start = Instant::now();
     let (mut max_wait, mut max_at, mut errors) = (Duration::ZERO, Duration::ZERO, 0u64);
+    // Long waits, with the wall clock (comparable with the parent's).
+    let mut slow: Vec<(u128, u128)> = Vec::new();
     let mut n = 0u64;
     loop {
         let t = Instant::now();
@@ -262,6 +294,9 @@ fn pair_consumer_child() {
                 if d > max_wait && n >= 1000 {
                     max_wait = d;
                     max_at = t - start;
+                }
+                if d > Duration::from_micros(50) && slow.len() < 100_000 {
+                    slow.push((wall_us(), d.as_micros()));
                 }
                 w.write_all(&u64::try_from(id).unwrap().to_le_bytes())
                     .unwrap();
@@ -283,11 +318,15 @@ fn pair_consumer_child() {
         }
     }
     w.flush().unwrap();
+    let slow: String = slow
+        .iter()
+        .map(|(t, d)| format!("slow {t} {d}\n"))
+        .collect();
     let s = unid.stats();
     std::fs::write(
         out.with_extension("summary"),
         format!(
-            "max_wait_us {}\nmax_wait_at_ms {}\nswitches {}\nskipped {}\nerrors {errors}\n",
+            "max_wait_us {}\nmax_wait_at_ms {}\nswitches {}\nskipped {}\nerrors {errors}\n{slow}",
             max_wait.as_micros(),
             max_at.as_millis(),
             s.switches,
@@ -332,6 +371,12 @@ fn kill9_of_the_primary_then_of_the_backup_applications_keep_taking_ids() {
             && d1.0.join("jobs").exists()
             && d2.0.join("jobs").exists()
     });
+    let status = unid_status(&[s1]);
+    eprintln!("unid status, pair formed:\n{status}");
+    assert!(
+        status.contains("primary ACTIVE") && status.contains("backup standby"),
+        "{status}"
+    );
     let stop = work.0.join("stop");
     let a = consumer(&d1.0, s1, work.0.join("a.ids"), &stop);
     let b = consumer(&d1.0, s1, work.0.join("b.ids"), &stop);
@@ -339,11 +384,27 @@ fn kill9_of_the_primary_then_of_the_backup_applications_keep_taking_ids() {
 
     // 1. kill -9 the primary: the backup takes over.
     let t_kill1 = Instant::now();
+    let kill1_us = wall_us();
     primary.kill9();
     wait_for("the backup to take over", Duration::from_secs(10), || {
         pair_says(&d2.0, "active 1")
     });
     let takeover_ms = t_kill1.elapsed().as_millis();
+    // The status snapshot is refreshed every 20 ms.
+    let mut status = String::new();
+    wait_for(
+        "unid status to show the takeover",
+        Duration::from_secs(10),
+        || {
+            status = unid_status(&[s2]);
+            status.contains("backup ACTIVE")
+        },
+    );
+    eprintln!("unid status, after kill -9 of the primary:\n{status}");
+    assert!(
+        status.contains("dead-refused"),
+        "the backup saw the primary go by the fast signal: {status}"
+    );
     std::thread::sleep(Duration::from_millis(800));
 
     // 2. The primary comes back: it rejoins as the standby.
@@ -361,6 +422,7 @@ fn kill9_of_the_primary_then_of_the_backup_applications_keep_taking_ids() {
     std::thread::sleep(Duration::from_millis(500));
 
     // 3. kill -9 the backup (now active): the primary takes over again.
+    let kill2_us = wall_us();
     backup.kill9();
     wait_for("the primary to take over", Duration::from_secs(10), || {
         pair_says(&d1.0, "active 1")
@@ -408,6 +470,21 @@ fn kill9_of_the_primary_then_of_the_backup_applications_keep_taking_ids() {
         log.matches("pair: peer lost").count(),
         1,
         "one line per change:\n{log}"
+    );
+    // The longest next() in the 2 s after each kill, over both consumers.
+    let window = |from: u128| -> u128 {
+        a.slow
+            .iter()
+            .chain(&b.slow)
+            .filter(|(t, _)| *t >= from && *t < from + 2_000_000)
+            .map(|(_, d)| *d)
+            .max()
+            .unwrap_or(0)
+    };
+    eprintln!(
+        "switch-over waits: longest next() within 2 s of kill -9 of the primary: {} us; of the backup: {} us (calls under 50 us count as 0)",
+        window(kill1_us),
+        window(kill2_us)
     );
     eprintln!(
         "switch-over: backup active {takeover_ms} ms after kill -9; longest next(): a {} us (at {} ms), b {} us (at {} ms); ids a {} b {}; switches a {} b {}; discarded a {} b {}",
