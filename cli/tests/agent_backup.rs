@@ -371,12 +371,16 @@ fn kill9_of_the_primary_then_of_the_backup_applications_keep_taking_ids() {
             && d1.0.join("jobs").exists()
             && d2.0.join("jobs").exists()
     });
-    let status = unid_status(&[s1]);
-    eprintln!("unid status, pair formed:\n{status}");
-    assert!(
-        status.contains("primary ACTIVE") && status.contains("backup standby"),
-        "{status}"
+    let mut status = String::new();
+    wait_for(
+        "unid status to show the pair",
+        Duration::from_secs(10),
+        || {
+            status = unid_status(&[s1]);
+            status.contains("primary ACTIVE") && status.contains("backup standby")
+        },
     );
+    eprintln!("unid status, pair formed:\n{status}");
     let stop = work.0.join("stop");
     let a = consumer(&d1.0, s1, work.0.join("a.ids"), &stop);
     let b = consumer(&d1.0, s1, work.0.join("b.ids"), &stop);
@@ -391,7 +395,6 @@ fn kill9_of_the_primary_then_of_the_backup_applications_keep_taking_ids() {
     });
     let takeover_ms = t_kill1.elapsed().as_millis();
     // The status snapshot is refreshed every 20 ms.
-    let mut status = String::new();
     wait_for(
         "unid status to show the takeover",
         Duration::from_secs(10),
