@@ -4,7 +4,7 @@
 //!
 //! | here | engine/src/server.rs |
 //! |---|---|
-//! | [`Glue::control`] | `Controller::run` (leader watch, raise notify, tick with `is_running` and lease expiry) |
+//! | `Glue::control` | `Controller::run` (leader watch, raise notify, tick with `is_running` and lease expiry) |
 //! | `on_leader` | `Controller::on_leader` (phases, dropping the allocator first) |
 //! | `become_leader` + `install` | `Controller::become_leader`, `Controller::install` (allocator from `ready_state` only; agents from the node table) |
 //! | `propose_raises`, `commit_raise` | the same names (raises through this node's `raft().client_write`, never forwarded; stale term ignored) |

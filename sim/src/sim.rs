@@ -62,6 +62,9 @@ pub struct SimConfig {
     pub torn_writes: bool,
     /// A deliberate glue bug (tests only).
     pub bug: Bug,
+    /// Invariants not enforced, by file name (tests only: to show that one
+    /// invariant alone catches what another would catch first).
+    pub skip_invariants: Vec<&'static str>,
     /// Print every event.
     pub verbose: bool,
 }
@@ -86,7 +89,17 @@ impl SimConfig {
             progress_bound_ms: 4_000,
             torn_writes: true,
             bug: Bug::None,
+            skip_invariants: Vec::new(),
             verbose: false,
+        }
+    }
+
+    /// The shorter run the test sweep uses (one round of chaos and calm
+    /// instead of two): the same cluster and the same first round.
+    pub fn short(seed: u64) -> SimConfig {
+        SimConfig {
+            rounds: 1,
+            ..SimConfig::from_seed(seed)
         }
     }
 
@@ -136,13 +149,29 @@ impl Report {
 
     /// The command that replays this seed.
     pub fn replay_command(&self) -> String {
-        replay_command(self.config.seed)
+        replay_command(&self.config)
     }
 }
 
-/// The command that replays `seed`, printing its history.
-pub fn replay_command(seed: u64) -> String {
-    format!("cargo run --release -p unid-sim -- --seed {seed} --verbose")
+/// The command that replays the run of `config`, printing its history.
+pub fn replay_command(config: &SimConfig) -> String {
+    let d = SimConfig::from_seed(config.seed);
+    let mut cmd = format!(
+        "cargo run --release -p unid-sim -- --seed {} --verbose",
+        config.seed
+    );
+    if config.rounds != d.rounds {
+        cmd.push_str(&format!(" --rounds {}", config.rounds));
+    }
+    if !config.torn_writes {
+        cmd.push_str(" --no-torn-writes");
+    }
+    match config.bug {
+        Bug::None => {}
+        Bug::LocalStateForReady => cmd.push_str(" --bug local-state"),
+        Bug::GrantBeforeCommit => cmd.push_str(" --bug grant-before-commit"),
+    }
+    cmd
 }
 
 /// Runs one simulation to its end on a fresh single-threaded runtime with a
@@ -204,7 +233,7 @@ impl World {
             rng: SmallRng::seed_from_u64(seed),
             clock: Clock::new(),
             net: Net::new(seed),
-            obs: Observer::new(verbose, bound),
+            obs: Observer::new(verbose, bound, config.skip_invariants.clone()),
             servers: Vec::new(),
             agents: Vec::new(),
             crashes: 0,

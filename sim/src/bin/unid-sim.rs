@@ -9,13 +9,15 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use unid_sim::{Bug, SimConfig, replay_command, run};
+use unid_sim::{Bug, SimConfig, run};
 
 struct Args {
     seeds: std::ops::Range<u64>,
     verbose: bool,
     quiet: bool,
     bug: Bug,
+    rounds: Option<u32>,
+    torn: bool,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -23,6 +25,8 @@ fn parse() -> anyhow::Result<Args> {
     let mut verbose = false;
     let mut quiet = false;
     let mut bug = Bug::None;
+    let mut rounds = None;
+    let mut torn = true;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -37,6 +41,15 @@ fn parse() -> anyhow::Result<Args> {
             }
             "--verbose" | "-v" => verbose = true,
             "--quiet" | "-q" => quiet = true,
+            "--rounds" => {
+                rounds = Some(
+                    it.next()
+                        .context("--rounds N")?
+                        .parse()
+                        .context("--rounds N")?,
+                )
+            }
+            "--no-torn-writes" => torn = false,
             "--bug" => {
                 bug = match it.next().as_deref() {
                     Some("local-state") => Bug::LocalStateForReady,
@@ -46,7 +59,8 @@ fn parse() -> anyhow::Result<Args> {
             }
             "--help" | "-h" => {
                 println!(
-                    "unid-sim [--seeds A..B | --seed N] [--verbose] [--quiet] [--bug local-state|grant-before-commit]\n\
+                    "unid-sim [--seeds A..B | --seed N] [--verbose] [--quiet] [--rounds N] [--no-torn-writes]\n\
+                     [--bug local-state|grant-before-commit]\n\
                      Runs the deterministic simulation for each seed; exits 1 if any seed \
                      violates an invariant, printing the command that replays it."
                 );
@@ -60,6 +74,8 @@ fn parse() -> anyhow::Result<Args> {
         verbose,
         quiet,
         bug,
+        rounds,
+        torn,
     })
 }
 
@@ -71,6 +87,10 @@ fn main() -> anyhow::Result<ExitCode> {
         let mut config = SimConfig::from_seed(seed);
         config.verbose = args.verbose;
         config.bug = args.bug;
+        config.torn_writes = args.torn;
+        if let Some(r) = args.rounds {
+            config.rounds = r;
+        }
         let report = run(config).with_context(|| format!("seed {seed}"))?;
         if report.ok() {
             clean += 1;
@@ -87,12 +107,7 @@ fn main() -> anyhow::Result<ExitCode> {
             }
         } else {
             println!("seed {seed}: FAILED: {}", report.violations[0]);
-            let bug = match args.bug {
-                Bug::None => "",
-                Bug::LocalStateForReady => " --bug local-state",
-                Bug::GrantBeforeCommit => " --bug grant-before-commit",
-            };
-            println!("  replay: {}{bug}", replay_command(seed));
+            println!("  replay: {}", report.replay_command());
             failed.push(seed);
         }
     }
