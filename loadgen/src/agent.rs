@@ -50,6 +50,8 @@ pub struct Shared {
     pub errors: AtomicU64,
     /// Requests sent again, for any reason.
     pub retransmits: AtomicU64,
+    /// Ids the ring consumers took.
+    pub consumed: AtomicU64,
 }
 
 /// What each agent is told.
@@ -71,6 +73,8 @@ pub struct AgentConfig {
     pub faults: Faults,
     /// Seed of the fault decisions (each agent draws from `seed` and its index).
     pub seed: u64,
+    /// Width of a time bucket of the series, in ms.
+    pub bucket_ms: u64,
 }
 
 /// Datagram faults, each a probability per datagram in each direction. They are applied in
@@ -155,6 +159,8 @@ pub struct AgentResult {
     pub undecodable: u64,
     /// Faults injected: dropped, duplicated, reordered, corrupted (both directions).
     pub faults: [u64; 4],
+    /// Grants and their latencies per time bucket.
+    pub series: crate::series::Series,
 }
 
 struct Request {
@@ -225,6 +231,7 @@ impl Agent {
         let now = Instant::now();
         let target = cfg.servers[index as usize % cfg.servers.len()];
         let cfg_seed = cfg.seed;
+        let cfg_bucket_ms = cfg.bucket_ms;
         Ok(Agent {
             index,
             target,
@@ -264,6 +271,7 @@ impl Agent {
                 socket_errors: 0,
                 undecodable: 0,
                 faults: [0; 4],
+                series: crate::series::Series::new(cfg_bucket_ms),
             },
             rng: SmallRng::seed_from_u64(seed_for(cfg_seed, index)),
             held_out: None,
@@ -430,6 +438,8 @@ impl Agent {
         let r = self.inflight.remove(&seq)?;
         let lat = now.saturating_duration_since(r.first_sent).as_micros() as u64;
         let _ = self.out.latency_us.record(lat.clamp(1, LATENCY_US_MAX));
+        let t = self.t_us(now);
+        self.out.series.record(t, lat);
         for (i, limit) in AVAILABILITY_US.iter().enumerate() {
             if lat <= *limit {
                 self.out.answered_within[i] += 1;
@@ -456,15 +466,16 @@ impl Agent {
                 if h.reply_to == 0 || h.reply_to > self.seq || h.reply_to == self.hello_seq {
                     return;
                 }
-                let floor = match self.answered(h.reply_to, now) {
+                let (floor, sent_us) = match self.answered(h.reply_to, now) {
                     Some(r) => {
                         self.shared.grants.fetch_add(1, Ordering::Relaxed);
                         self.shared.ids.fetch_add(block.count(), Ordering::Relaxed);
-                        r.floor
+                        (r.floor, self.t_us(r.first_sent))
                     }
                     // A second answer to a request already answered: still ids granted to
-                    // this agent, so the checker sees it; its floor is unknown.
-                    None => 0,
+                    // this agent, so the checker sees it; its floor and send time are
+                    // unknown (0: the failover rule does not cover it).
+                    None => (0, 0),
                 };
                 self.out.grants.push(Grant {
                     agent: self.index,
@@ -476,6 +487,7 @@ impl Agent {
                     epoch: h.epoch,
                     from,
                     floor,
+                    sent_us,
                 });
                 self.max_end = self.max_end.max(block.end());
             }

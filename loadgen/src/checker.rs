@@ -1,5 +1,9 @@
 //! The grant checker: given every block the simulated agents received, finds ids granted
-//! twice, ids outside the width, agents whose blocks went down, and requests never answered.
+//! twice, ids outside the width, agents whose blocks went down, and requests never answered;
+//! given every id the ring consumers took, ids taken twice (among them and with the
+//! simulated agents' blocks), ids outside the width and consumers whose ids went down; given
+//! the failovers, blocks granted after a new leader took over that are not above every block
+//! granted before; and it counts the ids lost (granted and never used, or never granted).
 //!
 //! It knows nothing about sockets or servers; `main` feeds it what the agents recorded.
 
@@ -32,6 +36,37 @@ pub struct Grant {
     /// The end of the highest block this agent had received when it first sent the request:
     /// the block must start at or above it.
     pub floor: Id,
+    /// When the request was first sent, in microseconds since the run started.
+    pub sent_us: u64,
+}
+
+/// A run of consecutive ids one ring consumer received, in the order received.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// The consumer (index within this run).
+    pub consumer: u32,
+    /// The first id.
+    pub first: Id,
+    /// How many consecutive ids.
+    pub count: u64,
+    /// When the first of them arrived, in microseconds since the run started.
+    pub t_us: u64,
+}
+
+impl Run {
+    /// One past the last id.
+    pub fn end(&self) -> Id {
+        self.first.saturating_add(Id::from(self.count))
+    }
+}
+
+/// A leader change the nemesis caused.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Failover {
+    /// When the old leader was killed, stopped or cut off (µs since the start).
+    pub fault_us: u64,
+    /// When the first grant by another server (the new leader) arrived, if one did.
+    pub new_first_grant_us: Option<u64>,
 }
 
 impl Grant {
@@ -69,6 +104,16 @@ impl Verdict {
     /// No violation.
     pub fn passed(&self) -> bool {
         self.violations == 0
+    }
+
+    /// Adds `other`'s violations (with their descriptions, up to the limit) to this one.
+    pub fn merge_violations(&mut self, other: &Verdict) {
+        self.violations += other.violations;
+        for d in &other.described {
+            if self.described.len() < VIOLATIONS_KEPT_MAX {
+                self.described.push(d.clone());
+            }
+        }
     }
 
     fn violation(&mut self, text: String) {
@@ -158,6 +203,177 @@ pub fn check(width: Width, grants: &mut [Grant], unanswered: &[Unanswered]) -> V
     v
 }
 
+/// Checks the ring consumers' ids (`runs`, each consumer's in the order received) together
+/// with the simulated agents' blocks (`grants`, as [`check`] left them: sorted by id): every
+/// id inside `width`, each consumer's ids strictly increasing, no id received twice by any two
+/// consumers or a consumer and a simulated agent.
+pub fn check_consumers(width: Width, grants: &[Grant], runs: &[Vec<Run>]) -> Verdict {
+    let mut v = Verdict::default();
+    // (first, end, owner): owner < 0 is a simulated agent's block.
+    let mut spans: Vec<(Id, Id, i64, u64)> = Vec::new();
+    let mut prev_grant: Option<(Id, u64, u32, u64)> = None;
+    for g in grants {
+        let key = (g.first, g.count, g.agent, g.seq);
+        if prev_grant == Some(key) {
+            continue;
+        }
+        prev_grant = Some(key);
+        spans.push((g.first, g.end(), -1 - i64::from(g.agent), g.seq));
+    }
+    for consumer in runs {
+        let mut last: Option<Run> = None;
+        for r in consumer {
+            v.grants += 1;
+            v.ids = v.ids.saturating_add(Id::from(r.count));
+            if r.count == 0 || r.end() > width.limit() {
+                v.violation(format!(
+                    "consumer {}: ids {}+{} (at {:.3} s) are outside width {width} (ids must be \
+                     below {})",
+                    r.consumer,
+                    r.first,
+                    r.count,
+                    r.t_us as f64 / 1e6,
+                    width.limit()
+                ));
+            }
+            if let Some(l) = last
+                && r.first < l.end()
+            {
+                v.violation(format!(
+                    "consumer {}: id {} (at {:.3} s) is not above {}, which it received before \
+                     (at {:.3} s): its ids decreased",
+                    r.consumer,
+                    r.first,
+                    r.t_us as f64 / 1e6,
+                    l.end() - 1,
+                    l.t_us as f64 / 1e6
+                ));
+            }
+            last = Some(*r);
+            spans.push((r.first, r.end(), i64::from(r.consumer), r.t_us));
+        }
+    }
+    spans.sort_unstable();
+    let who = |owner: i64, x: u64| {
+        if owner < 0 {
+            format!("simulated agent {} (request seq {x})", -1 - owner)
+        } else {
+            format!("consumer {owner} (at {:.3} s)", x as f64 / 1e6)
+        }
+    };
+    let mut reach: Option<(Id, i64, u64, Id)> = None; // (end, owner, x, first)
+    for &(first, end, owner, x) in &spans {
+        if let Some((r_end, r_owner, r_x, r_first)) = reach
+            && first < r_end
+        {
+            v.violation(format!(
+                "id {first} received twice: by {} (ids {r_first}..{r_end}) and by {} (ids \
+                 {first}..{end})",
+                who(r_owner, r_x),
+                who(owner, x)
+            ));
+        }
+        if reach.is_none_or(|(r_end, ..)| end > r_end) {
+            reach = Some((end, owner, x, first));
+        }
+    }
+    v
+}
+
+/// The rule that a new leader starts above the old one: for each failover, every grant whose
+/// request was first sent after the new leader's first grant must start at or above the end
+/// of every block granted (received) before the fault.
+pub fn check_failovers(grants: &[Grant], failovers: &[Failover]) -> Verdict {
+    let mut v = Verdict::default();
+    for (i, f) in failovers.iter().enumerate() {
+        let Some(new_us) = f.new_first_grant_us else {
+            continue;
+        };
+        let Some(before) = grants
+            .iter()
+            .filter(|g| g.t_us < f.fault_us)
+            .max_by_key(|g| g.end())
+        else {
+            continue;
+        };
+        v.grants += 1;
+        for g in grants.iter().filter(|g| g.sent_us > new_us) {
+            if g.first < before.end() {
+                v.violation(format!(
+                    "failover {} (fault at {:.3} s, new leader's first grant at {:.3} s): agent \
+                     {} seq {} sent at {:.3} s got {}+{} from {}, below {}, the end of a block \
+                     granted before the fault (agent {} seq {}, from {})",
+                    i + 1,
+                    f.fault_us as f64 / 1e6,
+                    new_us as f64 / 1e6,
+                    g.agent,
+                    g.seq,
+                    g.sent_us as f64 / 1e6,
+                    g.first,
+                    g.count,
+                    g.from,
+                    before.end(),
+                    before.agent,
+                    before.seq,
+                    before.from
+                ));
+            }
+        }
+    }
+    v
+}
+
+/// Ids lost, counted per fault: `granted` are the blocks the servers sent (as seen on the
+/// wire), `used` the spans `(first, end)` that reached a simulated agent or a consumer.
+/// An id granted and never used is charged to the first fault after its block was granted
+/// (that fault, say a killed agent, is what lost it); an id never granted at all (a gap
+/// between blocks, e.g. the rest of an old leader's window) to the last fault before the
+/// block above the gap. Ids charged to no fault (slot `faults.len()`) were in flight or
+/// left in rings when the run ended. `faults_us` must be sorted.
+pub fn lost_per_fault(
+    granted: &[Grant],
+    used: &mut [(Id, Id)],
+    faults_us: &[u64],
+) -> (Vec<Id>, Vec<Id>) {
+    let mut unused = vec![0 as Id; faults_us.len() + 1];
+    let mut never = vec![0 as Id; faults_us.len() + 1];
+    let mut blocks: Vec<(Id, Id, u64)> =
+        granted.iter().map(|g| (g.first, g.end(), g.t_us)).collect();
+    blocks.sort_unstable();
+    blocks.dedup_by_key(|b| (b.0, b.1));
+    used.sort_unstable();
+    let after = |t: u64| faults_us.partition_point(|&f| f < t);
+    let before = |t: u64| faults_us.partition_point(|&f| f < t).saturating_sub(1);
+    let mut u = 0usize;
+    let mut reach: Option<Id> = None;
+    for &(first, end, t) in &blocks {
+        if let Some(r) = reach
+            && first > r
+        {
+            // Never granted; with no fault before, the gap is charged to none.
+            let slot = if faults_us.first().is_some_and(|&f| f < t) {
+                before(t)
+            } else {
+                faults_us.len()
+            };
+            never[slot] += first - r;
+        }
+        reach = Some(reach.map_or(end, |r| r.max(end)));
+        // Used ids inside [first, end).
+        while u < used.len() && used[u].1 <= first {
+            u += 1;
+        }
+        let mut covered: Id = 0;
+        let mut k = u;
+        while k < used.len() && used[k].0 < end {
+            covered += used[k].1.min(end) - used[k].0.max(first);
+            k += 1;
+        }
+        unused[after(t)] += (end - first).saturating_sub(covered);
+    }
+    (unused, never)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,7 +389,118 @@ mod tests {
             epoch: 1,
             from: SocketAddr::from(([127, 0, 0, 1], 7400)),
             floor: 0,
+            sent_us: seq * 10 - 5,
         }
+    }
+
+    fn run(consumer: u32, first: Id, count: u64, t_us: u64) -> Run {
+        Run {
+            consumer,
+            first,
+            count,
+            t_us,
+        }
+    }
+
+    #[test]
+    fn consumers_with_disjoint_increasing_ids_pass() {
+        let mut g = vec![grant(0, 1, 1, 100)];
+        let _ = check(Width::W8, &mut g, &[]);
+        let runs = vec![
+            vec![run(0, 101, 10, 5), run(0, 200, 5, 9)],
+            vec![run(1, 111, 20, 6)],
+        ];
+        let v = check_consumers(Width::W8, &g, &runs);
+        assert!(v.passed(), "{:?}", v.described);
+        assert_eq!(v.ids, 35);
+    }
+
+    #[test]
+    fn an_id_taken_twice_by_consumers_or_a_consumer_and_an_agent_fails() {
+        let mut g = vec![grant(0, 1, 1, 100)];
+        let _ = check(Width::W8, &mut g, &[]);
+        let runs = vec![
+            vec![run(0, 150, 10, 5)],
+            vec![run(1, 155, 1, 6)],
+            vec![run(2, 90, 20, 7)],
+        ];
+        let v = check_consumers(Width::W8, &g, &runs);
+        assert_eq!(v.violations, 2, "{:?}", v.described);
+        let all = v.described.join("\n");
+        assert!(
+            all.contains("id 155 received twice: by consumer 0"),
+            "{all}"
+        );
+        assert!(
+            all.contains("id 90 received twice: by simulated agent 0"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn a_consumer_whose_ids_decrease_or_leave_the_width_fails() {
+        let runs = vec![vec![
+            run(0, 500, 10, 5),
+            run(0, 505, 1, 6),
+            run(0, 65_535, 1, 7),
+        ]];
+        let v = check_consumers(Width::W2, &[], &runs);
+        let all = v.described.join("\n");
+        assert!(
+            all.contains("consumer 0: id 505 (at 0.000 s) is not above 509"),
+            "{all}"
+        );
+        assert!(all.contains("outside width 2"), "{all}");
+        // 505 is also received twice by consumer 0 itself.
+        assert_eq!(v.violations, 3, "{all}");
+    }
+
+    #[test]
+    fn a_grant_after_a_failover_below_an_earlier_block_fails() {
+        // Before the fault at 100 µs: blocks up to 300. The new leader's first grant at 200.
+        let mut before = grant(0, 1, 201, 100);
+        before.t_us = 90;
+        let mut first_new = grant(1, 2, 1000, 10);
+        (first_new.sent_us, first_new.t_us) = (150, 200);
+        // Sent before the new leader's first grant: not covered by the rule.
+        let mut in_flight = grant(2, 3, 100, 10);
+        (in_flight.sent_us, in_flight.t_us) = (150, 250);
+        let mut ok = grant(3, 4, 301, 10);
+        (ok.sent_us, ok.t_us) = (210, 260);
+        let mut bad = grant(4, 5, 250, 10);
+        (bad.sent_us, bad.t_us) = (220, 270);
+        let grants = [before, first_new, in_flight, ok, bad];
+        let f = [Failover {
+            fault_us: 100,
+            new_first_grant_us: Some(200),
+        }];
+        let v = check_failovers(&grants, &f);
+        assert_eq!(v.violations, 1, "{:?}", v.described);
+        assert!(
+            v.described[0].contains("agent 4 seq 5 sent at 0.000 s got 250+10"),
+            "{v:?}"
+        );
+        assert!(v.described[0].contains("below 301"), "{v:?}");
+        let none = [Failover {
+            fault_us: 100,
+            new_first_grant_us: None,
+        }];
+        assert!(check_failovers(&grants, &none).passed());
+    }
+
+    #[test]
+    fn lost_ids_are_charged_to_the_fault_after_their_grant_or_before_a_gap() {
+        // Faults at 100 and 300 µs.
+        let mut a = grant(0, 1, 1, 100); // granted at 10: 40 unused → fault 0
+        a.t_us = 10;
+        let mut b = grant(1, 2, 1001, 10); // gap 101..1001 (900) before it, granted at 200 → fault 0
+        b.t_us = 200;
+        let mut c = grant(2, 3, 1011, 10); // granted at 400, all unused → end of run
+        c.t_us = 400;
+        let mut used = vec![(1, 61), (1001, 1011)];
+        let (unused, never) = lost_per_fault(&[a, b, c], &mut used, &[100, 300]);
+        assert_eq!(unused, vec![40, 0, 10]);
+        assert_eq!(never, vec![900, 0, 0]);
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! `--spawn-servers N`: `unid server` processes on 127.0.0.1 with free ports and temporary
-//! data dirs, which the nemesis can kill (SIGKILL) and restart from their data dirs.
+//! data dirs, which the nemesis can kill (SIGKILL) and restart from their data dirs. As root
+//! (for the partition rules, which match packets by their owner's uid) each server can run
+//! as its own uid; for the clock jump, each can run under libfaketime with its wall clock
+//! read from a file the nemesis rewrites.
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -26,7 +29,7 @@ fn free_now(port: u16) -> bool {
 /// Raft connections use several a second) before the server binds it, and the server then
 /// exits with `EADDRINUSE`; seen in CI as a cluster that never elected a leader. (The same
 /// rule as `unid_engine::ports`, which loadgen must not link.)
-fn free_port(given: &mut HashSet<u16>) -> anyhow::Result<u16> {
+pub fn free_port(given: &mut HashSet<u16>) -> anyhow::Result<u16> {
     let high: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
@@ -56,15 +59,60 @@ fn free_port(given: &mut HashSet<u16>) -> anyhow::Result<u16> {
     bail!("no port free for both TCP and UDP on 127.0.0.1 after 1100 tries")
 }
 
+/// libfaketime's preload library (Debian package `libfaketime`, pulled in by `faketime`).
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Sets `cmd` up to run under libfaketime: its wall clock shifted by `offset` (e.g. `-1h`),
+/// or read from `file` (re-read every second, so a running process can be made to jump).
+/// The monotonic clock is left alone (`FAKETIME_DONT_FAKE_MONOTONIC`).
+pub fn faketime_env(
+    cmd: &mut Command,
+    offset: Option<&str>,
+    file: Option<&Path>,
+) -> anyhow::Result<()> {
+    if !Path::new(LIBFAKETIME).is_file() {
+        bail!("{LIBFAKETIME} is missing: apt-get install -y faketime");
+    }
+    cmd.env("LD_PRELOAD", LIBFAKETIME)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    if let Some(o) = offset {
+        cmd.env("FAKETIME", o);
+    }
+    if let Some(f) = file {
+        cmd.env("FAKETIME_TIMESTAMP_FILE", f)
+            .env("FAKETIME_CACHE_DURATION", "1");
+    }
+    Ok(())
+}
+
+/// Makes `path` (a directory loadgen created) owned by `uid` (gid the same).
+pub fn give_to(path: &Path, uid: u32) -> anyhow::Result<()> {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid))
+        .with_context(|| format!("chown {} to uid {uid}", path.display()))
+}
+
+/// How the servers are started.
+#[derive(Clone, Debug, Default)]
+pub struct SpawnOptions {
+    /// Server `id` runs as uid `uid_base + id` (root only).
+    pub uid_base: Option<u32>,
+    /// Each server's wall clock comes from a libfaketime file (see [`Cluster::jump_clock`]).
+    pub faketime: bool,
+}
+
 /// One spawned server.
 pub struct Server {
     /// Its node id (1 ..= N).
     pub id: u64,
     /// Its UDP address.
     pub udp: SocketAddr,
-    raft: SocketAddr,
+    /// Its Raft (TCP) address.
+    pub raft: SocketAddr,
+    /// The uid it runs as, if not loadgen's.
+    pub uid: Option<u32>,
     dir: PathBuf,
     log: PathBuf,
+    clock_file: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -77,8 +125,15 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts `n` servers under `root` (data dirs and logs), the first with `--init`.
-    pub fn spawn(unid_bin: &Path, root: &Path, n: usize) -> anyhow::Result<Cluster> {
+    /// Starts `n` servers under `root` (data dirs and logs), the first with `--init`; their
+    /// ports are added to `given`.
+    pub fn spawn(
+        unid_bin: &Path,
+        root: &Path,
+        n: usize,
+        opts: &SpawnOptions,
+        given: &mut HashSet<u16>,
+    ) -> anyhow::Result<Cluster> {
         if n == 0 || n > SPAWN_SERVERS_MAX {
             bail!("--spawn-servers must be in 1..={SPAWN_SERVERS_MAX}, not {n}");
         }
@@ -86,14 +141,29 @@ impl Cluster {
             bail!("--unid-bin {}: no such file", unid_bin.display());
         }
         let mut servers = Vec::with_capacity(n);
-        let mut given = HashSet::new();
         for id in 1..=n as u64 {
+            let uid = opts.uid_base.map(|b| b + id as u32);
+            let dir = root.join(format!("server-{id}"));
+            if let Some(u) = uid {
+                // The server makes its data dir's contents; the dir is its own.
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("create {}", dir.display()))?;
+                give_to(&dir, u)?;
+            }
+            let clock_file = opts
+                .faketime
+                .then(|| root.join(format!("server-{id}.faketime")));
+            if let Some(f) = &clock_file {
+                std::fs::write(f, "+0\n").with_context(|| format!("write {}", f.display()))?;
+            }
             servers.push(Server {
                 id,
-                udp: SocketAddr::from(([127, 0, 0, 1], free_port(&mut given)?)),
-                raft: SocketAddr::from(([127, 0, 0, 1], free_port(&mut given)?)),
-                dir: root.join(format!("server-{id}")),
+                udp: SocketAddr::from(([127, 0, 0, 1], free_port(given)?)),
+                raft: SocketAddr::from(([127, 0, 0, 1], free_port(given)?)),
+                uid,
+                dir,
                 log: root.join(format!("server-{id}.log")),
+                clock_file,
                 child: None,
             });
         }
@@ -158,6 +228,13 @@ impl Cluster {
         if init {
             cmd.arg("--init");
         }
+        if let Some(f) = &s.clock_file {
+            faketime_env(&mut cmd, None, Some(f))?;
+        }
+        if let Some(u) = s.uid {
+            std::os::unix::process::CommandExt::uid(&mut cmd, u);
+            std::os::unix::process::CommandExt::gid(&mut cmd, u);
+        }
         s.child = Some(
             cmd.spawn()
                 .with_context(|| format!("start {} server --id {id}", bin.display()))?,
@@ -205,6 +282,17 @@ impl Cluster {
         let _ = c.kill();
         let _ = c.wait();
         false
+    }
+
+    /// Shifts server `id`'s wall clock to `offset` from the real one (e.g. `-1h`), while it
+    /// runs: libfaketime re-reads the file within a second. Needs [`SpawnOptions::faketime`].
+    pub fn jump_clock(&mut self, id: u64, offset: &str) -> anyhow::Result<()> {
+        let s = self.server(id)?;
+        let f = s
+            .clock_file
+            .as_ref()
+            .context("the servers were not started under libfaketime")?;
+        std::fs::write(f, format!("{offset}\n")).with_context(|| format!("write {}", f.display()))
     }
 
     /// Servers that exited on their own (id, status), reaped.

@@ -90,9 +90,10 @@ fn checker_passes_through_a_leader_kill_and_reports_the_failover() {
     assert!(!kills.is_empty(), "no kill in the report:\n{text}");
     for k in &kills {
         let cells: Vec<&str> = k.split('|').map(str::trim).collect();
-        // | # | at | server | term | restarted | failover ms |
-        assert_ne!(cells[5], "-", "server never restarted: {k}");
-        let ms: f64 = cells[6]
+        // | # | kind | at | target | term | healed | failover ms | next() wait | lost | never |
+        assert_eq!(cells[2], "kill-leader", "{k}");
+        assert_ne!(cells[6], "-", "server never restarted: {k}");
+        let ms: f64 = cells[7]
             .parse()
             .unwrap_or_else(|_| panic!("no grant after the kill: {k}\n{text}"));
         assert!(ms > 0.0, "{k}");
