@@ -17,10 +17,11 @@
 //!
 //! # Threads
 //!
-//! - the **driver** (`driver.rs`): one plain UDP socket (blocking with a short
-//!   read timeout), driving `unid_core::Requester` (retransmit, backoff,
-//!   redirects, rotation) and one `unid_core::Sizer` per sequence, owning every
-//!   ring `Producer`;
+//! - the **driver** (`driver.rs`): one connected UDP socket per server
+//!   (`net.rs`: the kernel's ICMP reports are the fast failure signal),
+//!   driving `unid_core::Requester` (retransmit, backoff, redirects,
+//!   rotation) and one `unid_core::Sizer` per sequence, owning every
+//!   ring `Producer`, and the primary/backup link if paired (`pair.rs`);
 //! - the **socket server** (`socket.rs`): an accept loop plus one thread per
 //!   connection (at most `socket_connections_max`), taking ids from the same
 //!   rings as an ordinary consumer, so an id is handed out once whichever way
@@ -38,6 +39,9 @@
 //!   never repeated.
 //! - While the cluster is unreachable the rings keep serving what they hold;
 //!   [`Status::connection`] says so and one log line marks each change.
+//! - Paired with a backup agent ([`PairConfig`]), each side holds its own
+//!   blocks (granted by the servers, so disjoint) and its own ring; the
+//!   standby takes over when the active one dies (see `agent/README.md`).
 
 #![forbid(unsafe_code)]
 

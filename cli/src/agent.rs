@@ -325,6 +325,37 @@ mod tests {
         })
         .unwrap_err();
         assert!(format!("{err}").contains("empty"), "{err}");
+        // Pairing: a backup from the file, a primary from the flag.
+        std::fs::write(
+            &path,
+            "server = [\"127.0.0.1\"]\nbackup_of = \"127.0.0.1:7412\"\npeer_dead_ms = 300\n",
+        )
+        .unwrap();
+        let config = build(Args {
+            config: Some(path.clone()),
+            ..Args::default()
+        })
+        .unwrap();
+        let pair = config.pair.unwrap();
+        assert_eq!(pair.role, unid_agent::PairRole::Backup);
+        assert_eq!(pair.peer, Some("127.0.0.1:7412".parse().unwrap()));
+        assert_eq!(pair.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!((pair.heartbeat_ms, pair.dead_ms), (10, 300));
+        let config = build(Args {
+            server: vec!["127.0.0.1".to_owned()],
+            peer_listen: Some("127.0.0.1:7412".to_owned()),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(config.pair.unwrap().role, unid_agent::PairRole::Primary);
+        let err = build(Args {
+            server: vec!["127.0.0.1".to_owned()],
+            backup_of: Some("127.0.0.1:7412".to_owned()),
+            peer_dead_ms: Some(5),
+            ..Args::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err}").contains("dead_ms"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

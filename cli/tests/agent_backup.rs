@@ -384,7 +384,7 @@ fn kill9_of_the_primary_then_of_the_backup_applications_keep_taking_ids() {
     let stop = work.0.join("stop");
     let a = consumer(&d1.0, s1, work.0.join("a.ids"), &stop);
     let b = consumer(&d1.0, s1, work.0.join("b.ids"), &stop);
-    std::thread::sleep(Duration::from_millis(800));
+    std::thread::sleep(Duration::from_millis(1200));
 
     // 1. kill -9 the primary: the backup takes over.
     let t_kill1 = Instant::now();
@@ -474,20 +474,23 @@ fn kill9_of_the_primary_then_of_the_backup_applications_keep_taking_ids() {
         1,
         "one line per change:\n{log}"
     );
-    // The longest next() in the 2 s after each kill, over both consumers.
+    // The longest next() in the second after each kill, over both
+    // consumers, and in a second before the first kill as the reference
+    // (on a loaded 2-core machine a consumer can be preempted anywhere).
     let window = |from: u128| -> u128 {
         a.slow
             .iter()
             .chain(&b.slow)
-            .filter(|(t, _)| *t >= from && *t < from + 2_000_000)
+            .filter(|(t, _)| *t >= from && *t < from + 1_000_000)
             .map(|(_, d)| *d)
             .max()
             .unwrap_or(0)
     };
     eprintln!(
-        "switch-over waits: longest next() within 2 s of kill -9 of the primary: {} us; of the backup: {} us (calls under 50 us count as 0)",
+        "switch-over waits: longest next() in the second after kill -9 of the primary: {} us; of the backup: {} us; in the second before the first kill (reference): {} us (calls under 50 us count as 0)",
         window(kill1_us),
-        window(kill2_us)
+        window(kill2_us),
+        window(kill1_us.saturating_sub(1_000_000)),
     );
     eprintln!(
         "switch-over: backup active {takeover_ms} ms after kill -9; longest next(): a {} us (at {} ms), b {} us (at {} ms); ids a {} b {}; switches a {} b {}; discarded a {} b {}",

@@ -159,3 +159,107 @@ fn socket_errors_map_to_typed_errors() {
     let mut u = Unid::open_with("s", options(&d, socket)).unwrap();
     assert!(matches!(u.next(), Err(Error::Protocol { .. })));
 }
+
+fn paired_options(primary: &Dir, backup: Option<&Dir>) -> Options {
+    Options {
+        ring_dir: primary.0.clone(),
+        socket: dead_socket(),
+        socket_fallback: false,
+        wait: Duration::from_millis(200),
+        backup_ring_dir: backup.map(|b| b.0.clone()),
+    }
+}
+
+fn values(ids: Vec<Id>) -> Vec<u128> {
+    ids.iter().map(|i| i.get()).collect()
+}
+
+#[test]
+fn paired_rings_switch_discard_what_is_not_above_and_keep_order() {
+    let (d1, d2) = (Dir::new("pair-p"), Dir::new("pair-b"));
+    let opts = unid_ring::ProducerOptions::new(8);
+    let mut p1 = unid_ring::Producer::create(&d1.0, "s", &opts).unwrap();
+    let mut p2 = unid_ring::Producer::create(&d2.0, "s", &opts).unwrap();
+    p1.push(1000, 100).unwrap();
+    // The backup's blocks: one older than the primary's, one newer.
+    p2.push(10, 50).unwrap();
+    p2.push(5000, 100).unwrap();
+    let mut u = Unid::open_with("s", paired_options(&d1, Some(&d2))).unwrap();
+    assert!(u.paired() && u.via_ring() && !u.on_backup());
+    assert_eq!(
+        values(u.take(100).unwrap()),
+        (1000..1100).collect::<Vec<_>>()
+    );
+    // The primary's ring is empty: the backup's at once, its old block
+    // discarded (lost, never returned).
+    assert_eq!(u.next().unwrap().get(), 5000);
+    assert!(u.on_backup());
+    assert_eq!(u.stats().switches, 1);
+    assert_eq!(u.stats().ids_skipped, 50);
+    // The primary refills below the last id: the handle stays on the backup.
+    p1.push(2000, 10).unwrap();
+    assert_eq!(
+        values(u.take(99).unwrap()),
+        (5001..5100).collect::<Vec<_>>()
+    );
+    // Both empty (the primary's ids are all below the last): not ready.
+    p1.heartbeat_now();
+    p2.heartbeat_now();
+    let e = u.next().unwrap_err();
+    assert!(
+        matches!(e, Error::NotReady { .. } | Error::AgentNotRunning { .. }),
+        "{e}"
+    );
+    assert_eq!(u.stats().ids_skipped, 60);
+    p2.push(6000, 5).unwrap();
+    p1.push(7000, 3).unwrap();
+    assert_eq!(u.next().unwrap().get(), 6000);
+    assert_eq!(values(u.take(4).unwrap()), (6001..6005).collect::<Vec<_>>());
+    // Backup empty: the primary (7000.. is above 6004).
+    assert_eq!(values(u.take(3).unwrap()), vec![7000, 7001, 7002]);
+    assert!(!u.on_backup());
+    assert_eq!(u.stats().switches, 2);
+    p2.push(30_000, 1).unwrap();
+    assert_eq!(u.next().unwrap().get(), 30_000);
+    assert_eq!(u.stats().switches, 3);
+    // A primary ring with a stale block before a long one: the stale one is
+    // discarded, the long one taken whole and handed out across calls
+    // (the spare), nothing beyond the stale block lost.
+    p1.push(10_000, 10).unwrap();
+    p1.push(40_000, 50).unwrap();
+    assert_eq!(u.next().unwrap().get(), 40_000);
+    assert_eq!(
+        values(u.take(49).unwrap()),
+        (40_001..40_050).collect::<Vec<_>>()
+    );
+    assert_eq!(u.stats().switches, 4);
+    assert_eq!(u.stats().ids_skipped, 70);
+}
+
+#[test]
+fn the_pair_file_names_the_backup_and_a_replaced_ring_is_mapped_again() {
+    let (d1, d2) = (Dir::new("pfile-p"), Dir::new("pfile-b"));
+    let opts = unid_ring::ProducerOptions::new(4);
+    let mut p1 = unid_ring::Producer::create(&d1.0, "t", &opts).unwrap();
+    let mut p2 = unid_ring::Producer::create(&d2.0, "t", &opts).unwrap();
+    std::fs::write(
+        d1.0.join(".unid-pair"),
+        format!("role primary\nactive 1\npeer_ring_dir {}\n", d2.0.display()),
+    )
+    .unwrap();
+    p1.push(100, 2).unwrap();
+    p2.push(200, 2).unwrap();
+    let mut u = Unid::open_with("t", paired_options(&d1, None)).unwrap();
+    assert!(u.paired());
+    assert_eq!(values(u.take(2).unwrap()), vec![100, 101]);
+    // The primary goes (its ring closed): the backup serves.
+    drop(p1);
+    assert_eq!(values(u.take(2).unwrap()), vec![200, 201]);
+    // A restarted primary replaces its ring file; the backup is empty: the
+    // new primary ring is mapped again and used.
+    let mut again = unid_ring::Producer::create(&d1.0, "t", &opts).unwrap();
+    again.push(300, 2).unwrap();
+    p2.heartbeat_now();
+    assert_eq!(values(u.take(2).unwrap()), vec![300, 301]);
+    assert_eq!(u.stats().switches, 2);
+}
