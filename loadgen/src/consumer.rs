@@ -70,12 +70,13 @@ fn error_kind(e: &unid::Error) -> String {
 }
 
 fn open(cfg: &ConsumerConfig) -> Result<unid::Unid, unid::Error> {
-    let mut o = unid::Options::default();
-    o.ring_dir = cfg.ring_dir.clone();
-    o.socket = cfg.socket;
-    o.socket_fallback = true;
-    o.wait = Duration::from_secs(1);
-    o.backup_ring_dir = None;
+    let o = unid::Options {
+        ring_dir: cfg.ring_dir.clone(),
+        socket: cfg.socket,
+        socket_fallback: true,
+        wait: Duration::from_secs(1),
+        backup_ring_dir: None,
+    };
     unid::Unid::open_with(&cfg.sequence, o)
 }
 
@@ -152,7 +153,9 @@ pub fn run(cfg: ConsumerConfig, shared: Arc<Shared>) -> ConsumerResult {
                         out.first_id_us = Some(t_us);
                     } else {
                         let _ = out.wait_ns.record(wait_ns.clamp(1, WAIT_NS_MAX));
-                        out.series.record(t_us, wait_ns / 1_000);
+                        // Charged to when the wait began (the fault window it fell in).
+                        let began_us = at.saturating_duration_since(start).as_micros() as u64;
+                        out.series.record(began_us, wait_ns / 1_000);
                     }
                     shared.consumed.fetch_add(1, Ordering::Relaxed);
                     taken += 1;

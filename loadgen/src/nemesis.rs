@@ -129,7 +129,7 @@ pub struct Fault {
     pub kind: Kind,
     /// When it started, µs since the run started.
     pub t_us: u64,
-    /// What it hit ("server 2", "agent 0", "servers {1} | {2,3}").
+    /// What it hit (`server 2`, `agent 0`, `servers [1] vs [2, 3]`).
     pub target: String,
     /// The leader's term when it started (0: unknown).
     pub term: u64,
@@ -503,9 +503,7 @@ impl Nemesis {
                         Undo::RestartAgentClock(a),
                     )
                 } else if ctx.server_clocks {
-                    let Some((id, term)) = leader else {
-                        return None;
-                    };
+                    let (id, term) = leader?;
                     if let Err(e) = ctx.cluster.jump_clock(id, CLOCK_JUMP) {
                         self.skip(kind, now, format!("{e:#}"));
                         return Some(());
