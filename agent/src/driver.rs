@@ -1007,6 +1007,7 @@ impl Driver {
             incarnation: self.incarnation,
             node_id: self.node_id,
             active: pair.is_active(),
+            active_since_us: 0, // Set by the link.
             connection: format!("{:?}", self.connection).to_lowercase(),
             listen: pair.local_addr(),
             socket: self.shared.socket_addr(),

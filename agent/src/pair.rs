@@ -15,7 +15,9 @@
 //!   its start) is active;
 //! - a standby side stays standby while its peer is alive and active;
 //! - two live standbys: the primary becomes active;
-//! - two live actives (a healed partition): the backup yields.
+//! - two live actives (a healed partition, or a restarted side that heard
+//!   nothing in its first `dead_ms`): the one that became active later
+//!   yields (on a tie, the backup).
 //!
 //! So a restarted primary that hears its backup active rejoins as the
 //! standby (no switch back: that would cost consumers a second switch).
@@ -169,6 +171,9 @@ pub struct Beat {
     pub node_id: NodeId,
     /// Whether the sender is active.
     pub active: bool,
+    /// When the sender became active (wall clock, µs since the Unix epoch;
+    /// 0 when standing by).
+    pub active_since_us: u64,
     /// The sender's cluster connection (`connected`, `unreachable`, ...).
     pub connection: String,
     /// The sender's heartbeat address (an unspecified IP means "the
@@ -194,6 +199,7 @@ impl Beat {
         let _ = writeln!(head, "incarnation {}", self.incarnation);
         let _ = writeln!(head, "node {}", self.node_id);
         let _ = writeln!(head, "active {}", u8::from(self.active));
+        let _ = writeln!(head, "active_since {}", self.active_since_us);
         let _ = writeln!(head, "connection {}", self.connection);
         let _ = writeln!(head, "listen {}", self.listen);
         match self.socket {
@@ -260,6 +266,7 @@ impl Beat {
             incarnation: 0,
             node_id: 0,
             active: false,
+            active_since_us: 0,
             connection: String::new(),
             listen: "0.0.0.0:0".parse().expect("valid"),
             socket: None,
@@ -282,6 +289,7 @@ impl Beat {
                 "incarnation" => beat.incarnation = v.parse().ok()?,
                 "node" => beat.node_id = v.parse().ok()?,
                 "active" => beat.active = v == "1",
+                "active_since" => beat.active_since_us = v.parse().ok()?,
                 "connection" => beat.connection = v.chars().take(32).collect(),
                 "listen" => {
                     beat.listen = v.parse().ok()?;
@@ -341,9 +349,18 @@ pub(crate) struct Pair {
     peer: Option<Beat>,
     heard_us: Option<u64>,
     active: bool,
+    /// Wall clock (µs) when this side became active, 0 while standing by.
+    active_since_us: u64,
     started_us: u64,
     next_beat_us: u64,
     pub(crate) counters: PairCounters,
+}
+
+fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+        .max(1)
 }
 
 fn classify(e: &std::io::Error) -> Option<PeerLoss> {
@@ -374,6 +391,7 @@ impl Pair {
             peer: None,
             heard_us: None,
             active: false,
+            active_since_us: 0,
             started_us: now_us,
             next_beat_us: now_us,
             counters: PairCounters::default(),
@@ -483,6 +501,7 @@ impl Pair {
         }
         // Who is active.
         let peer_active = self.peer.as_ref().is_some_and(|p| p.active);
+        let peer_since = self.peer.as_ref().map_or(0, |p| p.active_since_us);
         let active = match self.state {
             PeerState::Dead(_) => true,
             PeerState::Unknown => false,
@@ -490,7 +509,12 @@ impl Pair {
                 (false, true) => false,
                 (false, false) => self.config.role == PairRole::Primary,
                 (true, false) => true,
-                (true, true) => self.config.role == PairRole::Primary,
+                // Both active: the later one yields; on a tie the backup.
+                (true, true) => match self.active_since_us.cmp(&peer_since) {
+                    std::cmp::Ordering::Less => true,
+                    std::cmp::Ordering::Greater => false,
+                    std::cmp::Ordering::Equal => self.config.role == PairRole::Primary,
+                },
             },
         };
         if active != self.active {
@@ -511,12 +535,14 @@ impl Pair {
                 );
             }
             self.active = active;
+            self.active_since_us = if active { wall_us() } else { 0 };
             events.file_dirty = true;
         }
         // Send.
         if now_us >= self.next_beat_us {
             self.next_beat_us = now_us + self.config.heartbeat_ms * 1000;
             me.active = self.active;
+            me.active_since_us = self.active_since_us;
             me.listen = self.local;
             let bytes = me.encode(self.key.as_ref());
             if let Some((_, s)) = &self.out {
@@ -633,6 +659,7 @@ pub(crate) fn write_pair_file(dir: &Path, text: &str) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::tests_support::*;
     use super::*;
 
     fn beat() -> Beat {
@@ -641,6 +668,7 @@ mod tests {
             incarnation: 7,
             node_id: 3,
             active: true,
+            active_since_us: 1_700_000_000_000_000,
             connection: "connected".into(),
             listen: "127.0.0.1:7412".parse().unwrap(),
             socket: Some("127.0.0.1:7421".parse().unwrap()),
@@ -680,27 +708,6 @@ mod tests {
         let back = Beat::decode(&bytes, Some(&key)).unwrap();
         assert!(!back.sequences.is_empty() && back.sequences.len() < 64);
         assert_eq!(back.ring_dir, b.ring_dir);
-    }
-
-    fn pair(role: PairRole, peer: Option<SocketAddr>) -> Pair {
-        let mut c = PairConfig::new(role, "127.0.0.1:0".parse().unwrap(), peer);
-        c.heartbeat_ms = 1;
-        c.dead_ms = 50;
-        Pair::bind(c, None, 0).unwrap()
-    }
-
-    fn me(p: &Pair, role: PairRole, incarnation: u64) -> Beat {
-        Beat {
-            role,
-            incarnation,
-            node_id: 1,
-            active: false,
-            connection: "connected".into(),
-            listen: p.local_addr(),
-            socket: None,
-            sequences: Vec::new(),
-            ring_dir: PathBuf::from(format!("/tmp/{}", role.as_str())),
-        }
     }
 
     /// Runs both sides on a fake clock for `ms` milliseconds.
@@ -771,5 +778,67 @@ mod tests {
         assert!(!again.is_active());
         assert!(backup.is_active());
         assert_eq!(again.status(130_000).peer_state, PeerState::Alive);
+    }
+}
+
+#[cfg(test)]
+mod both_active {
+    use super::tests_support::*;
+    use super::*;
+
+    #[test]
+    fn a_restarted_primary_that_heard_nothing_at_first_yields_to_the_active_backup() {
+        let mut backup_side = pair(PairRole::Backup, None);
+        // The backup is active (its primary died long ago).
+        let (mut b, _) = (me(&backup_side, PairRole::Backup, 2), ());
+        for t in 0..60 {
+            backup_side.tick(t * 1000, &mut b);
+        }
+        assert!(backup_side.is_active());
+        // A primary comes up at an address the backup does not send to yet,
+        // hears nothing for dead_ms and becomes active too.
+        let mut primary = pair(PairRole::Primary, None);
+        let mut p = me(&primary, PairRole::Primary, 1);
+        for t in 0..60 {
+            primary.tick(t * 1000, &mut p);
+        }
+        assert!(primary.is_active());
+        // Now they meet: the primary (active later) yields.
+        primary.connect(backup_side.local_addr());
+        backup_side.connect(primary.local_addr());
+        for t in 60..90 {
+            primary.tick(t * 1000, &mut p);
+            backup_side.tick(t * 1000, &mut b);
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        assert!(!primary.is_active());
+        assert!(backup_side.is_active());
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use super::*;
+
+    pub(super) fn pair(role: PairRole, peer: Option<SocketAddr>) -> Pair {
+        let mut c = PairConfig::new(role, "127.0.0.1:0".parse().unwrap(), peer);
+        c.heartbeat_ms = 1;
+        c.dead_ms = 50;
+        Pair::bind(c, None, 0).unwrap()
+    }
+
+    pub(super) fn me(p: &Pair, role: PairRole, incarnation: u64) -> Beat {
+        Beat {
+            role,
+            incarnation,
+            node_id: 1,
+            active: false,
+            active_since_us: 0,
+            connection: "connected".into(),
+            listen: p.local_addr(),
+            socket: None,
+            sequences: Vec::new(),
+            ring_dir: PathBuf::from(format!("/tmp/{}", role.as_str())),
+        }
     }
 }
