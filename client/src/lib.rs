@@ -555,7 +555,8 @@ impl Unid {
     /// current), discarding ids not above the last returned; waits in short
     /// slices on both while both are empty, up to `options.wait`.
     fn take_pair(&mut self, max: u64) -> Result<(u128, u64, Width), Error> {
-        let deadline = Instant::now() + self.options.wait;
+        // Read the clock only once the first look found nothing.
+        let mut deadline: Option<Instant> = None;
         loop {
             let mut any_live = false;
             let current = self.pair.as_ref().expect("pair mode").current;
@@ -590,6 +591,7 @@ impl Unid {
                 }
             }
             let now = Instant::now();
+            let deadline = *deadline.get_or_insert(now + self.options.wait);
             if now >= deadline {
                 return self.diagnose(max, any_live);
             }
