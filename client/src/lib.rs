@@ -558,7 +558,8 @@ impl Unid {
         // Read the clock only once the first look found nothing.
         let mut deadline: Option<Instant> = None;
         loop {
-            let mut any_live = false;
+            // The first ring (current first) found empty but alive.
+            let mut live: Option<usize> = None;
             let current = self.pair.as_ref().expect("pair mode").current;
             for k in [current, 1 - current] {
                 self.reopen_if_due(k);
@@ -583,7 +584,9 @@ impl Unid {
                         self.width = Some(width);
                         return Ok((first, count, width));
                     }
-                    Err(RingError::WouldBlock) => any_live = true,
+                    Err(RingError::WouldBlock) => {
+                        live = live.or(Some(k));
+                    }
                     Err(RingError::Closed | RingError::AgentDead { .. }) => {
                         slot.dead = true;
                     }
@@ -593,9 +596,9 @@ impl Unid {
             let now = Instant::now();
             let deadline = *deadline.get_or_insert(now + self.options.wait);
             if now >= deadline {
-                return self.diagnose(max, any_live);
+                return self.diagnose(max, live.is_some());
             }
-            if !any_live {
+            let Some(k) = live else {
                 // Both agents gone (or no ring yet). With no ring mapped at
                 // all the socket may answer; else look again shortly (a
                 // dead ring is mapped again when due).
@@ -609,17 +612,14 @@ impl Unid {
                 }
                 std::thread::sleep(PAIR_WAIT_SLICE);
                 continue;
-            }
-            // Both empty: wait briefly on a live ring (a push wakes it), then
-            // look at both again.
-            let pair = self.pair.as_ref().expect("pair mode");
-            let k = if pair.slots[pair.current].consumer.is_some() && !pair.slots[pair.current].dead
-            {
-                pair.current
-            } else {
-                1 - pair.current
             };
+            // Both empty: wait briefly on a live ring of this sequence's
+            // width (a push wakes it), then look at both again.
+            let pair = self.pair.as_ref().expect("pair mode");
             let Some(c) = &pair.slots[k].consumer else {
+                continue;
+            };
+            let Some(width) = Width::from_bytes(c.width()) else {
                 continue;
             };
             let slice = PAIR_WAIT_SLICE.min(deadline.saturating_duration_since(now));
@@ -627,7 +627,6 @@ impl Unid {
                 let mut stats = self.stats;
                 if let Some((first, count, spare)) = fresh(r, max, self.last, &mut stats) {
                     self.stats = stats;
-                    let width = Width::from_bytes(c.width()).expect("checked above");
                     let pair = self.pair.as_mut().expect("pair mode");
                     if k != pair.current {
                         pair.current = k;
