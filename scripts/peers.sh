@@ -13,9 +13,10 @@
 #
 #   sudo scripts/peers.sh              # as root: installs postgresql and redis-server if missing
 #   ROUNDS=3 SECONDS_PER=4 LOADGEN_S=8 scripts/peers.sh
+#   ONLY='ring|socket|loadgen' OUT=/tmp/p scripts/peers.sh     # a subset (labels matching ONLY)
 #
 # Starts its own PostgreSQL cluster (initdb in a temporary folder, port 55432), its own
-# redis-server (port 56379, no persistence) and `unid dev` (ports 17400.., socket 17411), all
+# redis-server (port 56379, no persistence) and one unid server + agent (UDP 17401, socket 17411), all
 # on 127.0.0.1, and stops them at the end (also on error or Ctrl-C). The distribution's own
 # PostgreSQL/Redis services are not touched.
 set -euo pipefail
@@ -89,12 +90,23 @@ PIDS+=($!)
 for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 redis-cli -p "$REDIS_PORT" ping >/dev/null
 
-log "unid dev on 127.0.0.1:$UNID_BASE_PORT, agent socket $UNID_SOCKET, rings in $RING"
-"$BIN/unid" dev --base-port "$UNID_BASE_PORT" --socket "$UNID_SOCKET" --ring-dir "$RING" \
-  >"$WORK/unid-dev.log" 2>&1 &
+# One server and one agent, as README's "by hand" recipe (not `unid dev`, whose start-up check
+# ignores --ring-dir/--socket at this commit).
+UNID_UDP=127.0.0.1:$((UNID_BASE_PORT + 1))
+UNID_RAFT=127.0.0.1:$((UNID_BASE_PORT + 101))
+log "unid server on $UNID_UDP, agent socket $UNID_SOCKET, rings in $RING"
+"$BIN/unid" server --id 1 --listen "$UNID_UDP" --raft "$UNID_RAFT" --data-dir "$WORK/unid-1" \
+  --peer "1=$UNID_RAFT=$UNID_UDP" --init >"$WORK/unid-server.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+  "$BIN/unid" sequence create default --width 8 --server "$UNID_UDP" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+"$BIN/unid" agent --sequence default --server "$UNID_UDP" --ring-dir "$RING" \
+  --socket "$UNID_SOCKET" >"$WORK/unid-agent.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 300); do [ -e "$RING/default" ] && break; sleep 0.1; done
-[ -e "$RING/default" ] || { cat "$WORK/unid-dev.log" >&2; echo "peers.sh: no unid ring" >&2; exit 1; }
+[ -e "$RING/default" ] || { tail "$WORK"/unid-*.log >&2; echo "peers.sh: no unid ring" >&2; exit 1; }
 
 # ---- machine -------------------------------------------------------------------------------
 META=$WORK/meta.md
@@ -118,6 +130,7 @@ ROWS=$WORK/rows.tsv
 : >"$ROWS"
 m() { # label system threads procs [extra args...]
   local label=$1 sys=$2 threads=$3 procs=$4; shift 4
+  [[ -z "${ONLY:-}" || "$label" =~ $ONLY ]] || return 0
   "$BIN/peers" measure --label "$label" --system "$sys" --threads "$threads" --procs "$procs" \
     --seconds "$SECONDS_PER" --pg "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" \
     --redis "redis://127.0.0.1:$REDIS_PORT/" --ring-dir "$RING" --socket "$UNID_SOCKET" \
@@ -156,6 +169,7 @@ for r in $(seq "$ROUNDS"); do
   m "socket NEXT 1" unid_socket 1 1 --n 1
   m "socket NEXT 1" unid_socket 8 1 --n 1
   m "socket NEXT 1000" unid_socket 1 1 --n 1000
+  [[ -z "${ONLY:-}" || "loadgen" =~ $ONLY ]] || continue
   # shellcheck disable=SC2086
   "$BIN/loadgen" --echo-peer $LG --report "$WORK/echo-$r.md" >"$WORK/echo-$r.out" 2>&1 \
     || { tail -20 "$WORK/echo-$r.out" >&2; exit 1; }
@@ -170,7 +184,7 @@ echo "- Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)." >>"$META"
 # ---- report --------------------------------------------------------------------------------
 mkdir -p "$OUT"
 cp "$ROWS" "$OUT/peers-rows.tsv"
-cp "$WORK/grants-$ROUNDS.md" "$OUT/peers-loadgen-grants.md"
-cp "$WORK/echo-$ROUNDS.md" "$OUT/peers-loadgen-echo.md"
+cp "$WORK/grants-$ROUNDS.md" "$OUT/peers-loadgen-grants.md" 2>/dev/null || true
+cp "$WORK/echo-$ROUNDS.md" "$OUT/peers-loadgen-echo.md" 2>/dev/null || true
 "$BIN/peers" report --tsv "$ROWS" --meta "$META" --out "$OUT/peers.md" --svg-dir "$OUT"
 log "wrote $OUT/peers.md, $OUT/peers-throughput.svg, $OUT/peers-latency.svg, $OUT/peers-rows.tsv"

@@ -27,6 +27,10 @@ use unid_proto::{
 /// Most echo threads.
 pub const ECHO_THREADS_MAX: usize = 64;
 
+/// `SO_RCVBUF` and `SO_SNDBUF` of the peer's socket, as the server's shards
+/// (`unid_engine::udp`; the kernel caps them at `net.core.rmem_max`/`wmem_max`).
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
 /// How long a peer thread blocks in `recv_from` before it checks whether to stop.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -46,7 +50,7 @@ impl EchoPeer {
             (1..=ECHO_THREADS_MAX).contains(&threads),
             "--echo-threads must be in 1..={ECHO_THREADS_MAX}"
         );
-        let sock = UdpSocket::bind("127.0.0.1:0").context("bind the echo peer on 127.0.0.1")?;
+        let sock = socket()?;
         sock.set_read_timeout(Some(POLL))
             .context("set the echo peer's read timeout")?;
         let addr = sock.local_addr().context("the echo peer's address")?;
@@ -87,6 +91,22 @@ impl Drop for EchoPeer {
             self.echoed.load(Ordering::Relaxed)
         );
     }
+}
+
+/// The peer's socket on 127.0.0.1, with the buffers the server's shards use
+/// ([`SOCKET_BUFFER_BYTES`]): with the kernel's default 208 KiB, 512 requests in flight overflow
+/// it and the lost ones wait out a retransmit timeout, which would understate the baseline.
+fn socket() -> anyhow::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, None).context("create the echo socket")?;
+    s.set_recv_buffer_size(SOCKET_BUFFER_BYTES)
+        .context("set the echo socket's SO_RCVBUF")?;
+    s.set_send_buffer_size(SOCKET_BUFFER_BYTES)
+        .context("set the echo socket's SO_SNDBUF")?;
+    let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
+    s.bind(&addr.into())
+        .context("bind the echo peer on 127.0.0.1")?;
+    Ok(s.into())
 }
 
 fn serve(
