@@ -317,6 +317,17 @@ fn agent_cut_off_by_its_interface_going_down_keeps_serving_and_recovers() {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    let (ok, status) = ns.run(
+        &ns.agent,
+        &["status", "--agents-only", "--agent", "127.0.0.1:7411"],
+    );
+    assert!(
+        ok && status.contains("network down")
+            && status.contains("down-networkunreachable")
+            && status.contains("unreachable"),
+        "{status}"
+    );
+    eprintln!("unid status during the cut:\n{status}");
     let m = ns.agent_metrics();
     assert_eq!(metric(&m, "unid_agent_network_up"), Some(0.0), "{m}");
     assert_eq!(metric(&m, "unid_agent_connected"), Some(0.0), "{m}");
