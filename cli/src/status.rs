@@ -93,20 +93,20 @@ fn local_agents(explicit: &[std::net::SocketAddr]) {
         let pair = if role == "none" {
             "unpaired".to_owned()
         } else {
+            let peer_role = match (get("peer_state"), get("peer_active")) {
+                ("alive", "1") => " (active)",
+                ("alive", _) => " (standby)",
+                _ => "",
+            };
+            let me = if get("active") == "1" {
+                "ACTIVE"
+            } else {
+                "standby"
+            };
             format!(
-                "{role} {}  peer {} {} ({})",
-                if get("active") == "1" {
-                    "ACTIVE"
-                } else {
-                    "standby"
-                },
+                "{role} {me}  peer {} {}{peer_role}",
                 get("peer"),
-                get("peer_state"),
-                if get("peer_active") == "1" {
-                    "active"
-                } else {
-                    "standby"
-                },
+                get("peer_state")
             )
         };
         out!(

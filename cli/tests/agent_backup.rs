@@ -506,3 +506,98 @@ fn kill9_of_the_primary_then_of_the_backup_applications_keep_taking_ids() {
         b.skipped
     );
 }
+
+/// Sends `sig` (`-STOP`, `-CONT`) to the agent.
+fn signal(agent: &Agent, sig: &str) {
+    let pid = agent.child.as_ref().expect("running").id();
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[test]
+fn a_frozen_primary_is_replaced_by_missed_heartbeats_and_thawed_settles() {
+    let cluster = FakeCluster::new(8, &["jobs"]);
+    let server = cluster.start_server(1).unwrap();
+    let (d1, d2, work) = (
+        Dir::new("frozen-p"),
+        Dir::new("frozen-b"),
+        Dir::new("frozen-w"),
+    );
+    let (s1, s2) = (free_tcp(), free_tcp());
+    let link = free_udp();
+    let primary = Agent::start(
+        agent_args(
+            server.addr(),
+            &d1.0,
+            s1,
+            &["--peer-listen".into(), link.to_string()],
+        ),
+        work.0.join("primary.log"),
+        s1,
+    );
+    let backup = Agent::start(
+        agent_args(
+            server.addr(),
+            &d2.0,
+            s2,
+            &["--backup-of".into(), link.to_string()],
+        ),
+        work.0.join("backup.log"),
+        s2,
+    );
+    wait_for("the pair to form", Duration::from_secs(20), || {
+        pair_says(&d1.0, "active 1")
+            && pair_says(&d2.0, "peer_state alive")
+            && d1.0.join("jobs").exists()
+            && d2.0.join("jobs").exists()
+    });
+    let stop = work.0.join("stop");
+    let a = consumer(&d1.0, s1, work.0.join("a.ids"), &stop);
+    std::thread::sleep(Duration::from_millis(800));
+    // Frozen: no ICMP, no heartbeat. Only silence tells (the slow signal),
+    // as for a host cut off.
+    signal(&primary, "-STOP");
+    wait_for("the backup to take over", Duration::from_secs(10), || {
+        pair_says(&d2.0, "active 1")
+    });
+    let mut status = String::new();
+    wait_for("unid status to show it", Duration::from_secs(10), || {
+        status = unid_status(&[s2]);
+        status.contains("backup ACTIVE") && status.contains("dead-missedheartbeats")
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    // Thawed: both think they are active for a moment; the later one (the
+    // backup) yields, and exactly one stays active.
+    signal(&primary, "-CONT");
+    wait_for("one active side", Duration::from_secs(10), || {
+        let (p, b) = (pair_says(&d1.0, "active 1"), pair_says(&d2.0, "active 1"));
+        p != b && pair_says(&d1.0, "peer_state alive") && pair_says(&d2.0, "peer_state alive")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let m = metrics(s2);
+    std::fs::write(&stop, b"").unwrap();
+    let a = a.finish();
+    assert_eq!(a.errors, 0);
+    assert!(a.switches >= 1, "{} switches", a.switches);
+    for w in a.ids.windows(2) {
+        assert!(w[0] < w[1], "{} then {}", w[0], w[1]);
+    }
+    let unique: HashSet<u64> = a.ids.iter().copied().collect();
+    assert_eq!(unique.len(), a.ids.len());
+    assert!(
+        metric(&m, "unid_agent_peer_lost_slow_total").unwrap_or(0) >= 1,
+        "{m}"
+    );
+    eprintln!(
+        "frozen primary: {status}; consumer: {} ids, {} switches, {} discarded, longest next() {} us",
+        a.ids.len(),
+        a.switches,
+        a.skipped,
+        a.max_wait_us
+    );
+    drop((primary, backup));
+}
