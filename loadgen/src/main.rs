@@ -113,8 +113,10 @@ struct Args {
     /// Ids per second each consumer takes, one `next()` at a time (0: as fast as it can).
     #[arg(long, default_value_t = 5_000.0)]
     consumer_rate: f64,
-    /// The real agents' `--refill-period-ms` (how long a block should last).
-    #[arg(long, default_value_t = 100)]
+    /// The real agents' `--refill-period-ms` (how long a block should last). 1000, not the
+    /// agent's default 100: a ring holding ~1 s of ids rides over a ~200 ms failover
+    /// without a `next()` waiting (with 100 ms, waits of 15-30 ms were seen).
+    #[arg(long, default_value_t = 1_000)]
     refill_period_ms: u64,
     /// Put a UDP proxy between every agent (simulated and real) and the servers: the
     /// datagram faults below, and a record of every grant as the servers sent it.
