@@ -39,6 +39,17 @@
 //! Why that is enough. Let leader `L1` (term `t1`) grant `x < C1`, with
 //! `C1` committed at log index `i1`. Let `L2` be a leader of any later term
 //! `t2 > t1`.
+//! * **"Later" means a greater leader id `(term, node id)`.** openraft 0.9
+//!   without its `single-term-leader` feature (this crate's configuration)
+//!   identifies a leader by `LeaderId { term, node_id }`, totally ordered,
+//!   and may elect two leaders in one term: a voter that voted for `(4, 1)`
+//!   also grants the greater `(4, 2)` (found by the simulator in `sim/`).
+//!   Read every "later term" here as "greater leader id": Leader
+//!   Completeness holds in that order, and the smaller of two leaders of
+//!   one term can no longer commit once a voter moved on, so it never
+//!   passes `ready_ceilings` and never grants. One server never leads twice
+//!   in one term, so the engine's use of the term as its leadership epoch
+//!   stays sound.
 //! * Raft's *Leader Completeness* property: an entry committed in some term
 //!   is in the log of every leader of every later term. So `L2`'s log holds
 //!   entry `i1`. (This rests on every node persisting its vote and log

@@ -523,7 +523,10 @@ impl RaftNetwork<TypeConfig> for SimRaftClient {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.net
+        let debug = std::env::var_os("UNID_SIM_DEBUG_VOTES").is_some();
+        let (from, target, req) = (self.from, self.target, rpc.clone());
+        let r = self
+            .net
             .rpc(
                 self.from,
                 self.incarnation,
@@ -532,7 +535,15 @@ impl RaftNetwork<TypeConfig> for SimRaftClient {
                 option.hard_ttl(),
                 |raft: Raft, r| async move { raft.vote(r).await },
             )
-            .await
+            .await;
+        if debug {
+            eprintln!(
+                "{:?} vote {from} -> {target}: {req:?} => {:?}",
+                tokio::time::Instant::now(),
+                r.as_ref().map_err(|e| e.to_string())
+            );
+        }
+        r
     }
 
     fn backoff(&self) -> openraft::network::Backoff {

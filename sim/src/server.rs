@@ -278,6 +278,13 @@ impl Glue {
             return;
         }
         let was = (core.leader, core.term, core.phase);
+        if std::env::var_os("UNID_SIM_DEBUG_VOTES").is_some() {
+            eprintln!(
+                "{:?} server {id} watch {info:?} vote {:?}",
+                tokio::time::Instant::now(),
+                self.consensus.raft().metrics().borrow().vote
+            );
+        }
         core.term = info.term;
         core.leader = if info.member { info.leader } else { None };
         let leads = info.member && info.leader == Some(id);

@@ -10,7 +10,10 @@ fn a_seed_run_twice_gives_the_same_history() {
     for seed in [0, 1, 7, 42] {
         let a = run(SimConfig::short(seed)).expect("first run");
         let b = run(SimConfig::short(seed)).expect("second run");
-        assert!(a.seen.events > 100, "seed {seed}: too few events to compare");
+        assert!(
+            a.seen.events > 100,
+            "seed {seed}: too few events to compare"
+        );
         assert_eq!(a.seen, b.seen, "seed {seed}: histories differ");
         assert_eq!(a.net, b.net, "seed {seed}: network counters differ");
         assert_eq!(a.crashes, b.crashes, "seed {seed}");

@@ -13,7 +13,10 @@ fn sweep(part: u64) {
     for seed in part * SEEDS_PER_TEST..(part + 1) * SEEDS_PER_TEST {
         let report = run(SimConfig::short(seed)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         assert!(report.seen.grants > 0, "seed {seed}: nothing was granted");
-        assert!(report.seen.ids_consumed > 0, "seed {seed}: nothing was consumed");
+        assert!(
+            report.seen.ids_consumed > 0,
+            "seed {seed}: nothing was consumed"
+        );
         if !report.ok() {
             failed.push(format!(
                 "seed {seed}: {}\n  replay: {}",

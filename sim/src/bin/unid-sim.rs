@@ -83,6 +83,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let args = parse()?;
     let started = Instant::now();
     let (mut clean, mut failed) = (0u64, Vec::new());
+    let mut shared = Vec::new();
     for seed in args.seeds.clone() {
         let mut config = SimConfig::from_seed(seed);
         config.verbose = args.verbose;
@@ -92,14 +93,18 @@ fn main() -> anyhow::Result<ExitCode> {
             config.rounds = r;
         }
         let report = run(config).with_context(|| format!("seed {seed}"))?;
+        if report.seen.shared_terms > 0 {
+            shared.push(seed);
+        }
         if report.ok() {
             clean += 1;
             if !args.quiet {
                 println!(
-                    "seed {seed}: ok ({} servers, {} grants, {} leaders, {} crashes, {} ms simulated, digest {:016x})",
+                    "seed {seed}: ok ({} servers, {} grants, {} terms with a leader ({} with two), {} crashes, {} ms simulated, digest {:016x})",
                     report.config.servers,
                     report.seen.grants,
                     report.seen.leaders,
+                    report.seen.shared_terms,
                     report.crashes,
                     report.sim_ms,
                     report.seen.digest
@@ -121,6 +126,11 @@ fn main() -> anyhow::Result<ExitCode> {
             format!(" ({failed:?})")
         },
         started.elapsed().as_secs_f64()
+    );
+    println!(
+        "seeds where openraft elected two leaders in one term (allowed by its (term, node) leader ids; \
+         never two granting): {}",
+        shared.len()
     );
     Ok(if failed.is_empty() {
         ExitCode::SUCCESS

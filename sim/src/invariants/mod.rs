@@ -5,10 +5,10 @@
 //! | file | invariant |
 //! |---|---|
 //! | [`unique`] | no id is granted twice |
-//! | [`ceilings`] | a leader grants only below a ceiling committed in its term, and above every ceiling committed by an earlier term's leader |
+//! | [`ceilings`] | a leader grants only below a ceiling committed in its leadership, and above every ceiling committed by an earlier leader |
 //! | [`increasing`] | each consumer's ids increase |
 //! | [`width`] | every granted id is in its sequence's range (`start ..` the width's limit) |
-//! | [`one_leader`] | at most one leader per term |
+//! | [`one_leader`] | at most one leader per term grants (openraft may elect two; see the file) |
 //! | [`progress`] | with a majority up and connected, the cluster grants within a bound |
 //! | [`recovery`] | a crashed server restarts from what its disk kept (torn commits included) |
 //!
@@ -77,8 +77,11 @@ pub struct Seen {
     pub grants: u64,
     /// Ids consumed.
     pub ids_consumed: u128,
-    /// Leaders (distinct terms with a leader).
+    /// Terms with an elected leader.
     pub leaders: u64,
+    /// Terms in which openraft elected two or more leaders (see
+    /// [`one_leader`]).
+    pub shared_terms: u64,
     /// Events in the trace.
     pub events: u64,
     /// The trace digest.
@@ -144,15 +147,13 @@ impl Observer {
     pub fn sequence(&self, name: &str, width: Width, start: Id) {
         let mut c = self.lock();
         c.width.sequence(name, width, start);
-        c.ceilings.created(name, start);
     }
 
     /// `server` believes it leads `term`.
     pub fn leader(&self, now_us: u64, server: NodeId, term: u64) {
         let mut c = self.lock();
         c.trace.record(now_us, &Event::Leader { server, term });
-        let r = c.one_leader.leader(server, term);
-        Self::fail(&mut c, now_us, "one_leader", r);
+        c.one_leader.elected(server, term);
     }
 
     /// `server`, leading `term`, read these ceilings with `ready_state` and
@@ -160,8 +161,10 @@ impl Observer {
     pub fn ready(&self, now_us: u64, server: NodeId, term: u64, ceilings: &[(String, Id)]) {
         let mut c = self.lock();
         c.trace.record(now_us, &Event::Ready { server, term });
+        let r = c.one_leader.ready(server, term);
+        Self::fail(&mut c, now_us, "one_leader", r);
         for (name, ceiling) in ceilings {
-            c.ceilings.known(name, term, *ceiling);
+            c.ceilings.known(name, (term, server), *ceiling);
         }
     }
 
@@ -177,7 +180,7 @@ impl Observer {
                 ceiling,
             },
         );
-        let r = c.ceilings.committed(sequence, term, ceiling);
+        let r = c.ceilings.committed(sequence, (term, server), ceiling);
         Self::fail(&mut c, now_us, "ceilings", r);
     }
 
@@ -207,7 +210,7 @@ impl Observer {
         Self::fail(&mut c, now_us, "width", r);
         let r = c.unique.granted(sequence, server, term, first, count);
         Self::fail(&mut c, now_us, "unique", r);
-        let r = c.ceilings.granted(sequence, term, first, count);
+        let r = c.ceilings.granted(sequence, (term, server), first, count);
         Self::fail(&mut c, now_us, "ceilings", r);
         c.progress.granted(now_us);
     }
@@ -267,6 +270,7 @@ impl Observer {
             grants: c.grants,
             ids_consumed: c.ids_consumed,
             leaders: c.one_leader.terms(),
+            shared_terms: c.one_leader.shared_terms(),
             events: c.trace.events(),
             digest: c.trace.digest(),
         }

@@ -1,0 +1,30 @@
+//! Seeds that found something, kept as regression tests (see the table in
+//! `sim/README.md`).
+
+use unid_sim::{SimConfig, run};
+
+/// Finding 1. Seeds 9 and 34 of the first sweep failed the strict "at most
+/// one leader per term" check: openraft 0.9 (unid's configuration, without
+/// its `single-term-leader` feature) elected servers 1 and 2 both in term 4
+/// of seed 9 — server 3 voted for `(4, 1)` and then for the greater
+/// `(4, 2)`. openraft's leader ids are `(term, node id)`; the smaller one
+/// can no longer commit, so it never becomes ready and never grants. The
+/// invariant now checks one *granting* leader per term and orders leaders
+/// by `(term, node id)`; these seeds must still show the double election
+/// and keep every invariant.
+#[test]
+fn two_leaders_elected_in_one_term_never_both_grant() {
+    for seed in [9, 34] {
+        let report = run(SimConfig::from_seed(seed)).expect("run");
+        assert!(
+            report.seen.shared_terms > 0,
+            "seed {seed}: the double election no longer happens (history changed?)"
+        );
+        assert!(
+            report.ok(),
+            "seed {seed}: {:?}\nreplay: {}",
+            report.violations,
+            report.replay_command()
+        );
+    }
+}
