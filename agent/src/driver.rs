@@ -325,11 +325,10 @@ impl Driver {
 
     /// For `Hello`: a standby backup names the primary it stands in for
     /// (once it has heard the primary's node id).
-    fn backup_of(&self, now: u64) -> Option<NodeId> {
+    fn backup_of(&self) -> Option<NodeId> {
         let pair = self.pair.as_ref()?;
-        let role = self.config.pair.as_ref()?.role;
-        let id = pair.status(now).peer_node_id;
-        (role == crate::PairRole::Backup && !pair.is_active() && id != 0).then_some(id)
+        let id = pair.peer().map_or(0, |p| p.node_id);
+        (pair.role() == crate::PairRole::Backup && !pair.is_active() && id != 0).then_some(id)
     }
 
     pub(crate) fn pair_addr(&self) -> Option<SocketAddr> {
@@ -521,7 +520,7 @@ impl Driver {
                     listen: None,
                     // A standby backup names the primary it stands in for
                     // (once it has heard its node id).
-                    backup_of: self.backup_of(now),
+                    backup_of: self.backup_of(),
                 },
                 Req::Ping => Message::Ping { sent_us: now },
                 Req::NodeTable { page } => Message::NodeTableRequest { page: *page },
@@ -1003,7 +1002,7 @@ impl Driver {
             return;
         };
         let mut me = Beat {
-            role: pair.status(now).role,
+            role: pair.role(),
             incarnation: self.incarnation,
             node_id: self.node_id,
             active: pair.is_active(),

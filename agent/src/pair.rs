@@ -412,6 +412,10 @@ impl Pair {
         self.active
     }
 
+    pub(crate) fn role(&self) -> PairRole {
+        self.config.role
+    }
+
     pub(crate) fn peer(&self) -> Option<&Beat> {
         self.peer.as_ref()
     }
