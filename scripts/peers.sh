@@ -122,7 +122,7 @@ META=$WORK/meta.md
   echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- bench loadgen scripts 2>/dev/null || echo ' (bench/loadgen/scripts modified)')."
   echo "- Machine: \`nproc\` = $(nproc); $(lscpu | sed -n 's/^Model name: *//p' | head -1); kernel $(uname -r); $(rustc --version | awk '{print $1, $2}')."
   echo "- Load average at the start: $(cut -d' ' -f1-3 /proc/loadavg) (2 cores shared with other engineers' builds: absolute figures swing 2–4x; compare ratios within this run)."
-  echo "- PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') (own cluster from initdb, default settings, TCP on 127.0.0.1, prepared \`SELECT nextval('s')\`, autocommit); Redis $(redis-server --version | awk '{print $3}' | sed 's/v=//') (no RDB/AOF persistence, TCP on 127.0.0.1, \`redis\` crate); unid: \`unid dev\` (1 server + agent, width 8), the \`unid\` client crate, loadgen."
+  echo "- PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') (own cluster from initdb, default settings, TCP on 127.0.0.1, prepared \`SELECT nextval('s')\`, autocommit); Redis $(redis-server --version | awk '{print $3}' | sed 's/v=//') (no RDB/AOF persistence, TCP on 127.0.0.1, \`redis\` crate); unid: one \`unid server\` and one \`unid agent\` (sequence \`default\`, width 8, default settings), the \`unid\` client crate, loadgen."
 } >"$META"
 
 # ---- measure -------------------------------------------------------------------------------

@@ -392,13 +392,15 @@ fn parse_rows(text: &str) -> anyhow::Result<Vec<Row>> {
 }
 
 fn summarize(rows: &[Row]) -> Vec<Summary> {
-    let mut order: Vec<String> = Vec::new();
-    let mut by: BTreeMap<String, Vec<Row>> = BTreeMap::new();
+    // One entry per (label, clients), in the order of first appearance.
+    let mut order: Vec<(String, String)> = Vec::new();
+    let mut by: BTreeMap<(String, String), Vec<Row>> = BTreeMap::new();
     for r in rows {
-        if !by.contains_key(&r.label) {
-            order.push(r.label.clone());
+        let key = (r.label.clone(), r.clients.clone());
+        if !by.contains_key(&key) {
+            order.push(key.clone());
         }
-        by.entry(r.label.clone()).or_default().push(r.clone());
+        by.entry(key).or_default().push(r.clone());
     }
     order
         .into_iter()
@@ -469,7 +471,12 @@ fn esc(s: &str) -> String {
 }
 
 /// A horizontal bar chart on a log10 axis; `bars` are (label, value, colour, value text).
-fn svg_bars(title: &str, axis: &str, bars: &[(String, f64, &str, String)]) -> String {
+fn svg_bars(
+    title: &str,
+    axis: &str,
+    tick: fn(f64) -> String,
+    bars: &[(String, f64, &str, String)],
+) -> String {
     let (label_w, plot_w, row_h, top) = (360.0, 520.0, 22.0, 50.0);
     let width = label_w + plot_w + 120.0;
     let height = top + row_h * bars.len() as f64 + 50.0;
@@ -506,7 +513,7 @@ fn svg_bars(title: &str, axis: &str, bars: &[(String, f64, &str, String)]) -> St
             r##"<line x1="{gx:.1}" y1="{top}" x2="{gx:.1}" y2="{:.1}" stroke="#ddd"/><text x="{gx:.1}" y="{:.1}" text-anchor="middle" fill="#555">{}</text>"##,
             top + row_h * bars.len() as f64,
             top + row_h * bars.len() as f64 + 16.0,
-            si(10f64.powi(e))
+            tick(10f64.powi(e))
         );
         e += 1;
     }
@@ -601,7 +608,7 @@ fn report(r: &Report) -> anyhow::Result<()> {
     let mut head = String::from("| peer ↓ / unid → |");
     let mut sep = String::from("|---|");
     for u in &unids {
-        let _ = write!(head, " {} |", u.median.label);
+        let _ = write!(head, " {} ({}) |", u.median.label, u.median.clients);
         sep.push_str("---:|");
     }
     let _ = writeln!(o, "{head}\n{sep}");
@@ -625,7 +632,7 @@ fn report(r: &Report) -> anyhow::Result<()> {
              server`: **{} grants/s**; the same agents against loadgen's echo peer \
              (`--echo-peer`: one decode, one encode, one reply per datagram, nothing else): \
              **{} answers/s**. Grants are **{:.0}%** of the echo baseline (target: at least \
-             70%: {}). Per-round pairs are in the rows file; see *What limits it* below.",
+             70%: {}). Per-round figures are in `peers-rows.tsv`; notes on what limits each figure in `peers-notes.md`.",
             si(g.median.ops_per_s),
             si(e.median.ops_per_s),
             fr * 100.0,
@@ -654,6 +661,7 @@ fn report(r: &Report) -> anyhow::Result<()> {
     let svg = svg_bars(
         "ids per second, same machine, same run (blue: unid, orange: peers, grey: baseline)",
         "ids/s (log scale)",
+        si,
         &bars,
     );
     let p = r.svg_dir.join("peers-throughput.svg");
@@ -678,7 +686,8 @@ fn report(r: &Report) -> anyhow::Result<()> {
     }
     let svg = svg_bars(
         "latency of one operation, p50 (coloured) and p99 (light)",
-        "ns per operation (log scale; in-process rows include ~20-40 ns of timer)",
+        "time per operation (log scale; in-process rows include ~20 ns of timer)",
+        time_ns,
         &bars,
     );
     let p = r.svg_dir.join("peers-latency.svg");
