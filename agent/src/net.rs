@@ -99,7 +99,12 @@ impl Net {
             let Some(i) = self.entries.iter().position(|e| !keep.contains(&e.addr)) else {
                 return Err(std::io::Error::other("too many server sockets"));
             };
+            // Every remaining socket goes back to non-blocking: the next
+            // `recv` picks the one to wait on again.
             self.entries.swap_remove(i);
+            for e in &self.entries {
+                let _ = e.socket.set_nonblocking(true);
+            }
             self.blocking = None;
         }
         let bind: SocketAddr = if addr.is_ipv6() {
