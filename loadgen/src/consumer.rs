@@ -62,6 +62,8 @@ pub struct ConsumerResult {
     pub panics: Vec<String>,
     /// It stopped early because it reached [`RUNS_MAX`].
     pub full: bool,
+    /// A `next()` still waiting when the issuing ended: since how long (µs).
+    pub waiting_at_end_us: Option<u64>,
 }
 
 fn error_kind(e: &unid::Error) -> String {
@@ -90,6 +92,7 @@ pub fn run(cfg: ConsumerConfig, shared: Arc<Shared>) -> ConsumerResult {
         errors: Default::default(),
         panics: Vec::new(),
         full: false,
+        waiting_at_end_us: None,
         cfg,
     };
     let start = shared.start;
@@ -190,5 +193,6 @@ pub fn run(cfg: ConsumerConfig, shared: Arc<Shared>) -> ConsumerResult {
             }
         }
     }
+    out.waiting_at_end_us = asked.map(|a| a.elapsed().as_micros() as u64);
     out
 }

@@ -458,7 +458,7 @@ impl Nemesis {
                         }
                         r.map(|()| {
                             (
-                                format!("servers {side:?} | {rest:?}"),
+                                format!("servers {side:?} vs {rest:?}"),
                                 term,
                                 Some((ctx.seen_addr)(lid)),
                             )

@@ -130,6 +130,7 @@ pub struct Summary {
     consumer_panics: Vec<String>,
     consumers_full: usize,
     first_id_us_max: Option<u64>,
+    waiting_at_end: Vec<(u32, u64)>,
     proxy: Option<ProxyReport>,
     agent_starts: Vec<u32>,
     real_agents: usize,
@@ -207,6 +208,7 @@ impl Summary {
             consumer_panics: Vec::new(),
             consumers_full: 0,
             first_id_us_max: None,
+            waiting_at_end: Vec::new(),
             proxy,
             agent_starts,
             real_agents,
@@ -248,6 +250,9 @@ impl Summary {
             s.consumer_panics.extend(c.panics);
             s.consumers_full += usize::from(c.full);
             s.first_id_us_max = s.first_id_us_max.max(c.first_id_us);
+            if let Some(w) = c.waiting_at_end_us {
+                s.waiting_at_end.push((c.cfg.index, w));
+            }
             if c.first_id_us.is_none() {
                 s.consumer_panics.push(format!(
                     "consumer {} (agent {}) never received an id",
@@ -554,6 +559,14 @@ impl Summary {
                         .join(", ")
                 }
             );
+            for (c, w) in &self.waiting_at_end {
+                let _ = writeln!(
+                    o,
+                    "Consumer {c} was still waiting in `next()` when the issuing ended (for {:.1} \
+                     ms; not in the figures above).\n",
+                    *w as f64 / 1e3
+                );
+            }
             if self.consumers_full > 0 {
                 let _ = writeln!(
                     o,
