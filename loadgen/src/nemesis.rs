@@ -573,3 +573,42 @@ pub fn leader_of(c: &mut Cluster) -> Option<(u64, u64)> {
         .max_by_key(|(id, term)| (votes.iter().filter(|v| v.0 == *id).count(), *term))?;
     Some(*best)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_expands_to_every_kind_once_and_none_to_nothing() {
+        let all = expand(&[Kind::All]);
+        assert_eq!(all.len(), Kind::value_variants().len() - 2);
+        for k in Kind::value_variants() {
+            if !matches!(k, Kind::None | Kind::All) {
+                assert_eq!(all.iter().filter(|x| *x == k).count(), 1, "{k:?}");
+            }
+        }
+        assert!(expand(&[Kind::None]).is_empty());
+        assert_eq!(
+            expand(&[Kind::KillAgent, Kind::None, Kind::Proxy]),
+            vec![Kind::KillAgent, Kind::Proxy]
+        );
+        assert_eq!(Kind::PartitionSplit.name(), "partition-split");
+        assert_eq!(
+            Kind::from_str("clock-jump", false),
+            Ok(Kind::ClockJump),
+            "names parse back"
+        );
+    }
+
+    #[test]
+    fn the_schedule_is_the_same_for_the_same_seed() {
+        let start = Instant::now();
+        let a = Nemesis::new(expand(&[Kind::All]), 7, 10_000, start);
+        let b = Nemesis::new(expand(&[Kind::All]), 7, 10_000, start);
+        let c = Nemesis::new(expand(&[Kind::All]), 8, 10_000, start);
+        assert_eq!(a.next_at, b.next_at);
+        assert_ne!(a.next_at, c.next_at);
+        let first = a.next_at.unwrap().duration_since(start);
+        assert!(first >= Duration::from_millis(7_500) && first <= Duration::from_millis(12_500));
+    }
+}

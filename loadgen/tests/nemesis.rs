@@ -68,7 +68,7 @@ fn every_fault_kind_with_real_agents_behind_the_proxy_passes_the_checker() {
     let out = Command::new(LOADGEN)
         .args(["--spawn-servers", "3", "--unid-bin"])
         .arg(&unid)
-        .args(["--duration-s", "27", "--drain-s", "20"])
+        .args(["--duration-s", "32", "--drain-s", "20"])
         .args([
             "--agents", "4", "--window", "4", "--count", "50", "--rate", "1000",
         ])
