@@ -32,6 +32,8 @@ pub const DELAY_MS_MAX: u64 = 10_000;
 const HELD_MAX: usize = 4_096;
 /// How long a proxy thread blocks before it looks at its queues and the stop flag.
 const POLL: Duration = Duration::from_millis(20);
+/// Longest a reordered datagram waits for the next one to pass it.
+const HOLD_MAX: Duration = Duration::from_millis(5);
 
 /// Datagram faults, probabilities per datagram and direction.
 #[derive(Copy, Clone, Debug, Default, PartialEq)]
@@ -40,7 +42,7 @@ pub struct ProxyFaults {
     pub drop: f64,
     /// Sent twice.
     pub duplicate: f64,
-    /// Held back and sent after the next one.
+    /// Held back and sent after the next one (or after 5 ms if none comes).
     pub reorder: f64,
     /// Held back for `delay_ms` (0.5x to 1.5x).
     pub delay: f64,
@@ -95,7 +97,7 @@ pub struct Proxy {
 /// One direction's fault machinery.
 struct Link {
     rng: SmallRng,
-    held: Option<(Vec<u8>, SocketAddr)>,
+    held: Option<(Instant, Vec<u8>, SocketAddr)>,
     delayed: VecDeque<(Instant, Vec<u8>, SocketAddr)>,
 }
 
@@ -115,8 +117,8 @@ impl Link {
         st.forwarded.fetch_add(1, Ordering::Relaxed);
         let to_addr = to.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         if !f.any() {
-            self.flush(sock, true);
             put(sock, &data, to);
+            self.flush(sock, true);
             return;
         }
         if self.rng.random_bool(f.drop.clamp(0.0, 1.0)) {
@@ -150,22 +152,25 @@ impl Link {
         }
         if self.held.is_none() && self.rng.random_bool(f.reorder.clamp(0.0, 1.0)) {
             st.faults[2].fetch_add(1, Ordering::Relaxed);
-            self.held = Some((data, to_addr));
+            self.held = Some((Instant::now() + HOLD_MAX, data, to_addr));
             return;
         }
         for _ in 0..copies {
             put(sock, &data, to);
         }
-        self.flush(sock, false);
+        // This one went past the held one: now the held one.
+        self.flush(sock, true);
     }
 
-    /// Sends the reordered datagram (always) and the delayed ones that are due (`all`: the
-    /// held one too when idle).
-    fn flush(&mut self, sock: &UdpSocket, _idle: bool) {
-        if let Some((d, to)) = self.held.take() {
+    /// Sends the delayed datagrams that are due, and with `passed` (another datagram went
+    /// out after it, or the link is idle) the reordered one.
+    fn flush(&mut self, sock: &UdpSocket, passed: bool) {
+        let now = Instant::now();
+        if self.held.as_ref().is_some_and(|h| passed || h.0 <= now)
+            && let Some((_, d, to)) = self.held.take()
+        {
             put(sock, &d, (to.port() != 0).then_some(to));
         }
-        let now = Instant::now();
         while self.delayed.front().is_some_and(|d| d.0 <= now) {
             let (_, d, to) = self.delayed.pop_front().expect("checked");
             put(sock, &d, (to.port() != 0).then_some(to));
@@ -173,7 +178,9 @@ impl Link {
     }
 
     fn next_due(&self) -> Option<Instant> {
-        self.delayed.front().map(|d| d.0)
+        let held = self.held.as_ref().map(|h| h.0);
+        let delayed = self.delayed.front().map(|d| d.0);
+        held.into_iter().chain(delayed).min()
     }
 }
 
@@ -487,5 +494,161 @@ fn rewrite(
             out[..n].to_vec()
         }
         Err(_) => data.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unid_proto::{Block, Header, Width};
+
+    fn inner(faults: ProxyFaults, to_front: HashMap<SocketAddr, SocketAddr>) -> Inner {
+        Inner {
+            stop: AtomicBool::new(false),
+            faults: Mutex::new(faults),
+            to_front,
+            grants: Mutex::new(Vec::new()),
+            stats: ProxyStats::default(),
+            start: Instant::now(),
+            seed: 1,
+            clients: AtomicU64::new(0),
+        }
+    }
+
+    /// A sender and a receiver on 127.0.0.1; what the receiver gets within `wait`.
+    fn pair() -> (UdpSocket, UdpSocket) {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx.local_addr().unwrap()).unwrap();
+        (tx, rx)
+    }
+
+    fn drain(rx: &UdpSocket) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = rx.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+
+    #[test]
+    fn each_fault_does_what_it_says() {
+        let one = |f: ProxyFaults| {
+            let (tx, rx) = pair();
+            let inner = inner(f, HashMap::new());
+            let mut link = Link::new(3);
+            link.send(&inner, &tx, b"first".to_vec(), None);
+            link.send(&inner, &tx, b"second".to_vec(), None);
+            std::thread::sleep(Duration::from_millis(40));
+            link.flush(&tx, true);
+            (
+                drain(&rx),
+                inner
+                    .stats
+                    .faults
+                    .each_ref()
+                    .map(|a| a.load(Ordering::Relaxed)),
+            )
+        };
+        let (got, _) = one(ProxyFaults::default());
+        assert_eq!(got, vec![b"first".to_vec(), b"second".to_vec()]);
+        let (got, n) = one(ProxyFaults {
+            drop: 1.0,
+            ..Default::default()
+        });
+        assert!(got.is_empty());
+        assert_eq!(n[0], 2);
+        let (got, n) = one(ProxyFaults {
+            duplicate: 1.0,
+            ..Default::default()
+        });
+        assert_eq!(got.len(), 4);
+        assert_eq!(n[1], 2);
+        let (got, n) = one(ProxyFaults {
+            reorder: 1.0,
+            ..Default::default()
+        });
+        assert_eq!(got, vec![b"second".to_vec(), b"first".to_vec()]);
+        assert_eq!(n[2], 1);
+        let (got, n) = one(ProxyFaults {
+            corrupt: 1.0,
+            ..Default::default()
+        });
+        assert_eq!(got.len(), 2);
+        assert_ne!(got[0], b"first".to_vec());
+        assert_eq!(got[0].len(), 5);
+        assert_eq!(n[4], 2);
+        // Delayed: nothing at once, both after the delay.
+        let (tx, rx) = pair();
+        let inner = inner(
+            ProxyFaults {
+                delay: 1.0,
+                delay_ms: 20,
+                ..Default::default()
+            },
+            HashMap::new(),
+        );
+        let mut link = Link::new(3);
+        link.send(&inner, &tx, b"late".to_vec(), None);
+        link.flush(&tx, false);
+        assert!(drain(&rx).is_empty());
+        std::thread::sleep(Duration::from_millis(35));
+        link.flush(&tx, false);
+        assert_eq!(drain(&rx), vec![b"late".to_vec()]);
+    }
+
+    #[test]
+    fn server_addresses_are_rewritten_and_grants_recorded() {
+        let server: SocketAddr = "127.0.0.1:7401".parse().unwrap();
+        let front: SocketAddr = "127.0.0.1:9401".parse().unwrap();
+        let inner = inner(ProxyFaults::default(), HashMap::from([(server, front)]));
+        let mut codec = Codec::new();
+        let h = Header {
+            sender: 1,
+            seq: 5,
+            reply_to: 4,
+            epoch: 2,
+        };
+        let servers = [Server {
+            id: 1,
+            addr: server,
+        }];
+        let mut buf = [0u8; DATAGRAM_BYTES_MAX];
+        let msg = Message::NotLeader {
+            leader_id: 1,
+            leader: Some(server),
+            servers: List::new(&servers),
+            truncated: false,
+        };
+        let n = codec.encode(&h, &msg, None, &mut buf).unwrap();
+        let out = rewrite(&inner, &mut codec, &buf[..n], 0, Some(front));
+        let frame = decode(&out, None).unwrap();
+        assert_eq!(frame.header, h);
+        match frame.message {
+            Message::NotLeader {
+                leader, servers, ..
+            } => {
+                assert_eq!(leader, Some(front));
+                assert_eq!(servers.iter().next().unwrap().addr, front);
+            }
+            other => panic!("{other:?}"),
+        }
+        let grant = Message::BlockGrant {
+            sequence: "s",
+            width: Width::W8,
+            block: Block::new(100, 10, Width::W8).unwrap(),
+        };
+        let n = codec.encode(&h, &grant, None, &mut buf).unwrap();
+        let out = rewrite(&inner, &mut codec, &buf[..n], 7, Some(front));
+        assert_eq!(out, buf[..n].to_vec());
+        let g = inner.grants.lock().unwrap();
+        assert_eq!(
+            (g[0].agent, g[0].seq, g[0].first, g[0].count),
+            (7, 4, 100, 10)
+        );
+        assert_eq!(g[0].from, front);
     }
 }
