@@ -208,3 +208,58 @@ fn other_run_alive(rule: &str) -> bool {
         .collect();
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// A known gap, reported to the server and agent owners (fails today; run with
+/// `cargo test -p unid-loadgen -- --ignored`): a leader cut off from its peers but not from
+/// its agents (`partition-split`) keeps leading in its own eyes (openraft 0.9 has no
+/// check-quorum) and answers `NotReady`; the agents keep retrying it and never reach the new
+/// leader, elected ~400 ms into the partition, so nothing is granted until the partition
+/// heals (2.5 s in the run that found it) and the rings run dry. The target is a new
+/// leader's first grant within 1 s.
+#[test]
+#[ignore = "known gap: a minority leader reachable by agents holds them for the whole partition"]
+fn after_a_split_the_new_leader_grants_within_a_second() {
+    if !partitions_possible() {
+        eprintln!("SKIPPED: partitions need root and iptables");
+        return;
+    }
+    let unid = unid_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("split.md");
+    let out = Command::new(LOADGEN)
+        .args(["--spawn-servers", "3", "--unid-bin"])
+        .arg(&unid)
+        .args([
+            "--duration-s",
+            "12",
+            "--agents",
+            "2",
+            "--window",
+            "2",
+            "--rate",
+            "200",
+        ])
+        .args(["--real-agents", "1", "--nemesis", "partition-split"])
+        .args(["--every-ms", "6000", "--seed", "3", "--report"])
+        .arg(&report)
+        .output()
+        .expect("run loadgen");
+    let text = std::fs::read_to_string(&report).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row: Vec<String> = text
+        .lines()
+        .find(|l| l.starts_with("| 1 | partition-split"))
+        .unwrap_or_else(|| panic!("no split:\n{text}"))
+        .split('|')
+        .map(|c| c.trim().to_owned())
+        .collect();
+    let ms: f64 = row[7].parse().unwrap_or(f64::INFINITY);
+    assert!(
+        ms < 1_000.0,
+        "first grant by the new leader {ms} ms after the split:\n{text}"
+    );
+}
