@@ -214,8 +214,9 @@ fn other_run_alive(rule: &str) -> bool {
 /// its agents (`partition-split`) keeps leading in its own eyes (openraft 0.9 has no
 /// check-quorum) and answers `NotReady`; the agents keep retrying it and never reach the new
 /// leader, elected ~400 ms into the partition, so nothing is granted until the partition
-/// heals (2.5 s in the run that found it) and the rings run dry. The target is a new
-/// leader's first grant within 1 s.
+/// heals (2.5 s in the run that found it) and the rings run dry. Not every time: of 5 single
+/// splits 3 took 1.5-2.5 s (the partition's length) and 2 took 0.65-0.85 s, so this makes
+/// three splits and wants each under 1 s, the target.
 #[test]
 #[ignore = "known gap: a minority leader reachable by agents holds them for the whole partition"]
 fn after_a_split_the_new_leader_grants_within_a_second() {
@@ -229,16 +230,8 @@ fn after_a_split_the_new_leader_grants_within_a_second() {
     let out = Command::new(LOADGEN)
         .args(["--spawn-servers", "3", "--unid-bin"])
         .arg(&unid)
-        .args([
-            "--duration-s",
-            "12",
-            "--agents",
-            "2",
-            "--window",
-            "2",
-            "--rate",
-            "200",
-        ])
+        .args(["--duration-s", "24", "--agents", "2", "--window", "2"])
+        .args(["--rate", "200"])
         .args(["--real-agents", "1", "--nemesis", "partition-split"])
         .args(["--every-ms", "6000", "--seed", "3", "--report"])
         .arg(&report)
@@ -250,16 +243,22 @@ fn after_a_split_the_new_leader_grants_within_a_second() {
         "{}\n{text}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let row: Vec<String> = text
+    let rows: Vec<Vec<String>> = text
         .lines()
-        .find(|l| l.starts_with("| 1 | partition-split"))
-        .unwrap_or_else(|| panic!("no split:\n{text}"))
-        .split('|')
-        .map(|c| c.trim().to_owned())
+        .filter(|l| l.contains("| partition-split | ") && !l.contains("median"))
+        .map(|l| {
+            l.split('|')
+                .map(|c| c.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .filter(|r| r.len() > 10)
         .collect();
-    let ms: f64 = row[7].parse().unwrap_or(f64::INFINITY);
-    assert!(
-        ms < 1_000.0,
-        "first grant by the new leader {ms} ms after the split:\n{text}"
-    );
+    assert!(rows.len() >= 2, "fewer than 2 splits:\n{text}");
+    for row in rows {
+        let ms: f64 = row[7].parse().unwrap_or(f64::INFINITY);
+        assert!(
+            ms < 1_000.0,
+            "first grant by the new leader {ms} ms after a split:\n{text}"
+        );
+    }
 }
