@@ -82,8 +82,8 @@ pub struct AgentSpec {
     pub consumers: Vec<Consumer>,
     /// Consumers take ids this often, in microseconds.
     pub consume_every_us: u64,
-    /// Most ids one consumer takes at a time.
-    pub take_max: u64,
+    /// Most ids one consumer takes at a time, per sequence.
+    pub take_max: Vec<u64>,
     /// The servers.
     pub servers: Vec<NodeId>,
 }
@@ -353,7 +353,9 @@ impl Agent {
 
     fn consume(&mut self, now: u64) {
         for c in self.spec.consumers.clone() {
-            let want = self.rng.random_range(1..=self.spec.take_max);
+            let want = self
+                .rng
+                .random_range(1..=self.spec.take_max[c.sequence].max(1));
             let s = &mut self.slots[c.sequence];
             let Some(front) = s.held.front_mut() else {
                 continue;

@@ -100,13 +100,14 @@ fn main() -> anyhow::Result<ExitCode> {
             clean += 1;
             if !args.quiet {
                 println!(
-                    "seed {seed}: ok ({} servers, {} grants, {} terms with a leader ({} with two), {} crashes, {} ms simulated, digest {:016x})",
+                    "seed {seed}: ok ({} servers, {} grants, {} terms with a leader ({} with two), {} crashes, {} ms simulated, recovery {} ms, digest {:016x})",
                     report.config.servers,
                     report.seen.grants,
                     report.seen.leaders,
                     report.seen.shared_terms,
                     report.crashes,
                     report.sim_ms,
+                    report.seen.recovery_us_max / 1000,
                     report.seen.digest
                 );
             }

@@ -82,6 +82,9 @@ pub struct Seen {
     /// Terms in which openraft elected two or more leaders (see
     /// [`one_leader`]).
     pub shared_terms: u64,
+    /// The longest wait from the start of a calm period to its first
+    /// grant, in microseconds.
+    pub recovery_us_max: u64,
     /// Events in the trace.
     pub events: u64,
     /// The trace digest.
@@ -271,6 +274,7 @@ impl Observer {
             ids_consumed: c.ids_consumed,
             leaders: c.one_leader.terms(),
             shared_terms: c.one_leader.shared_terms(),
+            recovery_us_max: c.progress.recovery_us_max(),
             events: c.trace.events(),
             digest: c.trace.digest(),
         }

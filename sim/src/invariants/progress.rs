@@ -9,6 +9,8 @@ pub struct Progress {
     bound_us: u64,
     calm_since_us: Option<u64>,
     granted_in_calm: bool,
+    /// The longest wait from a calm start to its first grant.
+    recovery_us_max: u64,
 }
 
 impl Progress {
@@ -18,6 +20,7 @@ impl Progress {
             bound_us,
             calm_since_us: None,
             granted_in_calm: false,
+            recovery_us_max: 0,
         }
     }
 
@@ -28,10 +31,19 @@ impl Progress {
     }
 
     /// A block was granted.
-    pub fn granted(&mut self, _now_us: u64) {
-        if self.calm_since_us.is_some() {
+    pub fn granted(&mut self, now_us: u64) {
+        if let Some(since) = self.calm_since_us
+            && !self.granted_in_calm
+        {
             self.granted_in_calm = true;
+            self.recovery_us_max = self.recovery_us_max.max(now_us - since);
         }
+    }
+
+    /// The longest wait so far from a calm start to its first grant, in
+    /// microseconds.
+    pub fn recovery_us_max(&self) -> u64 {
+        self.recovery_us_max
     }
 
     /// Checks the bound at `now_us`.
