@@ -447,6 +447,10 @@ fn time_ns(ns: f64) -> String {
 }
 
 fn ratio(x: f64) -> String {
+    if x > 0.0 && x < 0.1 {
+        // Small ratios read better inverted: "1/690" rather than "0.00x".
+        return format!("1/{:.0}", 1.0 / x);
+    }
     if x >= 100.0 {
         format!("{x:.0}x")
     } else if x >= 10.0 {
@@ -547,7 +551,7 @@ fn svg_bars(
 fn colour(s: &Summary) -> &'static str {
     if is_unid(s) {
         "#2b6cb0"
-    } else if is_reference(s) {
+    } else if is_reference(s) || s.median.system == "fetch_add" {
         "#a0aec0"
     } else {
         "#dd6b20"
@@ -659,7 +663,7 @@ fn report(r: &Report) -> anyhow::Result<()> {
         })
         .collect();
     let svg = svg_bars(
-        "ids per second, same machine, same run (blue: unid, orange: peers, grey: baseline)",
+        "ids per second, same machine, same run (blue: unid, orange: peers, grey: baselines)",
         "ids/s (log scale)",
         si,
         &bars,
