@@ -20,6 +20,10 @@ pub const WAIT_NS_MAX: u64 = 120_000_000_000;
 /// Most runs of consecutive ids one consumer records; it stops taking beyond (a run is
 /// usually a whole block, so this is far more than a 10-minute run needs).
 pub const RUNS_MAX: usize = 4_000_000;
+/// Waits at least this long are also kept one by one, with when they began (µs).
+pub const LONG_WAIT_US: u64 = 1_000;
+/// Most long waits kept per consumer.
+pub const LONG_WAITS_MAX: usize = 1_000_000;
 /// Most ids taken in one go when behind the pace.
 const BURST_IDS_MAX: u64 = 2_000;
 /// Pause after an error before the next `next()` (the wait goes on).
@@ -64,6 +68,8 @@ pub struct ConsumerResult {
     pub full: bool,
     /// A `next()` still waiting when the issuing ended: since how long (µs).
     pub waiting_at_end_us: Option<u64>,
+    /// Waits of at least [`LONG_WAIT_US`]: (began, µs since the start; wait, µs).
+    pub long_waits: Vec<(u64, u64)>,
 }
 
 fn error_kind(e: &unid::Error) -> String {
@@ -93,6 +99,7 @@ pub fn run(cfg: ConsumerConfig, shared: Arc<Shared>) -> ConsumerResult {
         panics: Vec::new(),
         full: false,
         waiting_at_end_us: None,
+        long_waits: Vec::new(),
         cfg,
     };
     let start = shared.start;
@@ -159,6 +166,10 @@ pub fn run(cfg: ConsumerConfig, shared: Arc<Shared>) -> ConsumerResult {
                         // Charged to when the wait began (the fault window it fell in).
                         let began_us = at.saturating_duration_since(start).as_micros() as u64;
                         out.series.record(began_us, wait_ns / 1_000);
+                        if wait_ns / 1_000 >= LONG_WAIT_US && out.long_waits.len() < LONG_WAITS_MAX
+                        {
+                            out.long_waits.push((began_us, wait_ns / 1_000));
+                        }
                     }
                     shared.consumed.fetch_add(1, Ordering::Relaxed);
                     taken += 1;
