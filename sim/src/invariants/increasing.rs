@@ -37,3 +37,18 @@ impl Increasing {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_not_above_the_last_id_fails() {
+        let mut i = Increasing::default();
+        assert_eq!(i.consumed(1, "s", 10, 5), Ok(()));
+        assert!(i.consumed(1, "s", 14, 1).is_err());
+        assert_eq!(i.consumed(1, "s", 15, 1), Ok(()));
+        assert_eq!(i.consumed(2, "s", 1, 1), Ok(()), "another consumer");
+        assert!(i.consumed(2, "s", 5, 0).is_err(), "empty");
+    }
+}

@@ -63,3 +63,22 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_calm_period_without_a_grant_fails_once() {
+        let mut p = Progress::new(1_000);
+        assert_eq!(p.check(5_000), Ok(()), "not calm: no bound");
+        p.calm(10_000, true);
+        assert_eq!(p.check(10_999), Ok(()));
+        assert!(p.check(11_000).is_err());
+        assert_eq!(p.check(12_000), Ok(()), "reported once");
+        p.calm(20_000, true);
+        p.granted(20_500);
+        assert_eq!(p.check(30_000), Ok(()));
+        assert_eq!(p.recovery_us_max(), 500);
+    }
+}

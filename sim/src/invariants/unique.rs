@@ -39,3 +39,20 @@ impl Unique {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_blocks_fail_adjacent_ones_pass() {
+        let mut u = Unique::default();
+        assert_eq!(u.granted("s", 1, 1, 100, 10), Ok(()));
+        assert_eq!(u.granted("s", 1, 1, 110, 10), Ok(()), "adjacent above");
+        assert_eq!(u.granted("s", 2, 2, 90, 10), Ok(()), "adjacent below");
+        assert!(u.granted("s", 2, 2, 119, 1).is_err(), "last id of a block");
+        assert!(u.granted("s", 2, 2, 95, 10).is_err(), "straddles two");
+        assert!(u.granted("s", 3, 3, 50, 100).is_err(), "covers all");
+        assert_eq!(u.granted("t", 3, 3, 100, 10), Ok(()), "another sequence");
+    }
+}

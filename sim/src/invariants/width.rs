@@ -40,3 +40,19 @@ impl InWidth {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserved_limit_and_ids_below_start_fail() {
+        let mut w = InWidth::default();
+        w.sequence("s", Width::W2, 10);
+        assert_eq!(w.granted("s", 10, 1), Ok(()));
+        assert_eq!(w.granted("s", 65_534, 1), Ok(()), "the last id: 0xFFFE");
+        assert!(w.granted("s", 65_535, 1).is_err(), "0xFFFF is reserved");
+        assert!(w.granted("s", 9, 1).is_err());
+        assert!(w.granted("t", 10, 1).is_err());
+    }
+}
