@@ -33,8 +33,14 @@
 //!   when the guess was silent for `silent_timeouts_max` consecutive
 //!   retransmission timeouts, when a send to it fails, or when it redirects
 //!   to a leader it does not know or we do not know.
-//! - **Epochs**: a response whose epoch is below the highest epoch seen in
-//!   any response is dropped ([`Disposition::StaleEpoch`]).
+//! - **Epochs**: a response whose epoch is below the highest epoch seen is
+//!   dropped ([`Disposition::StaleEpoch`]). Only answers from a leader
+//!   (`Done`, `TryLater`) raise the highest epoch; a redirect does not. A
+//!   server that is not the leader may be in a higher term than any leader
+//!   (a partitioned server's failed elections raise its term), and if its
+//!   redirect counted, every answer of the real, lower-term leader would be
+//!   dropped for as long as no leader reaches that term — forever if that
+//!   server stays down (found by the simulator, `sim/`).
 //! - **Exactly one outcome per seq**: the first accepted `Done` completes the
 //!   request; later responses for that seq (duplicates, replies to earlier
 //!   transmissions) find no request and are dropped
@@ -383,7 +389,8 @@ impl<Q: Clone, P> Requester<Q, P> {
         self.servers[self.leader]
     }
 
-    /// The highest epoch seen in a response.
+    /// The highest epoch seen in a leader's response (`Done` or
+    /// `TryLater`; redirects do not count, see the module docs).
     pub fn highest_epoch(&self) -> Epoch {
         self.highest_epoch
     }
@@ -468,7 +475,9 @@ impl<Q: Clone, P> Requester<Q, P> {
             self.stats.stale_epoch += 1;
             return Disposition::StaleEpoch;
         }
-        self.highest_epoch = response.epoch;
+        if !matches!(response.reply, Reply::Redirect { .. }) {
+            self.highest_epoch = response.epoch;
+        }
         if source == self.leader {
             self.silent = 0;
         }

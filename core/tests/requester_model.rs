@@ -5,9 +5,10 @@
 //!
 //! Checked: every request ends with exactly one outcome; a response is
 //! accepted only for an outstanding seq and only if its epoch is at least the
-//! highest epoch delivered before it; duplicates are never accepted; a
-//! request is given up only after `attempts_max` transmissions or its
-//! deadline; the same seeds give the same trace.
+//! highest epoch of a leader's answer (not a redirect) delivered before it;
+//! duplicates are never accepted; a request is given up only after
+//! `attempts_max` transmissions or its deadline; the same seeds give the same
+//! trace.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -246,6 +247,8 @@ impl Sim {
         let epoch = response.epoch;
         let finished = self.outcomes.contains_key(&seq);
         let is_done = matches!(response.reply, Reply::Done(_));
+        // Only a leader's answer raises the epoch (see the requester docs).
+        let is_redirect = matches!(response.reply, Reply::Redirect { .. });
         let d = self.r.handle_response(self.now_us, addr(s), response);
         if d == Disposition::Accepted {
             assert!(is_done);
@@ -262,7 +265,9 @@ impl Sim {
         if epoch < self.max_delivered_epoch {
             assert_eq!(d, Disposition::StaleEpoch);
         }
-        self.max_delivered_epoch = self.max_delivered_epoch.max(epoch);
+        if !is_redirect {
+            self.max_delivered_epoch = self.max_delivered_epoch.max(epoch);
+        }
         self.pump();
     }
 

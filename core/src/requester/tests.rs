@@ -282,6 +282,35 @@ fn stale_epochs_are_never_used() {
     assert_eq!(r.stats().stale_epoch, 2);
 }
 
+/// Regression (found by the simulator): a redirect from a server in a higher
+/// term than the leader (its failed elections raised its term) must not
+/// make the real leader's answers stale.
+#[test]
+fn a_redirect_from_a_higher_term_does_not_make_the_leader_stale() {
+    let mut r = requester(config(), 2);
+    let a = r.send(0, "a").unwrap();
+    assert_eq!(r.poll_transmit(0).unwrap().destination, addr(1));
+    // Server 1 is a candidate in term 7; the leader, server 2, is in term 4.
+    let redirect = Response {
+        reply_to: a,
+        epoch: 7,
+        reply: Reply::Redirect {
+            leader: Some(addr(2)),
+        },
+    };
+    assert_eq!(
+        r.handle_response(1, addr(1), redirect),
+        Disposition::Redirected
+    );
+    assert_eq!(r.highest_epoch(), 0);
+    assert_eq!(r.poll_transmit(1).unwrap().destination, addr(2));
+    assert_eq!(
+        r.handle_response(2, addr(2), done(a, 4, 9)),
+        Disposition::Accepted
+    );
+    assert_eq!(r.highest_epoch(), 4);
+}
+
 #[test]
 fn follows_a_redirect_to_the_named_leader_with_the_same_seq() {
     let mut r = requester(config(), 3);
