@@ -86,6 +86,10 @@ pub struct AgentSpec {
     pub take_max: Vec<u64>,
     /// The servers.
     pub servers: Vec<NodeId>,
+    /// Also apply `agent/src/driver.rs`'s own epoch filter: drop any
+    /// datagram below the highest epoch seen in *any* reply, redirects
+    /// included (see `SimConfig::driver_epoch_filter`).
+    pub driver_epoch_filter: bool,
 }
 
 /// A running agent incarnation.
@@ -97,6 +101,8 @@ pub struct Agent {
     hello: Option<SeqNo>,
     slots: Vec<Slot>,
     next_consume_us: u64,
+    /// The driver's `link.highest_epoch` (only with `driver_epoch_filter`).
+    link_epoch: u64,
     rng: SmallRng,
     net: Net,
     clock: Clock,
@@ -139,6 +145,7 @@ impl Agent {
             .collect::<Result<Vec<_>, unid_core::Error>>()?;
         Ok(Agent {
             next_consume_us: now + spec.consume_every_us,
+            link_epoch: 0,
             spec,
             incarnation,
             node_id: 0,
@@ -254,6 +261,14 @@ impl Agent {
     }
 
     fn on_datagram(&mut self, now: u64, d: Datagram) {
+        if self.spec.driver_epoch_filter {
+            // As `Driver::on_datagram`: drop below the highest epoch seen,
+            // and take every reply's epoch, a redirect's too.
+            if d.epoch < self.link_epoch {
+                return;
+            }
+            self.link_epoch = d.epoch;
+        }
         let reply = match d.msg {
             Msg::Welcome { node_id } => Reply::Done(Answer::Welcome { node_id }),
             Msg::BlockGrant {

@@ -342,6 +342,25 @@ impl Net {
             return;
         };
         let fate = self.fate(from, inc, to);
+        if std::env::var_os("UNID_SIM_DEBUG_NET").is_some() {
+            eprintln!(
+                "{:?} datagram {} -> {} seq {} reply_to {} epoch {} {:?}: {}",
+                tokio::time::Instant::now(),
+                d.from,
+                d.to,
+                d.seq,
+                d.reply_to,
+                d.epoch,
+                d.msg,
+                if fate.cut {
+                    "cut"
+                } else if fate.drop {
+                    "dropped"
+                } else {
+                    "sent"
+                }
+            );
+        }
         if fate.cut || fate.drop {
             return;
         }

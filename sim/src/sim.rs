@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
 use unid_consensus::store::{self, IoMode};
@@ -62,6 +63,10 @@ pub struct SimConfig {
     pub torn_writes: bool,
     /// A deliberate glue bug (tests only).
     pub bug: Bug,
+    /// Mirror `agent/src/driver.rs`'s own epoch filter in the agents (off by
+    /// default: it still raises its epoch on redirects, the bug fixed in
+    /// `unid-core`'s requester; see `tests/regressions.rs`).
+    pub driver_epoch_filter: bool,
     /// Invariants not enforced, by file name (tests only: to show that one
     /// invariant alone catches what another would catch first).
     pub skip_invariants: Vec<&'static str>,
@@ -100,6 +105,7 @@ impl SimConfig {
             torn_writes: true,
             bug: Bug::None,
             skip_invariants: Vec::new(),
+            driver_epoch_filter: false,
             verbose: false,
         }
     }
@@ -175,6 +181,9 @@ pub fn replay_command(config: &SimConfig) -> String {
     }
     if !config.torn_writes {
         cmd.push_str(" --no-torn-writes");
+    }
+    if config.driver_epoch_filter {
+        cmd.push_str(" --driver-epoch-filter");
     }
     match config.bug {
         Bug::None => {}
@@ -450,6 +459,7 @@ impl World {
                         })
                         .collect(),
                     servers: (1..=n as NodeId).collect(),
+                    driver_epoch_filter: self.config.driver_epoch_filter,
                 },
                 incarnation: 0,
                 task: None,
@@ -564,9 +574,33 @@ impl World {
     async fn calm(&mut self) {
         self.net.heal();
         self.net.set_faults(Faults::CALM);
-        for i in 0..self.servers.len() {
+        // Half the calm periods leave a minority out (down, or cut off from
+        // everyone else): a majority connected must still make progress.
+        let n = self.servers.len();
+        let out = if self.rng.random_bool(0.5) {
+            self.rng.random_range(0..=(n - 1) / 2)
+        } else {
+            0
+        };
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut self.rng);
+        let mut left_out = Vec::new();
+        for (k, &i) in order.iter().enumerate() {
+            let id = self.servers[i].id;
+            if k < out && self.rng.random_bool(0.5) {
+                if self.servers[i].running.is_some() {
+                    self.crash_server(i, "left out of the calm majority");
+                }
+                self.servers[i].restart_at_us = None;
+                left_out.push(format!("{id} down"));
+                continue;
+            }
             if self.servers[i].running.is_none() {
                 self.restart_server(i).await;
+            }
+            if k < out {
+                self.net.set_group(Endpoint::Server(id), 1);
+                left_out.push(format!("{id} cut off"));
             }
         }
         for a in 0..self.agents.len() {
@@ -574,7 +608,10 @@ impl World {
                 self.start_agent(a);
             }
         }
-        self.fault("calm: network healed, every server and agent up".into());
+        self.fault(format!(
+            "calm: network healed, agents up, servers up except [{}]",
+            left_out.join(", ")
+        ));
         self.obs.calm(self.now_us(), true);
         let end = self.now_us() + self.config.calm_ms * 1000;
         while self.now_us() < end && !self.obs.failed() {

@@ -18,6 +18,7 @@ struct Args {
     bug: Bug,
     rounds: Option<u32>,
     torn: bool,
+    driver_epochs: bool,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -27,6 +28,7 @@ fn parse() -> anyhow::Result<Args> {
     let mut bug = Bug::None;
     let mut rounds = None;
     let mut torn = true;
+    let mut driver_epochs = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -50,6 +52,7 @@ fn parse() -> anyhow::Result<Args> {
                 )
             }
             "--no-torn-writes" => torn = false,
+            "--driver-epoch-filter" => driver_epochs = true,
             "--bug" => {
                 bug = match it.next().as_deref() {
                     Some("local-state") => Bug::LocalStateForReady,
@@ -60,6 +63,7 @@ fn parse() -> anyhow::Result<Args> {
             "--help" | "-h" => {
                 println!(
                     "unid-sim [--seeds A..B | --seed N] [--verbose] [--quiet] [--rounds N] [--no-torn-writes]\n\
+                     [--driver-epoch-filter]\n\
                      [--bug local-state|grant-before-commit]\n\
                      Runs the deterministic simulation for each seed; exits 1 if any seed \
                      violates an invariant, printing the command that replays it."
@@ -76,6 +80,7 @@ fn parse() -> anyhow::Result<Args> {
         bug,
         rounds,
         torn,
+        driver_epochs,
     })
 }
 
@@ -89,6 +94,7 @@ fn main() -> anyhow::Result<ExitCode> {
         config.verbose = args.verbose;
         config.bug = args.bug;
         config.torn_writes = args.torn;
+        config.driver_epoch_filter = args.driver_epochs;
         if let Some(r) = args.rounds {
             config.rounds = r;
         }

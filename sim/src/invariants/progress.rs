@@ -53,7 +53,7 @@ impl Progress {
                 // Report once per calm period.
                 self.granted_in_calm = true;
                 Err(format!(
-                    "no grant within {} ms of the network healing with every server up \
+                    "no grant within {} ms of the network healing with a majority up \
                      (calm since {:.3} ms)",
                     self.bound_us / 1000,
                     since as f64 / 1000.0
