@@ -323,40 +323,54 @@ pub fn check_failovers(grants: &[Grant], failovers: &[Failover]) -> Verdict {
     v
 }
 
-/// Ids lost, counted per fault: `granted` are the blocks the servers sent (as seen on the
-/// wire), `used` the spans `(first, end)` that reached a simulated agent or a consumer.
-/// An id granted and never used is charged to the first fault after its block was granted
-/// (that fault, say a killed agent, is what lost it); an id never granted at all (a gap
-/// between blocks, e.g. the rest of an old leader's window) to the last fault before the
-/// block above the gap. Ids charged to no fault (slot `faults.len()`) were in flight or
-/// left in rings when the run ended. `faults_us` must be sorted.
+/// When a fault was in force, and which real agents it killed when (µs since the start).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultSpan {
+    /// When it started.
+    pub start_us: u64,
+    /// When it was healed (`u64::MAX`: never).
+    pub heal_us: u64,
+    /// Real agents it killed (SIGKILL, with whatever their rings held), and when.
+    pub agents_killed: Vec<(usize, u64)>,
+}
+
+/// Ids lost, counted per fault. `granted` are the blocks the servers sent (as seen on the
+/// wire), each with the real agent it went to (`None`: a simulated agent or unknown); `used`
+/// the spans `(first, end)` that reached a simulated agent or a consumer; `faults` in the
+/// order they started.
+///
+/// - An id of a real agent's block that no consumer took was lost when that agent was killed
+///   with it in its ring: charged to the first fault that killed the agent after the grant.
+/// - Any other id granted and never used (an answer lost on the way, a request answered twice)
+///   is charged to the fault in force when it was granted.
+/// - An id never granted (a gap between blocks: an old leader's unused window) is charged to
+///   the last fault started before the block above the gap.
+///
+/// What matches no fault (slot `faults.len()`: left in rings at the end, lost to the steady
+/// datagram faults, before any fault) is counted apart. Returns (unused, never granted).
 pub fn lost_per_fault(
-    granted: &[Grant],
+    granted: &[(Grant, Option<usize>)],
     used: &mut [(Id, Id)],
-    faults_us: &[u64],
+    faults: &[FaultSpan],
 ) -> (Vec<Id>, Vec<Id>) {
-    let mut unused = vec![0 as Id; faults_us.len() + 1];
-    let mut never = vec![0 as Id; faults_us.len() + 1];
-    let mut blocks: Vec<(Id, Id, u64)> =
-        granted.iter().map(|g| (g.first, g.end(), g.t_us)).collect();
+    let none = faults.len();
+    let mut unused = vec![0 as Id; none + 1];
+    let mut never = vec![0 as Id; none + 1];
+    let mut blocks: Vec<(Id, Id, u64, Option<usize>)> = granted
+        .iter()
+        .map(|(g, a)| (g.first, g.end(), g.t_us, *a))
+        .collect();
     blocks.sort_unstable();
     blocks.dedup_by_key(|b| (b.0, b.1));
     used.sort_unstable();
-    let after = |t: u64| faults_us.partition_point(|&f| f < t);
-    let before = |t: u64| faults_us.partition_point(|&f| f < t).saturating_sub(1);
+    let started_before = |t: u64| faults.iter().rposition(|f| f.start_us < t);
     let mut u = 0usize;
     let mut reach: Option<Id> = None;
-    for &(first, end, t) in &blocks {
+    for &(first, end, t, agent) in &blocks {
         if let Some(r) = reach
             && first > r
         {
-            // Never granted; with no fault before, the gap is charged to none.
-            let slot = if faults_us.first().is_some_and(|&f| f < t) {
-                before(t)
-            } else {
-                faults_us.len()
-            };
-            never[slot] += first - r;
+            never[started_before(t).unwrap_or(none)] += first - r;
         }
         reach = Some(reach.map_or(end, |r| r.max(end)));
         // Used ids inside [first, end).
@@ -369,7 +383,29 @@ pub fn lost_per_fault(
             covered += used[k].1.min(end) - used[k].0.max(first);
             k += 1;
         }
-        unused[after(t)] += (end - first).saturating_sub(covered);
+        let lost = (end - first).saturating_sub(covered);
+        if lost == 0 {
+            continue;
+        }
+        let slot = match agent {
+            Some(a) => faults
+                .iter()
+                .enumerate()
+                .filter_map(|(i, f)| {
+                    f.agents_killed
+                        .iter()
+                        .filter(|(x, at)| *x == a && *at >= t)
+                        .map(|(_, at)| (*at, i))
+                        .min()
+                })
+                .min()
+                .map_or(none, |(_, i)| i),
+            None => faults
+                .iter()
+                .rposition(|f| f.start_us <= t && t < f.heal_us)
+                .unwrap_or(none),
+        };
+        unused[slot] += lost;
     }
     (unused, never)
 }
@@ -489,17 +525,37 @@ mod tests {
     }
 
     #[test]
-    fn lost_ids_are_charged_to_the_fault_after_their_grant_or_before_a_gap() {
-        // Faults at 100 and 300 µs.
-        let mut a = grant(0, 1, 1, 100); // granted at 10: 40 unused → fault 0
+    fn lost_ids_are_charged_to_the_agent_kill_the_fault_in_force_or_before_a_gap() {
+        // Fault 0 from 100 to 150 µs; fault 1 from 300 to 350, killing real agent 0 at 300.
+        let faults = [
+            FaultSpan {
+                start_us: 100,
+                heal_us: 150,
+                agents_killed: vec![],
+            },
+            FaultSpan {
+                start_us: 300,
+                heal_us: 350,
+                agents_killed: vec![(0, 300)],
+            },
+        ];
+        // Real agent 0's block granted at 10: 40 unused, lost at the kill → fault 1.
+        let mut a = grant(0, 1, 1, 100);
         a.t_us = 10;
-        let mut b = grant(1, 2, 1001, 10); // gap 101..1001 (900) before it, granted at 200 → fault 0
-        b.t_us = 200;
-        let mut c = grant(2, 3, 1011, 10); // granted at 400, all unused → end of run
+        // A simulated agent's block granted at 120 (fault 0 in force), unused → fault 0; the
+        // gap 101..1001 (900) before it → fault 0 too (the last started before it).
+        let mut b = grant(1, 2, 1001, 10);
+        b.t_us = 120;
+        // Real agent 1's block at 400 (never killed), unused → no fault.
+        let mut c = grant(2, 3, 1011, 10);
         c.t_us = 400;
-        let mut used = vec![(1, 61), (1001, 1011)];
-        let (unused, never) = lost_per_fault(&[a, b, c], &mut used, &[100, 300]);
-        assert_eq!(unused, vec![40, 0, 10]);
+        // A simulated agent's block at 200 (no fault in force), unused → no fault.
+        let mut d = grant(3, 4, 1021, 5);
+        d.t_us = 200;
+        let mut used = vec![(1, 61)];
+        let granted = [(a, Some(0)), (b, None), (c, Some(1)), (d, None)];
+        let (unused, never) = lost_per_fault(&granted, &mut used, &faults);
+        assert_eq!(unused, vec![10, 40, 15]);
         assert_eq!(never, vec![900, 0, 0]);
     }
 

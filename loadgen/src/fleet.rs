@@ -15,6 +15,11 @@ use crate::cluster::{self, free_port};
 /// Most real agents.
 pub const REAL_AGENTS_MAX: usize = 16;
 
+/// The `--name` real agent `i` registers with.
+pub fn agent_name(i: usize) -> String {
+    format!("loadgen-real-agent-{i}")
+}
+
 /// One real agent.
 pub struct RealAgent {
     /// Its index (0-based).
@@ -115,7 +120,7 @@ impl Fleet {
             .arg("--ring-dir")
             .arg(&a.ring_dir)
             .args(["--socket", &a.socket.to_string()])
-            .args(["--name", &format!("loadgen-real-agent-{i}")])
+            .args(["--name", &agent_name(i)])
             .args(["--refill-period-ms", &refill.to_string()])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

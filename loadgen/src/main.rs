@@ -583,6 +583,15 @@ fn run() -> anyhow::Result<bool> {
         .collect::<anyhow::Result<_>>()?;
     let proxy_stats = proxy.as_ref().map(report::ProxyReport::of);
     let wire_grants = proxy.map(|p| p.finish());
+    let real_agent_names: Vec<String> = fleet
+        .as_ref()
+        .map(|f| {
+            f.agents
+                .iter()
+                .map(|a| fleet::agent_name(a.index))
+                .collect()
+        })
+        .unwrap_or_default();
     let agent_starts: Vec<u32> = fleet
         .as_ref()
         .map(|f| f.agents.iter().map(|a| a.starts).collect())
@@ -599,6 +608,7 @@ fn run() -> anyhow::Result<bool> {
         proxy: proxy_stats,
         agent_starts,
         real_agents: args.real_agents,
+        real_agent_names,
     };
     let summary = report::Summary::new(&args, input);
     let plots = match &args.report {

@@ -140,6 +140,8 @@ pub struct Fault {
     pub healed_us: Option<u64>,
     /// Why it did not run, if it did not.
     pub skipped: Option<String>,
+    /// Real agents it killed (SIGKILL), and when (µs since the start).
+    pub agents_killed: Vec<(usize, u64)>,
 }
 
 /// What a fault needs to act.
@@ -253,7 +255,10 @@ impl Nemesis {
             }
             Undo::RestartAgent(a) | Undo::RestartAgentClock(a) => {
                 if let Some(f) = ctx.fleet.as_deref_mut() {
-                    f.kill9(a);
+                    if f.kill9(a) {
+                        let t = now.saturating_duration_since(self.start).as_micros() as u64;
+                        self.faults[i].agents_killed.push((a, t));
+                    }
                     if let Err(e) = f.start(a, None) {
                         fail(format!("agent {a}"), e);
                     }
@@ -316,6 +321,7 @@ impl Nemesis {
             old_leader: None,
             healed_us: None,
             skipped: Some(why),
+            agents_killed: Vec::new(),
         });
     }
 
@@ -333,6 +339,7 @@ impl Nemesis {
             None
         };
         let n_agents = ctx.fleet.as_ref().map_or(0, |f| f.agents.len());
+        let mut killed: Vec<usize> = Vec::new();
         let (target, term, old_leader, undo) = match kind {
             Kind::None | Kind::All => return Some(()),
             Kind::KillLeader | Kind::TermLeader => {
@@ -376,7 +383,9 @@ impl Nemesis {
             Kind::KillAgent => {
                 let a = self.rng.random_range(0..n_agents);
                 let f = ctx.fleet.as_deref_mut().expect("agents exist");
-                f.kill9(a);
+                if f.kill9(a) {
+                    killed.push(a);
+                }
                 (format!("agent {a}"), 0, None, Undo::RestartAgent(a))
             }
             Kind::RestartAll => {
@@ -390,6 +399,7 @@ impl Nemesis {
                     for a in 0..f.agents.len() {
                         if f.kill9(a) {
                             agents.push(a);
+                            killed.push(a);
                         }
                     }
                 }
@@ -490,7 +500,9 @@ impl Nemesis {
                 if agent_turn {
                     let a = self.rng.random_range(0..n_agents);
                     let f = ctx.fleet.as_deref_mut().expect("agents exist");
-                    f.kill9(a);
+                    if f.kill9(a) {
+                        killed.push(a);
+                    }
                     if let Err(e) = f.start(a, Some(CLOCK_JUMP)) {
                         let _ = f.start(a, None);
                         self.skip(kind, now, format!("{e:#}"));
@@ -538,6 +550,7 @@ impl Nemesis {
             old_leader,
             healed_us: None,
             skipped: None,
+            agents_killed: killed.iter().map(|a| (*a, t_us)).collect(),
         });
         let down = self.down();
         self.active = Some((now + down, undo, self.faults.len() - 1));

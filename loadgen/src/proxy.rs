@@ -81,6 +81,8 @@ struct Inner {
     /// Each server's address → its front.
     to_front: HashMap<SocketAddr, SocketAddr>,
     grants: Mutex<Vec<Grant>>,
+    /// Each client's name, from its first `Hello` (client id → name).
+    names: Mutex<HashMap<u32, String>>,
     stats: ProxyStats,
     start: Instant,
     seed: u64,
@@ -225,6 +227,7 @@ impl Proxy {
             faults: Mutex::new(faults),
             to_front,
             grants: Mutex::new(Vec::new()),
+            names: Mutex::new(HashMap::new()),
             stats: ProxyStats::default(),
             start,
             seed,
@@ -269,8 +272,9 @@ impl Proxy {
         &self.inner.stats
     }
 
-    /// Stops the threads and returns every grant the servers sent through the proxy.
-    pub fn finish(self) -> Vec<Grant> {
+    /// Stops the threads and returns every grant the servers sent through the proxy (its
+    /// `agent` is the proxy's client id), and the clients' names (from their `Hello`).
+    pub fn finish(self) -> (Vec<Grant>, HashMap<u32, String>) {
         self.inner.stop.store(true, Ordering::Relaxed);
         let threads = std::mem::take(&mut *self.threads.lock().expect("not poisoned"));
         for h in threads {
@@ -281,7 +285,9 @@ impl Proxy {
         for h in late {
             let _ = h.join();
         }
-        std::mem::take(&mut *self.inner.grants.lock().expect("not poisoned"))
+        let grants = std::mem::take(&mut *self.inner.grants.lock().expect("not poisoned"));
+        let names = std::mem::take(&mut *self.inner.names.lock().expect("not poisoned"));
+        (grants, names)
     }
 }
 
@@ -297,12 +303,13 @@ fn front_loop(
     inner: Arc<Inner>,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 ) {
-    let mut ups: HashMap<SocketAddr, (Arc<UdpSocket>, Link)> = HashMap::new();
+    // Per client: its upstream socket, its link, its id, and whether its name is known.
+    let mut ups: HashMap<SocketAddr, (Arc<UdpSocket>, Link, u32, bool)> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     while !inner.stop.load(Ordering::Relaxed) {
         let timeout = ups
             .values()
-            .map(|(_, l)| recv_timeout(l))
+            .map(|(_, l, _, _)| recv_timeout(l))
             .min()
             .unwrap_or(POLL);
         let _ = front.set_read_timeout(Some(timeout));
@@ -330,12 +337,23 @@ fn front_loop(
                     threads.lock().expect("not poisoned").push(h);
                 }
                 let seed = inner.seed ^ (id + 1).wrapping_mul(0xA076_1D64_78BD_642F);
-                ups.insert(client, (up, Link::new(seed)));
+                ups.insert(client, (up, Link::new(seed), id as u32, false));
             }
-            let (up, link) = ups.get_mut(&client).expect("inserted above");
+            let (up, link, id, named) = ups.get_mut(&client).expect("inserted above");
+            if !*named
+                && let Ok(frame) = decode(&buf[..n], None)
+                && let Message::Hello { name, .. } = frame.message
+            {
+                inner
+                    .names
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(*id, name.to_owned());
+                *named = true;
+            }
             link.send(&inner, up, buf[..n].to_vec(), None);
         }
-        for (up, link) in ups.values_mut() {
+        for (up, link, _, _) in ups.values_mut() {
             link.flush(up, got.is_err());
         }
     }
@@ -508,6 +526,7 @@ mod tests {
             faults: Mutex::new(faults),
             to_front,
             grants: Mutex::new(Vec::new()),
+            names: Mutex::new(HashMap::new()),
             stats: ProxyStats::default(),
             start: Instant::now(),
             seed: 1,

@@ -55,8 +55,9 @@ pub struct Input {
     pub results: Vec<AgentResult>,
     /// The ring consumers'.
     pub consumers: Vec<ConsumerResult>,
-    /// Every grant the servers sent through the proxy, if it ran.
-    pub wire_grants: Option<Vec<Grant>>,
+    /// Every grant the servers sent through the proxy, if it ran, and the proxy clients'
+    /// names.
+    pub wire_grants: Option<(Vec<Grant>, std::collections::HashMap<u32, String>)>,
     /// The nemesis' faults.
     pub faults: Vec<Fault>,
     /// When the issuing ended.
@@ -71,6 +72,8 @@ pub struct Input {
     pub agent_starts: Vec<u32>,
     /// `--real-agents`.
     pub real_agents: usize,
+    /// The names the real agents register with, by index.
+    pub real_agent_names: Vec<String>,
 }
 
 /// Per fault, what the report says about it.
@@ -166,6 +169,7 @@ impl Summary {
             proxy,
             agent_starts,
             real_agents,
+            real_agent_names,
         } = input;
         let mut latency_us = Histogram::new_with_bounds(1, agent::LATENCY_US_MAX, 3)
             .expect("valid histogram bounds");
@@ -276,7 +280,10 @@ impl Summary {
         let requests_granted: std::collections::HashSet<(u32, u64)> =
             grants.iter().map(|g| (g.agent, g.seq)).collect();
         s.answered_twice = s.grants_verdict.grants - requests_granted.len() as u64;
-        let mut wire = wire_grants;
+        let (mut wire, names) = match wire_grants {
+            Some((w, n)) => (Some(w), n),
+            None => (None, Default::default()),
+        };
         if let Some(w) = wire.as_mut() {
             s.wire_verdict = Some(checker::check(width, w, &[]));
         }
@@ -311,15 +318,29 @@ impl Summary {
         // Per fault: failover time, longest next() wait, lost ids.
         let ran: Vec<&Fault> = faults.iter().filter(|f| f.skipped.is_none()).collect();
         let faults_us: Vec<u64> = ran.iter().map(|f| f.t_us).collect();
+        let spans: Vec<checker::FaultSpan> = ran
+            .iter()
+            .map(|f| checker::FaultSpan {
+                start_us: f.t_us,
+                heal_us: f.healed_us.unwrap_or(u64::MAX),
+                agents_killed: f.agents_killed.clone(),
+            })
+            .collect();
         let mut used: Vec<(Id, Id)> = grants.iter().map(|g| (g.first, g.end())).collect();
         used.extend(runs.iter().flatten().map(|r| (r.first, r.end())));
-        let granted: &[Grant] = match &wire {
-            Some(w) => w,
-            None => &grants,
+        // Which real agent each proxy client is (by the name in its Hello).
+        let real_agent_of = |client: u32| {
+            names
+                .get(&client)
+                .and_then(|n| real_agent_names.iter().position(|r| r == n))
+        };
+        let granted: Vec<(Grant, Option<usize>)> = match &wire {
+            Some(w) => w.iter().map(|g| (*g, real_agent_of(g.agent))).collect(),
+            None => grants.iter().map(|g| (*g, None)).collect(),
         };
         s.lost_known = wire.is_some() || real_agents == 0;
         let (unused, never) = if s.lost_known {
-            checker::lost_per_fault(granted, &mut used, &faults_us)
+            checker::lost_per_fault(&granted, &mut used, &spans)
         } else {
             (vec![0; faults_us.len() + 1], vec![0; faults_us.len() + 1])
         };
@@ -840,14 +861,16 @@ impl Summary {
             let _ = writeln!(o);
             let _ = writeln!(
                 o,
-                "Ids granted and never used are charged to the first fault after their grant \
-                 (that fault lost them: a killed agent's ring, a dropped answer); ids never \
-                 granted (gaps between blocks: an old leader's unused window) to the last fault \
+                "Ids granted and never used: a real agent's, to the fault that killed the agent \
+                 with them in its ring; any other (an answer lost on the way, a request answered \
+                 twice), to the fault in force when it was granted. Ids never granted (gaps \
+                 between blocks: an old leader's unused window), to the last fault started \
                  before the block above the gap. {}\n",
                 if self.lost_known {
                     format!(
-                        "Charged to no fault (in rings or in flight at the end, or before any \
-                         fault): {} granted and unused, {} never granted.",
+                        "Charged to no fault (left in rings at the end, lost to the steady \
+                         datagram faults, or before any fault): {} granted and unused, {} never \
+                         granted.",
                         self.lost_at_end.0, self.lost_at_end.1
                     )
                 } else {
