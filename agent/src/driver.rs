@@ -608,6 +608,21 @@ impl Driver {
             Metrics::add(&metrics.datagrams_dropped, 1);
             return;
         }
+        // Only a leader's answers raise the highest epoch. Any server redirects, serves
+        // node-table pages and rate-limits, and a server that is not the leader may be in a
+        // higher term than every leader (a partitioned server's failed elections raise its
+        // term): if its answers counted, every answer of the real, lower-term leader would be
+        // dropped for as long as no leader reaches that term (found by `sim/`, seeds 464 and
+        // 947, in `unid-core`'s requester; the same rule holds here).
+        let from_leader = !matches!(
+            frame.message,
+            Message::NotLeader { .. }
+                | Message::NodeTable { .. }
+                | Message::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }
+        );
         let mut learn_after: Vec<SocketAddr> = Vec::new();
         let reply = match frame.message {
             Message::LeaderChange {
@@ -686,7 +701,6 @@ impl Driver {
                     && !self.link.servers.contains(&l)
                 {
                     // A leader we did not know: switch to it directly.
-                    self.link.highest_epoch = epoch;
                     tracing::info!(leader = %l, "redirected to a server not configured");
                     let mut dropped = Vec::new();
                     if self.link.switch(now, l, &learned, &mut dropped) {
@@ -703,7 +717,13 @@ impl Driver {
                 return;
             }
         };
-        self.link.highest_epoch = epoch;
+        let epoch = if from_leader {
+            self.link.highest_epoch = epoch;
+            epoch
+        } else {
+            // Not stale (the filter above passed it) and raising nothing in the requester.
+            epoch.min(self.link.requester.highest_epoch())
+        };
         let response = Response {
             reply_to: frame.header.reply_to,
             epoch,

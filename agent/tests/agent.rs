@@ -571,3 +571,32 @@ fn a_dead_server_is_noticed_by_the_fast_signal_and_the_other_serves() {
     assert_increasing(&got, "client");
     assert_unique_and_granted(&[&got], &cluster);
 }
+
+/// A server that is not the leader may be in a higher term than the leader (a partitioned
+/// server's failed elections raise its term). Its redirects and node-table pages must not make
+/// the agent drop the real, lower-term leader's answers (found by `sim/` in the core
+/// requester; the driver had its own copy of the rule).
+#[test]
+fn a_higher_term_follower_does_not_hide_the_lower_term_leader() {
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(8, &["e"]);
+    let follower = cluster.start_server(1).unwrap();
+    let leader = cluster.start_server(2).unwrap();
+    follower.set_mode(Mode::Follower(Some(leader.addr())));
+    follower.set_epoch(100);
+    leader.set_epoch(3);
+    // The follower is asked first (and again after every rotation).
+    let agent =
+        unid_agent::run(config(vec![follower.addr(), leader.addr()], &dir, &["e"])).unwrap();
+    wait_until("registered with the lower-term leader", 5000, || {
+        agent.status().node_id != 0
+    });
+    assert!(agent.metrics().redirects.load(Ordering::Relaxed) >= 1);
+    let mut ids = client(&dir, &agent, "e");
+    let got: Vec<u128> = ids.take(500).unwrap().iter().map(|i| i.get()).collect();
+    assert_eq!(got.len(), 500);
+    assert_increasing(&got, "client");
+    assert_unique_and_granted(&[&got], &cluster);
+    // A stale leader below the leader's term is still ignored.
+    assert!(agent.status().epoch >= 3, "{:?}", agent.status().epoch);
+}
