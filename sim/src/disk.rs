@@ -61,16 +61,29 @@ pub struct SimDisk {
     state: Arc<Mutex<State>>,
 }
 
+/// Resizes `image` to `len`, zero-filling. Grows by allocating zeroed
+/// memory and copying (`Vec::resize` fills byte by byte, which is slow in
+/// the debug builds the tests run).
+fn set_len(image: &mut Vec<u8>, len: usize) {
+    if len <= image.len() {
+        image.truncate(len);
+    } else {
+        let mut grown = vec![0u8; len];
+        grown[..image.len()].copy_from_slice(image);
+        *image = grown;
+    }
+}
+
 fn apply(image: &mut Vec<u8>, op: &Op) {
     match op {
         Op::Write { offset, data } => {
             let end = *offset as usize + data.len();
             if image.len() < end {
-                image.resize(end, 0);
+                set_len(image, end);
             }
             image[*offset as usize..end].copy_from_slice(data);
         }
-        Op::SetLen(len) => image.resize(*len as usize, 0),
+        Op::SetLen(len) => set_len(image, *len as usize),
     }
 }
 

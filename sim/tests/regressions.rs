@@ -15,9 +15,9 @@ use unid_sim::{SimConfig, run};
 #[test]
 fn two_leaders_elected_in_one_term_never_both_grant() {
     // Seeds of the full profile on which openraft elects two leaders in one
-    // term (27 of seeds 0..3000 do; 9 and 34 were the first found, with an
+    // term (12 of seeds 0..3000 do; 9 and 34 were the first found, with an
     // earlier version of the simulator whose histories differ).
-    let seeds = [335, 337, 412, 422, 782];
+    let seeds = [278, 352, 782, 937, 1071];
     let mut doubled = Vec::new();
     for seed in seeds {
         let report = run(SimConfig::from_seed(seed)).expect("run");
