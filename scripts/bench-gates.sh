@@ -9,18 +9,19 @@
 #   - grants_vs_echo:          block grants/s from one `unid server` < MIN_GRANTS_VS_ECHO of the
 #                              answers/s of loadgen's UDP echo peer, both driven by the same
 #                              loadgen agents (32 x 16 in flight)
-# Each gate is on the median over rounds of the ratio within a round (figures interleaved), with
-# margins well below what this machine measures (results/peers.md): a flaky gate is worse than
-# none.
+# In-process figures: 31 interleaved 50 ms slices each, judged by the 75th percentile of their
+# slices (other load only slows a slice down). Grants: the median over ROUNDS of the ratio
+# within a round (echo, then grants). Margins well below what this machine measures
+# (results/peers-notes.md): a flaky gate is worse than none.
 #
 #   scripts/bench-gates.sh          # builds release unid, loadgen, bench_gates first
-# Env: ROUNDS (3 grant/echo pairs), LOADGEN_S (3), MIN_GRANTS_VS_ECHO (0.5),
+# Env: ROUNDS (5 grant/echo pairs), LOADGEN_S (3), MIN_GRANTS_VS_ECHO (0.5),
 #      CLIENT_NEXT_MIN (3), CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=${CARGO_TARGET_DIR:-target}
 BIN=$TARGET/release
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 LOADGEN_S=${LOADGEN_S:-3}
 MIN_GRANTS_VS_ECHO=${MIN_GRANTS_VS_ECHO:-0.5}
 CLIENT_NEXT_MIN=${CLIENT_NEXT_MIN:-3}
@@ -31,7 +32,7 @@ echo "bench-gates: release build $((SECONDS - t0)) s; load average $(cut -d' ' -
 t1=$SECONDS
 failed=0
 
-"$BIN/bench_gates" --rounds 7 --ms 200 --min-client-next-vs-uuid "$CLIENT_NEXT_MIN" || failed=1
+"$BIN/bench_gates" --slices 31 --ms 50 --min-client-next-vs-uuid "$CLIENT_NEXT_MIN" || failed=1
 
 WORK=$(mktemp -d /tmp/unid-bench-gates.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
