@@ -674,6 +674,17 @@ impl ConsensusNode {
         }
     }
 
+    /// Whether a quorum confirms, within `timeout`, that this node still leads: one round of
+    /// heartbeats ([`openraft::Raft::ensure_linearizable`]). `false` on a follower, without a
+    /// quorum, or after `timeout`. openraft 0.9 has no check-quorum: a leader cut off from its
+    /// peers goes on believing it leads, so the engine asks this to notice.
+    pub async fn confirm_leadership(&self, timeout: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Every sequence with its committed ceiling, read as
     /// [`ready_state`](Self::ready_state) reads them: the only ceilings a
     /// leader may grant under.

@@ -214,6 +214,9 @@ pub(crate) struct ServerCounters {
     pub(crate) leader_changes: AtomicU64,
     /// Times this server became leader.
     pub(crate) leaderships: AtomicU64,
+    /// Times this leader went [`crate::server::QUORUM_LOST_MS`] without a quorum confirming
+    /// its leadership.
+    pub(crate) quorum_lost: AtomicU64,
     /// Latency of committed ceiling raises.
     pub(crate) raise_latency: Histogram,
 }
@@ -227,6 +230,7 @@ impl Default for ServerCounters {
             send_errors: Default::default(),
             leader_changes: AtomicU64::new(0),
             leaderships: AtomicU64::new(0),
+            quorum_lost: AtomicU64::new(0),
             raise_latency: Histogram::new(COMMIT_BOUNDS_US),
         }
     }
@@ -425,6 +429,12 @@ pub(crate) fn render_server(
         Kind::Counter,
         "times this server became leader (won an election or was handed leadership)",
         load(&c.leaderships),
+    );
+    e.single(
+        "unid_server_quorum_lost_total",
+        Kind::Counter,
+        "times this leader went 300 ms without a quorum confirming it (agents sent elsewhere)",
+        load(&c.quorum_lost),
     );
     e.single("unid_server_term", Kind::Gauge, "current Raft term", g.term);
     e.single(

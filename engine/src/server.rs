@@ -111,6 +111,13 @@ pub const RAISES_PER_TURN_MAX: usize = 256;
 pub const TICK_MS: u64 = 50;
 /// `retry_after_ms` of a `NotReady` answer.
 pub const NOT_READY_RETRY_MS: u32 = 10;
+/// How long a leader's check that a quorum still follows it may take.
+pub const QUORUM_CHECK_TIMEOUT_MS: u64 = 200;
+/// A leader whose leadership no quorum confirmed for this long answers what it cannot serve
+/// (`NotReady`: warming up, or out of committed ceiling) with a `NotLeader` naming no leader,
+/// so that agents ask the other servers instead of retrying it (a leader cut off from its
+/// peers but not from its agents would otherwise hold them for the whole partition).
+pub const QUORUM_LOST_MS: u64 = 300;
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
@@ -516,9 +523,18 @@ struct Shared {
     stats: ServerStats,
     counters: crate::metrics::ServerCounters,
     consensus_stopped: AtomicBool,
+    /// `now_us` when a quorum last confirmed this server's leadership (or it became leader).
+    quorum_ok_us: AtomicU64,
+    /// A leadership check is running.
+    quorum_checking: AtomicBool,
 }
 
 impl Shared {
+    /// Whether no quorum confirmed this leader's leadership for [`QUORUM_LOST_MS`].
+    fn quorum_lost(&self, now_us: u64) -> bool {
+        now_us.saturating_sub(self.quorum_ok_us.load(Ordering::Acquire)) > QUORUM_LOST_MS * 1000
+    }
+
     fn core(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock is a bug that already stopped a shard; keep serving
         // the state as it is rather than cascading.
@@ -603,8 +619,42 @@ impl ServerHandler {
     }
 
     fn not_leader(&mut self, core: &Core, reply_to: SeqNo, cap: usize) -> Option<Vec<u8>> {
+        self.redirect(core, core.leader_addr(), reply_to, cap)
+    }
+
+    /// What this server answers what it cannot serve: `NotReady`, or, when no quorum
+    /// confirmed its leadership lately, a `NotLeader` naming no leader (see
+    /// [`QUORUM_LOST_MS`]).
+    fn not_ready_or_away(
+        &mut self,
+        core: &Core,
+        reply_to: SeqNo,
+        sequence: Option<&str>,
+        cap: usize,
+        now_us: u64,
+    ) -> Option<Vec<u8>> {
+        if self.shared.quorum_lost(now_us) {
+            return self.redirect(core, None, reply_to, cap);
+        }
+        let d = self.error(
+            core.term,
+            reply_to,
+            ErrorCode::NotReady,
+            sequence,
+            NOT_READY_RETRY_MS,
+        )?;
+        self.capped(d, cap)
+    }
+
+    /// `NotLeader` naming `leader` (or none) and the servers that fit in `cap`.
+    fn redirect(
+        &mut self,
+        core: &Core,
+        leader: Option<(NodeId, SocketAddr)>,
+        reply_to: SeqNo,
+        cap: usize,
+    ) -> Option<Vec<u8>> {
         bump(&self.shared.stats.not_leader);
-        let leader = core.leader_addr();
         let servers = core.server_list();
         encode_with_servers(
             &self.shared,
@@ -745,9 +795,7 @@ impl ServerHandler {
                 ..
             } => {
                 if core.phase == Phase::Warming {
-                    let d =
-                        self.error(term, h.seq, ErrorCode::NotReady, None, NOT_READY_RETRY_MS)?;
-                    return self.capped(d, req);
+                    return self.not_ready_or_away(&core, h.seq, None, req, now_us);
                 }
                 if !leading {
                     return self.not_leader(&core, h.seq, req);
@@ -779,6 +827,10 @@ impl ServerHandler {
                 }
                 if core.hellos_pending.contains(&key) {
                     return None; // Being registered; the answer follows.
+                }
+                if shared.quorum_lost(now_us) {
+                    // Registering needs a quorum: send the agent elsewhere.
+                    return self.redirect(&core, None, h.seq, req);
                 }
                 if core.agents.len() + core.hellos_pending.len() >= shared.agents_max {
                     let d = self.error(term, h.seq, ErrorCode::RateLimited, None, 1_000)?;
@@ -938,8 +990,7 @@ impl ServerHandler {
         }
         if core.phase == Phase::Warming {
             // Agents of earlier leaders are taken from the node table once ready.
-            let d = self.error(term, h.seq, ErrorCode::NotReady, None, NOT_READY_RETRY_MS)?;
-            return self.capped(d, cap);
+            return self.not_ready_or_away(core, h.seq, None, cap, now_us);
         }
         let Some(agent) = core.agents.get_mut(&h.sender) else {
             let d = self.error(term, h.seq, ErrorCode::NotRegistered, None, 0)?;
@@ -955,20 +1006,14 @@ impl ServerHandler {
             Lookup::Invalid => return None,
             Lookup::Miss | Lookup::Forgotten => {}
         }
-        let not_ready = |this: &mut Self| {
-            this.error(
-                term,
-                h.seq,
-                ErrorCode::NotReady,
-                Some(sequence),
-                NOT_READY_RETRY_MS,
-            )
+        let not_ready = |this: &mut Self, core: &Core| {
+            this.not_ready_or_away(core, h.seq, Some(sequence), cap, now_us)
         };
         let Ok(name) = SequenceName::new(sequence) else {
             return self.error(term, h.seq, ErrorCode::BadRequest, None, 0);
         };
         let Some(alloc) = core.allocator.as_mut() else {
-            return not_ready(self);
+            return not_ready(self, core);
         };
         let mut result = alloc.grant(now_us, &name, count);
         if result == Err(unid_core::Error::UnknownSequence) {
@@ -1049,7 +1094,7 @@ impl ServerHandler {
                 return self.error(term, h.seq, ErrorCode::BadRequest, Some(sequence), 0);
             }
             // NotReady, AwaitingRaise: transient, not cached (a retransmit tries again).
-            Err(_) => return not_ready(self),
+            Err(_) => return not_ready(self, core),
         };
         let d = msg_result.ok()?;
         if cache {
@@ -1507,6 +1552,8 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         stats: ServerStats::default(),
         counters: crate::metrics::ServerCounters::default(),
         consensus_stopped: AtomicBool::new(false),
+        quorum_ok_us: AtomicU64::new(0),
+        quorum_checking: AtomicBool::new(false),
     });
 
     let mut shard_config = ShardConfig::new(config.shards, config.udp_addr);
@@ -1734,6 +1781,7 @@ impl Controller {
                     }
                     let now = now_us();
                     this.shared.core().expire(now, u64::from(this.shared.lease_ms) * 1000);
+                    this.check_quorum(&mut tasks);
                     this.propose_raises(&mut tasks);
                     if now >= server_refresh_us {
                         server_refresh_us = now + 1_000_000;
@@ -1790,6 +1838,8 @@ impl Controller {
                 bump(&self.shared.counters.leaderships);
                 core.drop_allocator("new term");
                 core.phase = Phase::Warming;
+                // Elected by a quorum just now.
+                self.shared.quorum_ok_us.store(now_us(), Ordering::Release);
                 tracing::info!(
                     id,
                     term = info.term,
@@ -1808,6 +1858,42 @@ impl Controller {
             }
         }
         false
+    }
+
+    /// While this server leads, confirms with a quorum (one check at a time) that it still
+    /// does, and records when it last did ([`QUORUM_LOST_MS`]). One log line per change.
+    fn check_quorum(self: &Arc<Self>, tasks: &mut Tasks) {
+        let (leads, term) = {
+            let core = self.shared.core();
+            (
+                matches!(core.phase, Phase::Leading | Phase::Warming),
+                core.term,
+            )
+        };
+        if !leads || self.shared.quorum_checking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tasks.spawn(async move {
+            let timeout = Duration::from_millis(QUORUM_CHECK_TIMEOUT_MS);
+            let lost_before = this.shared.quorum_lost(now_us());
+            let confirmed = this.consensus.confirm_leadership(timeout).await;
+            let now = now_us();
+            if confirmed {
+                this.shared.quorum_ok_us.store(now, Ordering::Release);
+                if lost_before {
+                    tracing::info!(id = this.shared.id, term, "a quorum follows this leader again");
+                }
+            } else if !lost_before && this.shared.quorum_lost(now) {
+                bump(&this.shared.counters.quorum_lost);
+                tracing::warn!(
+                    id = this.shared.id,
+                    term,
+                    "no quorum confirmed this leader for {QUORUM_LOST_MS} ms: sending agents to the other servers"
+                );
+            }
+            this.shared.quorum_checking.store(false, Ordering::Release);
+        });
     }
 
     /// Reads the ready ceilings and installs the allocator. Retries (each try bounded by the
