@@ -21,6 +21,7 @@ nice -n 10 cargo build --release -p unid-sim --bin unid-sim
 BIN=${CARGO_TARGET_DIR:-target}/release/unid-sim
 OUT=${CARGO_TARGET_DIR:-target}/sim-sweep
 mkdir -p "$OUT"
+rm -f "$OUT"/*.log
 STEP=$(( (LAST - FIRST + JOBS - 1) / JOBS ))
 pids=()
 for (( j = 0; j < JOBS; j++ )); do
