@@ -4,7 +4,7 @@
 #   - ring_next_vs_uuid_v7:    the ring's single take (unid_ring::Consumer::try_take) ids/s
 #                              < 10x Uuid::now_v7()/s
 #   - client_next_vs_uuid_v7:  the unid client's next() from the ring < CLIENT_NEXT_MIN x
-#                              Uuid::now_v7()/s (3x: see results/peers.md, "Gates")
+#                              Uuid::now_v7()/s (6x; 9.5-11.5x measured: results/peers-notes.md)
 #   - ring_batch_vs_fetch_add: the client's take_range(64) ids/s < 50% of AtomicU64::fetch_add's
 #   - grants_vs_echo:          block grants/s from one `unid server` < MIN_GRANTS_VS_ECHO of the
 #                              answers/s of loadgen's UDP echo peer, both driven by the same
@@ -16,7 +16,7 @@
 #
 #   scripts/bench-gates.sh          # builds release unid, loadgen, bench_gates first
 # Env: ROUNDS (5 grant/echo pairs), LOADGEN_S (3), MIN_GRANTS_VS_ECHO (0.5),
-#      CLIENT_NEXT_MIN (3), CARGO_TARGET_DIR.
+#      CLIENT_NEXT_MIN (6), CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=${CARGO_TARGET_DIR:-target}
@@ -24,7 +24,7 @@ BIN=$TARGET/release
 ROUNDS=${ROUNDS:-5}
 LOADGEN_S=${LOADGEN_S:-3}
 MIN_GRANTS_VS_ECHO=${MIN_GRANTS_VS_ECHO:-0.5}
-CLIENT_NEXT_MIN=${CLIENT_NEXT_MIN:-3}
+CLIENT_NEXT_MIN=${CLIENT_NEXT_MIN:-6}
 t0=$SECONDS
 cargo build --release -q -p unid-cli -p unid-loadgen -p unid-bench \
   --bin unid --bin loadgen --bin bench_gates
