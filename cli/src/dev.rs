@@ -304,8 +304,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // `unid next` finds this agent by its defaults; name the ring folder and socket when they
+    // are not the defaults (the check below, and the hints, would ask another agent).
+    let mut where_args: Vec<String> = Vec::new();
+    if args.ring_dir != Path::new(unid::RING_DIR_DEFAULT) {
+        where_args.extend(["--ring-dir".to_owned(), args.ring_dir.display().to_string()]);
+    }
+    if args.socket.to_string() != unid_agent::SOCKET_ADDR_DEFAULT {
+        where_args.extend(["--socket".to_owned(), args.socket.to_string()]);
+    }
     // Show ids coming out, through the same path `unid next` takes.
-    let first = run_unid(&["next".to_owned(), "-n".to_owned(), "5".to_owned()])?;
+    let mut next_args = vec!["next".to_owned(), "-n".to_owned(), "5".to_owned()];
+    next_args.extend(where_args.iter().cloned());
+    let first = run_unid(&next_args)?;
     if !first.status.success() {
         bail!(
             "the agent is up but `unid next` failed: {}",
@@ -327,8 +338,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The command as the user typed it (`./target/release/unid`, or `unid` on the PATH).
     let me = std::env::args().next().unwrap_or_else(|| "unid".to_owned());
     println!("unid dev: in another terminal:");
-    println!("    {me} next -n 5            # five more ids, one per line");
-    println!("    {me} status               # servers, leader, agents, sequences");
+    let next_where: String = where_args.iter().map(|a| format!(" {a}")).collect();
+    println!("    {me} next -n 5{next_where}            # five more ids, one per line");
+    let mut status_where = String::new();
+    if args.base_port != unid_agent::SERVER_PORT_DEFAULT {
+        status_where.push_str(&format!(" --server 127.0.0.1:{}", args.base_port));
+    }
+    if args.socket.to_string() != unid_agent::SOCKET_ADDR_DEFAULT {
+        status_where.push_str(&format!(" --agent {}", args.socket));
+    }
+    println!("    {me} status{status_where}               # servers, leader, agents, sequences");
     println!(
         "    exec 3<>/dev/tcp/{}/{}; echo 'NEXT default 3' >&3; head -n4 <&3   # any language: the localhost socket",
         args.socket.ip(),

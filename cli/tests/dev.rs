@@ -23,8 +23,40 @@ fn ids_of(stdout: &[u8]) -> Vec<u128> {
 
 #[test]
 fn dev_serves_ids_and_cleans_up_on_ctrl_c() {
+    dev_session(&[], "/dev/shm/unid", "127.0.0.1:7411");
+}
+
+/// With another base port, ring folder and socket: the start-up check and the printed hints
+/// must use them (they once asked the default agent).
+#[test]
+fn dev_with_other_ports_and_ring_dir_prints_hints_that_work() {
+    // The server's UDP port; its Raft port is 100 above and must be free too.
+    let port = (0..100)
+        .map(|_| unid_engine::ports::free_port().expect("a free port"))
+        .find(|p| *p < 65_000 && std::net::TcpListener::bind(("127.0.0.1", p + 100)).is_ok())
+        .expect("a free pair of ports 100 apart");
+    let socket_port = unid_engine::ports::free_port().expect("a free port");
+    let ring_dir = format!("/dev/shm/unid-dev-test-{}", std::process::id());
+    let socket = format!("127.0.0.1:{socket_port}");
+    let args = [
+        "--base-port".to_owned(),
+        port.to_string(),
+        "--ring-dir".to_owned(),
+        ring_dir.clone(),
+        "--socket".to_owned(),
+        socket.clone(),
+    ];
+    dev_session(&args, &ring_dir, &socket);
+    let _ = std::fs::remove_dir_all(&ring_dir);
+}
+
+/// Starts `unid dev ARGS`, takes ids twice with the `unid next` command it prints, presses
+/// Ctrl-C, and checks that everything stopped (the `default` ring under `ring_dir` and the
+/// agent's `socket` too).
+fn dev_session(dev_args: &[String], ring_dir: &str, socket: &str) {
     let mut dev = Command::new(UNID)
         .arg("dev")
+        .args(dev_args)
         // Its own process group, like a shell job, so that Ctrl-C below can
         // go to the whole group as a terminal sends it.
         .process_group(0)
@@ -49,6 +81,7 @@ fn dev_serves_ids_and_cleans_up_on_ctrl_c() {
     // first ids it showed.
     let mut work_dir = None;
     let mut first_ids: Vec<u128> = Vec::new();
+    let mut next_args: Vec<String> = Vec::new();
     loop {
         let line = match rx.recv_timeout(Duration::from_secs(READY_TIMEOUT_S)) {
             Ok(line) => line,
@@ -66,6 +99,17 @@ fn dev_serves_ids_and_cleans_up_on_ctrl_c() {
                 .map(|s| s.parse().expect("decimal id"))
                 .collect();
         }
+        // The hint: `<unid> next -n 5 [--ring-dir D --socket S]   # ...`.
+        if let Some(rest) = line.split(" next -n 5").nth(1) {
+            next_args = ["next", "-n", "5"].map(String::from).to_vec();
+            next_args.extend(
+                rest.split('#')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .map(String::from),
+            );
+        }
         if line.contains("ready. Ctrl-C stops everything") {
             break;
         }
@@ -77,12 +121,15 @@ fn dev_serves_ids_and_cleans_up_on_ctrl_c() {
         work_dir.display()
     );
     assert_eq!(first_ids.len(), 5, "unid dev shows five ids");
+    assert!(!next_args.is_empty(), "unid dev prints a `next -n 5` hint");
 
     // A second terminal: `unid next -n 5`, twice.
     let mut seen = first_ids.clone();
     for _ in 0..2 {
         let out = Command::new(UNID)
-            .args(["next", "-n", "5"])
+            .args(&next_args)
+            .env_remove("UNID_RING_DIR")
+            .env_remove("UNID_SOCKET")
             .output()
             .expect("run unid next");
         assert!(
@@ -127,16 +174,13 @@ fn dev_serves_ids_and_cleans_up_on_ctrl_c() {
         work_dir.display()
     );
     assert!(
-        !std::path::Path::new("/dev/shm/unid/default").exists(),
+        !std::path::Path::new(ring_dir).join("default").exists(),
         "the ring file of `default` is removed after Ctrl-C"
     );
     // Nothing is left listening on the agent's socket.
     assert!(
-        std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:7411".parse().unwrap(),
-            Duration::from_millis(200)
-        )
-        .is_err(),
+        std::net::TcpStream::connect_timeout(&socket.parse().unwrap(), Duration::from_millis(200))
+            .is_err(),
         "the agent stopped"
     );
 }
