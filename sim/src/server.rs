@@ -11,6 +11,7 @@
 //! | `register` | `Controller::handle_request` for `Control::Register` |
 //! | `on_datagram` (Hello) | the `Message::Hello` arm of `Shard::handle` |
 //! | `block_request` | `Shard::block_request` (reply cache, `grant`, the `UnknownSequence` → `add_sequence` path, `poll_raise_for`) |
+//! | `check_quorum`, `quorum_lost`, `not_ready_or_away` | `Controller::check_quorum`, `Shared::quorum_lost`, `ServerHandler::not_ready_or_away` (a leader no quorum confirmed for `QUORUM_LOST_MS` answers `NotLeader` naming no leader instead of `NotReady`, and takes no new registrations) |
 //!
 //! What differs: one shard instead of one per core, datagrams are
 //! [`Msg`] values rather than FlatBuffers (the codec, rate limits, metrics,
@@ -23,6 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -48,6 +50,12 @@ pub const LEASE_MS: u64 = 10_000;
 pub const AGENTS_MAX: usize = 1024;
 /// Wait between two failed `ready_state` tries, as the engine's.
 const READY_RETRY_MS: u64 = 20;
+/// How long a leader's check that a quorum still follows it may take, as the
+/// engine's `QUORUM_CHECK_TIMEOUT_MS`.
+pub const QUORUM_CHECK_TIMEOUT_MS: u64 = 200;
+/// A leader no quorum confirmed for this long sends agents elsewhere, as the
+/// engine's `QUORUM_LOST_MS`.
+pub const QUORUM_LOST_MS: u64 = 300;
 
 /// A deliberate bug in the glue, for tests that show the checker fails.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,6 +129,10 @@ pub struct Glue {
     allocator_config: AllocatorConfig,
     write_timeout: Duration,
     bug: Bug,
+    /// `now_us` when a quorum last confirmed this server's leadership.
+    quorum_ok_us: AtomicU64,
+    /// A leadership check is running.
+    quorum_checking: AtomicBool,
 }
 
 impl std::fmt::Debug for Glue {
@@ -177,6 +189,8 @@ impl Server {
             allocator_config: AllocatorConfig::DEFAULT,
             write_timeout,
             bug,
+            quorum_ok_us: AtomicU64::new(0),
+            quorum_checking: AtomicBool::new(false),
         });
         net.server_up(id, incarnation, consensus.raft().clone(), inbox_tx);
         let mut tasks = JoinSet::new();
@@ -263,6 +277,7 @@ impl Glue {
                     }
                     let now = self.clock.now_us();
                     self.core().expire(now, LEASE_MS * 1000);
+                    self.check_quorum(&mut tasks);
                     self.propose_raises(&mut tasks);
                 }
             }
@@ -293,6 +308,9 @@ impl Glue {
             if was.2 == Phase::Follower || was.1 != info.term {
                 core.drop_allocator();
                 core.phase = Phase::Warming;
+                // Elected by a quorum just now.
+                self.quorum_ok_us
+                    .store(self.clock.now_us(), Ordering::Release);
                 let this = self.clone();
                 tasks.spawn(async move { this.become_leader(info.term).await });
             }
@@ -300,6 +318,45 @@ impl Glue {
             core.drop_allocator();
             core.phase = Phase::Follower;
         }
+    }
+
+    /// Whether no quorum confirmed this leader's leadership for
+    /// [`QUORUM_LOST_MS`] (the engine's `Shared::quorum_lost`).
+    fn quorum_lost(&self, now_us: u64) -> bool {
+        now_us.saturating_sub(self.quorum_ok_us.load(Ordering::Acquire)) > QUORUM_LOST_MS * 1000
+    }
+
+    /// Mirrors `Controller::check_quorum`: while leading, one check at a time
+    /// that a quorum still follows.
+    fn check_quorum(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
+        let leads = matches!(self.core().phase, Phase::Leading | Phase::Warming);
+        if !leads || self.quorum_checking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tasks.spawn(async move {
+            let timeout = Duration::from_millis(QUORUM_CHECK_TIMEOUT_MS);
+            if this.consensus.confirm_leadership(timeout).await {
+                this.quorum_ok_us
+                    .store(this.clock.now_us(), Ordering::Release);
+            }
+            this.quorum_checking.store(false, Ordering::Release);
+        });
+    }
+
+    /// Mirrors `ServerHandler::not_ready_or_away`: `NotReady`, or a
+    /// `NotLeader` naming no leader when no quorum confirmed this leader
+    /// lately.
+    fn not_ready_or_away(&self, term: u64, now_us: u64) -> Option<(u64, Msg)> {
+        if self.quorum_lost(now_us) {
+            return Some((term, Msg::NotLeader { leader: None }));
+        }
+        Some((
+            term,
+            Msg::Error {
+                code: Code::NotReady,
+            },
+        ))
     }
 
     /// Mirrors `Controller::become_leader`: reads the ready ceilings and
@@ -522,12 +579,7 @@ impl Glue {
         match &d.msg {
             Msg::Hello { incarnation } => {
                 if core.phase == Phase::Warming {
-                    return Some((
-                        term,
-                        Msg::Error {
-                            code: Code::NotReady,
-                        },
-                    ));
+                    return self.not_ready_or_away(term, now_us);
                 }
                 if !leading {
                     return Some((term, Self::not_leader(&core)));
@@ -541,6 +593,10 @@ impl Glue {
                 }
                 if core.hellos_pending.contains(&key) {
                     return None;
+                }
+                if self.quorum_lost(now_us) {
+                    // Registering needs a quorum: send the agent elsewhere.
+                    return Some((term, Msg::NotLeader { leader: None }));
                 }
                 if core.agents.len() + core.hellos_pending.len() >= AGENTS_MAX {
                     return Some((
@@ -579,12 +635,7 @@ impl Glue {
             return Some((term, Self::not_leader(core)));
         }
         if core.phase == Phase::Warming {
-            return Some((
-                term,
-                Msg::Error {
-                    code: Code::NotReady,
-                },
-            ));
+            return self.not_ready_or_away(term, now_us);
         }
         let Some(agent) = core.agents.get_mut(&d.sender) else {
             return Some((
@@ -601,12 +652,7 @@ impl Glue {
             Lookup::Invalid => return None,
             Lookup::Miss | Lookup::Forgotten => {}
         }
-        let not_ready = Some((
-            term,
-            Msg::Error {
-                code: Code::NotReady,
-            },
-        ));
+        let not_ready = self.not_ready_or_away(term, now_us);
         let Ok(name) = SequenceName::new(sequence) else {
             return Some((
                 term,

@@ -15,9 +15,9 @@ use unid_sim::{SimConfig, run};
 #[test]
 fn two_leaders_elected_in_one_term_never_both_grant() {
     // Seeds of the full profile on which openraft elects two leaders in one
-    // term (12 of seeds 0..3000 do; 9 and 34 were the first found, with an
+    // term (3 of seeds 0..1000 do; 9 and 34 were the first found, with an
     // earlier version of the simulator whose histories differ).
-    let seeds = [278, 352, 782, 937, 1071];
+    let seeds = [74, 601, 683];
     let mut doubled = Vec::new();
     for seed in seeds {
         let report = run(SimConfig::from_seed(seed)).expect("run");
@@ -44,7 +44,11 @@ fn two_leaders_elected_in_one_term_never_both_grant() {
 /// (term 7) and redirected agents with that epoch; the agents' requester
 /// took it as its highest epoch and then dropped every answer of the real
 /// leader (term 4) as stale — with the high-term server left down, forever.
-/// Fixed in `unid-core`: only a leader's answer raises the epoch.
+/// Fixed in `unid-core`: only a leader's answer raises the epoch (its unit
+/// test `a_redirect_from_a_higher_term_does_not_make_the_leader_stale` is
+/// the exact regression). Since the glue mirrors the engine's quorum check
+/// (engine commit 5d67baf), these seeds' histories differ and no longer
+/// reach that state; they stay here as a guard.
 #[test]
 fn a_high_term_redirect_does_not_stall_the_agents() {
     for seed in [464, 947] {
@@ -58,14 +62,14 @@ fn a_high_term_redirect_does_not_stall_the_agents() {
     }
 }
 
-/// Finding 2, still open in `agent/src/driver.rs` (not this crate's to
-/// change): the real agent keeps its own `link.highest_epoch`, raised by
-/// every reply including `NotLeader`, and drops datagrams below it, so it
-/// stalls the same way. With that filter mirrored in the simulated agents
-/// these seeds fail `progress`. Un-ignore once the driver raises its epoch
-/// only on a leader's answer.
+/// Finding 2 in `agent/src/driver.rs` (not this crate's to change): the real
+/// agent keeps its own `link.highest_epoch`, raised by every reply including
+/// `NotLeader`, and drops datagrams below it. With that filter mirrored
+/// (`driver_epoch_filter`), seeds 464 and 947 failed `progress` before the
+/// glue mirrored the engine's quorum check; since then 1,000 seeds with the
+/// filter ran clean, so the stall is latent, not reproduced. This guard
+/// keeps the two seeds clean with the filter on.
 #[test]
-#[ignore = "agent/src/driver.rs still raises its epoch on redirects (finding 2)"]
 fn the_agent_driver_epoch_filter_does_not_stall_the_agents() {
     for seed in [464, 947] {
         let config = SimConfig {
