@@ -87,8 +87,8 @@ pub struct AgentSpec {
     /// The servers.
     pub servers: Vec<NodeId>,
     /// Also apply `agent/src/driver.rs`'s own epoch filter: drop any
-    /// datagram below the highest epoch seen in *any* reply, redirects
-    /// included (see `SimConfig::driver_epoch_filter`).
+    /// datagram below the highest epoch seen in a leader's reply (see
+    /// `SimConfig::driver_epoch_filter`).
     pub driver_epoch_filter: bool,
 }
 
@@ -262,12 +262,15 @@ impl Agent {
 
     fn on_datagram(&mut self, now: u64, d: Datagram) {
         if self.spec.driver_epoch_filter {
-            // As `Driver::on_datagram`: drop below the highest epoch seen,
-            // and take every reply's epoch, a redirect's too.
+            // As `Driver::on_datagram`: drop below the highest epoch seen;
+            // only a leader's answer raises it (not a redirect: the driver
+            // had raised it on every reply until db0203e).
             if d.epoch < self.link_epoch {
                 return;
             }
-            self.link_epoch = d.epoch;
+            if !matches!(d.msg, Msg::NotLeader { .. }) {
+                self.link_epoch = d.epoch;
+            }
         }
         let reply = match d.msg {
             Msg::Welcome { node_id } => Reply::Done(Answer::Welcome { node_id }),

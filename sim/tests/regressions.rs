@@ -62,13 +62,14 @@ fn a_high_term_redirect_does_not_stall_the_agents() {
     }
 }
 
-/// Finding 2 in `agent/src/driver.rs` (not this crate's to change): the real
-/// agent keeps its own `link.highest_epoch`, raised by every reply including
-/// `NotLeader`, and drops datagrams below it. With that filter mirrored
+/// Finding 2 in `agent/src/driver.rs`: the real agent kept its own
+/// `link.highest_epoch`, raised by every reply including `NotLeader`, and
+/// dropped datagrams below it. With that filter mirrored
 /// (`driver_epoch_filter`), seeds 464 and 947 failed `progress` before the
-/// glue mirrored the engine's quorum check; since then 1,000 seeds with the
-/// filter ran clean, so the stall is latent, not reproduced. This guard
-/// keeps the two seeds clean with the filter on.
+/// glue mirrored the engine's quorum check. The driver now raises it only on
+/// a leader's answer (the agent test
+/// `a_higher_term_follower_does_not_hide_the_lower_term_leader` is exact);
+/// the mirror follows, and this guard keeps the two seeds clean with it.
 #[test]
 fn the_agent_driver_epoch_filter_does_not_stall_the_agents() {
     for seed in [464, 947] {
