@@ -34,7 +34,8 @@ pub struct Args {
     /// Localhost socket address, or `off` [default: 127.0.0.1:7411].
     #[arg(long, value_name = "ADDR")]
     socket: Option<String>,
-    /// How long a block should last at the measured rate, in ms [default: 100].
+    /// How long a block should last at the measured rate, in ms [default: 1000, enough ids to
+    /// ride over a leader failover].
     #[arg(long, value_name = "MS")]
     refill_period_ms: Option<u64>,
     /// File holding the cluster secret (every datagram is authenticated).
