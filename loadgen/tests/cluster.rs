@@ -6,43 +6,11 @@
 //! The `unid` binary comes from `UNID_BIN`, else from the same target directory as
 //! `loadgen` (`cargo build -p unid-cli` first), else this test builds it there.
 
-use std::path::PathBuf;
+mod support;
+
 use std::process::Command;
 
-const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
-
-fn unid_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("UNID_BIN") {
-        let p = PathBuf::from(p);
-        assert!(p.is_file(), "UNID_BIN={} is not a file", p.display());
-        return p;
-    }
-    // <target>/<profile>/loadgen → <target>/<profile>/unid
-    let loadgen = PathBuf::from(LOADGEN);
-    let dir = loadgen.parent().expect("loadgen has a directory");
-    let unid = dir.join(format!("unid{}", std::env::consts::EXE_SUFFIX));
-    if !unid.is_file() {
-        let target = dir.parent().expect("a profile directory has a parent");
-        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        eprintln!(
-            "building unid-cli into {} (set UNID_BIN to skip)",
-            target.display()
-        );
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "unid-cli", "--manifest-path"])
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(target);
-        if dir.file_name().is_some_and(|p| p == "release") {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().expect("run cargo build -p unid-cli");
-        assert!(st.success(), "cargo build -p unid-cli failed");
-    }
-    assert!(unid.is_file(), "no unid binary at {}", unid.display());
-    unid
-}
+use support::{LOADGEN, unid_bin};
 
 #[test]
 fn checker_passes_through_a_leader_kill_and_reports_the_failover() {
