@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::io::{BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,18 +20,33 @@ use unid_agent::testing::FakeCluster;
 
 const UNID: &str = env!("CARGO_BIN_EXE_unid");
 
-fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// A port free for TCP and UDP on 127.0.0.1, below the kernel's ephemeral range, so nothing
+/// takes it before the agent binds it (see `unid_engine::ports`).
+fn free_port() -> SocketAddr {
+    let port = unid_engine::ports::free_port().expect("a free port on 127.0.0.1");
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// Starts a primary (`--peer-listen link`) on ring folder `d1` and socket `s1`, and its
+/// backup (`--backup-of link`) on `d2` and `s2`, both against `server`, logging under `work`.
+fn start_pair(
+    server: SocketAddr,
+    (d1, s1): (&Path, SocketAddr),
+    (d2, s2): (&Path, SocketAddr),
+    link: SocketAddr,
+    work: &Path,
+) -> (Agent, Agent) {
+    let primary = Agent::start(
+        agent_args(server, d1, s1, &["--peer-listen".into(), link.to_string()]),
+        work.join("primary.log"),
+        s1,
+    );
+    let backup = Agent::start(
+        agent_args(server, d2, s2, &["--backup-of".into(), link.to_string()]),
+        work.join("backup.log"),
+        s2,
+    );
+    (primary, backup)
 }
 
 /// A fresh folder under /dev/shm, removed on drop.
@@ -345,28 +360,10 @@ fn kill9_of_the_primary_then_of_the_backup_applications_keep_taking_ids() {
     let cluster = FakeCluster::new(8, &["jobs"]);
     let server = cluster.start_server(1).unwrap();
     let (d1, d2, work) = (Dir::new("primary"), Dir::new("backup"), Dir::new("work"));
-    let (s1, s2) = (free_tcp(), free_tcp());
-    let link = free_udp();
-    let mut primary = Agent::start(
-        agent_args(
-            server.addr(),
-            &d1.0,
-            s1,
-            &["--peer-listen".into(), link.to_string()],
-        ),
-        work.0.join("primary.log"),
-        s1,
-    );
-    let mut backup = Agent::start(
-        agent_args(
-            server.addr(),
-            &d2.0,
-            s2,
-            &["--backup-of".into(), link.to_string()],
-        ),
-        work.0.join("backup.log"),
-        s2,
-    );
+    let (s1, s2) = (free_port(), free_port());
+    let link = free_port();
+    let (mut primary, mut backup) =
+        start_pair(server.addr(), (&d1.0, s1), (&d2.0, s2), link, &work.0);
     wait_for("the pair to form", Duration::from_secs(20), || {
         pair_says(&d1.0, "active 1")
             && pair_says(&d1.0, &format!("peer_ring_dir {}", d2.0.display()))
@@ -535,28 +532,9 @@ fn a_frozen_primary_is_replaced_by_missed_heartbeats_and_thawed_settles() {
         Dir::new("frozen-b"),
         Dir::new("frozen-w"),
     );
-    let (s1, s2) = (free_tcp(), free_tcp());
-    let link = free_udp();
-    let primary = Agent::start(
-        agent_args(
-            server.addr(),
-            &d1.0,
-            s1,
-            &["--peer-listen".into(), link.to_string()],
-        ),
-        work.0.join("primary.log"),
-        s1,
-    );
-    let backup = Agent::start(
-        agent_args(
-            server.addr(),
-            &d2.0,
-            s2,
-            &["--backup-of".into(), link.to_string()],
-        ),
-        work.0.join("backup.log"),
-        s2,
-    );
+    let (s1, s2) = (free_port(), free_port());
+    let link = free_port();
+    let (primary, backup) = start_pair(server.addr(), (&d1.0, s1), (&d2.0, s2), link, &work.0);
     wait_for("the pair to form", Duration::from_secs(20), || {
         pair_says(&d1.0, "active 1")
             && pair_says(&d2.0, "peer_state alive")
