@@ -204,6 +204,23 @@ where
     }
 }
 
+/// Removes the log entries whose index is in `range` (truncate, purge).
+fn remove_log_range(
+    t: &mut redb::Table<'_, u64, &'static [u8]>,
+    range: impl RangeBounds<u64>,
+) -> Result<(), AnyError> {
+    let keys: Vec<u64> = t
+        .range(range)
+        .map_err(any)?
+        .map(|r| r.map(|(k, _)| k.value()))
+        .collect::<Result<_, _>>()
+        .map_err(any)?;
+    for k in keys {
+        t.remove(k).map_err(any)?;
+    }
+    Ok(())
+}
+
 fn write_tx(db: &Db) -> Result<redb::WriteTransaction, AnyError> {
     if db.fault.load(Ordering::Acquire) {
         return Err(AnyError::new(&InjectedFault));
@@ -389,15 +406,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let tx = write_tx(&db)?;
                 {
                     let mut t = tx.open_table(LOG).map_err(any)?;
-                    let keys: Vec<u64> = t
-                        .range(log_id.index..)
-                        .map_err(any)?
-                        .map(|r| r.map(|(k, _)| k.value()))
-                        .collect::<Result<_, _>>()
-                        .map_err(any)?;
-                    for k in keys {
-                        t.remove(k).map_err(any)?;
-                    }
+                    remove_log_range(&mut t, log_id.index..)?;
                 }
                 tx.commit().map_err(any)
             },
@@ -418,15 +427,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     let mut m = tx.open_table(META).map_err(any)?;
                     m.insert(KEY_PURGED, purged.as_slice()).map_err(any)?;
                     let mut t = tx.open_table(LOG).map_err(any)?;
-                    let keys: Vec<u64> = t
-                        .range(..=log_id.index)
-                        .map_err(any)?
-                        .map(|r| r.map(|(k, _)| k.value()))
-                        .collect::<Result<_, _>>()
-                        .map_err(any)?;
-                    for k in keys {
-                        t.remove(k).map_err(any)?;
-                    }
+                    remove_log_range(&mut t, ..=log_id.index)?;
                 }
                 tx.commit().map_err(any)
             },
