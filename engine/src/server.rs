@@ -93,6 +93,8 @@ use crate::now_us;
 use crate::shard::{Handler, ShardConfig, ShardInfo, ShardSender, Shards, StopHandle};
 use crate::udp::SendBatch;
 
+/// The shortest cluster secret a server accepts, in bytes.
+pub const SECRET_BYTES_MIN: usize = 16;
 /// Default UDP (data plane) port.
 pub const DEFAULT_UDP_PORT: u16 = 7400;
 /// Default Raft (TCP) port.
@@ -138,6 +140,89 @@ pub enum ServerError {
     /// A thread could not be started or died.
     #[error("thread: {0}")]
     Thread(String),
+    /// Another process (another server) holds the data directory's lock: two servers on one
+    /// Raft database would each believe they are the same node.
+    #[error(
+        "data dir {dir} is in use by another unid server ({holder}); stop it or pick another --data-dir"
+    )]
+    DataDirInUse {
+        /// The data directory.
+        dir: PathBuf,
+        /// What the lock file says about its holder (its pid), or that it is unknown.
+        holder: String,
+    },
+    /// The data directory or its lock file could not be created or locked.
+    #[error("data dir {dir}: {source}")]
+    DataDir {
+        /// The data directory.
+        dir: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The lock file in a server's data directory, held (`flock`) while the server runs.
+pub const DATA_DIR_LOCK_FILE: &str = "LOCK";
+
+/// Locks `dir` for this process: creates it and its [`DATA_DIR_LOCK_FILE`], takes an exclusive
+/// lock (released when the returned file is closed, also when the process dies) and writes this
+/// process's id into it. A directory locked by another process is [`ServerError::DataDirInUse`].
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let io = |source| ServerError::DataDir {
+        dir: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(DATA_DIR_LOCK_FILE))
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = match text.trim() {
+                "" => "holder unknown".to_owned(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(ServerError::DataDirInUse {
+                dir: dir.to_owned(),
+                holder,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+/// Checks that nothing holds the UDP address `addr` (port 0: nothing to check) by binding a
+/// socket without `SO_REUSEPORT` and closing it, so that a server whose address is taken stops
+/// before Raft starts. The shards bind it for good later ([`Shards::start`] refuses it too).
+fn probe_udp(addr: SocketAddr) -> Result<(), ServerError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    match std::net::UdpSocket::bind(addr) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(crate::Error::AddrInUse { addr }.into())
+        }
+        Err(source) => Err(crate::Error::Io {
+            op: "bind",
+            addr,
+            source,
+        }
+        .into()),
+    }
 }
 
 /// One other server of the cluster.
@@ -226,6 +311,22 @@ impl ServerConfig {
         }
         if self.source_rate_per_s == 0 {
             return bad("source_rate_per_s must be at least 1");
+        }
+        if self.shards == 0 || self.shards > crate::shard::SHARDS_MAX {
+            return Err(ServerError::Config(format!(
+                "shards must be in 1 ..= {} (got {})",
+                crate::shard::SHARDS_MAX,
+                self.shards
+            )));
+        }
+        if self
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.len() < SECRET_BYTES_MIN)
+        {
+            return Err(ServerError::Config(format!(
+                "the secret must have at least {SECRET_BYTES_MIN} bytes"
+            )));
         }
         if self.peers.len() >= SERVERS_MAX * 4 {
             return bad("too many peers");
@@ -1499,7 +1600,15 @@ impl ServerHandle {
 /// Starts a server. Returns once Raft and the shards run (and, with `init`, the cluster was
 /// bootstrapped or found already bootstrapped).
 pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    // Everything that can be refused is checked before Raft starts (issue 12 item 12): the
+    // configuration, the data dir's lock, the UDP and metrics addresses.
     config.validate()?;
+    let data_dir_lock = lock_data_dir(&config.data_dir)?;
+    probe_udp(config.udp_addr)?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(crate::metrics::MetricsServer::bind(addr)?),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("unid-consensus")
@@ -1600,11 +1709,11 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
     }
 
-    let metrics = match config.metrics_addr {
-        Some(addr) => {
+    let metrics = match metrics_listener {
+        Some(listener) => {
             let (shared, weak) = (shared.clone(), Arc::downgrade(&consensus));
             let render: crate::metrics::Render = Arc::new(move || render_metrics(&shared, &weak));
-            let m = crate::metrics::MetricsServer::start(addr, render)?;
+            let m = crate::metrics::MetricsServer::start_on(listener, render)?;
             tracing::info!(id = config.id, addr = %m.local_addr(), "metrics on GET /metrics");
             Some(m)
         }
@@ -1632,6 +1741,8 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         .name(format!("unid-server-{}", config.id))
         .spawn(move || {
             let result = runtime.block_on(control.run(control_rx, stop_rx, shards));
+            // Held until Raft and the shards are stopped.
+            let _locked = &data_dir_lock;
             // Raise and registration tasks still running hold no lock; dropping the runtime
             // cancels them.
             runtime.shutdown_timeout(Duration::from_millis(500));

@@ -512,3 +512,62 @@ fn a_retransmitted_hello_gets_the_same_node_id() {
     assert!(restarted > first, "a new incarnation gets a new id");
     assert_eq!(s.stats().registrations, 2);
 }
+
+/// Issue 12 items 1 and 12: what cannot work is refused before Raft starts (no database is
+/// created, the Raft port stays free), with an error naming what is wrong; a data dir in use
+/// by a running server is refused, naming its holder.
+#[test]
+fn bad_configs_and_taken_resources_are_refused_before_raft_starts() {
+    let root = tempfile::tempdir().unwrap();
+    let base = |name: &str| {
+        let mut c = ServerConfig::new(1, root.path().join(name));
+        c.udp_addr = local(free_port());
+        c.raft_addr = local(free_port());
+        c.init = true;
+        c
+    };
+    let refused_early = |c: ServerConfig, wants: &str| {
+        let (dir, raft) = (c.data_dir.clone(), c.raft_addr);
+        let err = run(c).expect_err(wants).to_string();
+        assert!(err.contains(wants), "{err} (wanted {wants:?})");
+        assert!(
+            !dir.join(unid_consensus::store::DB_FILE).exists(),
+            "Raft started before refusing: {err}"
+        );
+        assert!(
+            std::net::TcpListener::bind(raft).is_ok(),
+            "Raft port still taken after refusing: {err}"
+        );
+    };
+    let mut c = base("shards");
+    c.shards = 0;
+    refused_early(c, "shards");
+    let mut c = base("secret");
+    c.secret = Some(b"short".to_vec());
+    refused_early(c, "at least 16 bytes");
+    let metrics = std::net::TcpListener::bind(local(0)).unwrap();
+    let mut c = base("metrics");
+    c.metrics_addr = Some(metrics.local_addr().unwrap());
+    refused_early(c, "bind metrics");
+    let udp = UdpSocket::bind(local(0)).unwrap();
+    let mut c = base("udp");
+    c.udp_addr = udp.local_addr().unwrap();
+    refused_early(c, &udp.local_addr().unwrap().to_string());
+
+    // A running server's data dir: refused, naming the directory and the holder.
+    let running = run(base("running")).expect("server starts");
+    let mut c = base("running");
+    c.init = false;
+    let err = run(c)
+        .expect_err("a second server on one data dir")
+        .to_string();
+    assert!(
+        err.contains("in use by another unid server")
+            && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    running.shutdown().unwrap();
+    // Released once the server stops.
+    let again = run(base("running")).expect("the data dir is free again");
+    again.shutdown().unwrap();
+}
