@@ -21,10 +21,12 @@ pub struct Args {
     /// This server's node id (1 .. 2^32), unique in the cluster.
     #[arg(long)]
     id: Option<u64>,
-    /// UDP address for agents and tools [default: 0.0.0.0:7400].
+    /// UDP address for agents and tools [default: 127.0.0.1:7400]. Beyond loopback it
+    /// needs --secret-file (or --insecure-without-secret).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// TCP address for Raft peers [default: 0.0.0.0:7500].
+    /// TCP address for Raft peers [default: 127.0.0.1:7500]. Beyond loopback it needs
+    /// --secret-file (or --insecure-without-secret).
     #[arg(long, value_name = "ADDR")]
     raft: Option<SocketAddr>,
     /// A server of the cluster, as ID=RAFT_ADDR=UDP_ADDR (repeat; may include this one).
@@ -49,6 +51,10 @@ pub struct Args {
     /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`) [default: off].
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Listen beyond loopback without a cluster secret: anyone who reaches the ports can
+    /// take blocks, register agents, and create sequences. Only on a network you trust.
+    #[arg(long)]
+    insecure_without_secret: bool,
 }
 
 /// The `--config` file.
@@ -66,6 +72,7 @@ struct FileConfig {
     shards: Option<usize>,
     lease_ms: Option<u32>,
     metrics: Option<SocketAddr>,
+    insecure_without_secret: Option<bool>,
 }
 
 /// Whether `addr` (from this server's own `--peer` entry) can be the address it binds as
@@ -138,11 +145,11 @@ fn build(args: Args) -> anyhow::Result<ServerConfig> {
     config.udp_addr = args
         .listen
         .or(file.listen)
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_UDP_PORT)));
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_UDP_PORT)));
     config.raft_addr = args
         .raft
         .or(file.raft)
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_RAFT_PORT)));
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_RAFT_PORT)));
     config.init = args.init || file.init.unwrap_or(false);
     if let Some(shards) = args.shards.or(file.shards) {
         config.shards = shards;
@@ -151,6 +158,8 @@ fn build(args: Args) -> anyhow::Result<ServerConfig> {
         config.lease_ms = lease_ms;
     }
     config.metrics_addr = args.metrics.or(file.metrics);
+    config.insecure_without_secret =
+        args.insecure_without_secret || file.insecure_without_secret.unwrap_or(false);
     let peers = if args.peer.is_empty() {
         file.peer
     } else {

@@ -225,6 +225,7 @@ fn agent_cut_off_by_its_interface_going_down_keeps_serving_and_recovers() {
         &format!("1=127.0.0.1:7500={server_udp}"),
         "--lease-ms",
         "1000",
+        "--insecure-without-secret",
         "--init",
         "--data-dir",
     ]

@@ -362,6 +362,12 @@ pub(crate) fn render_server(
     );
     e.sample(name, &[("reason", "unexpected")], stats.dropped_unexpected);
     e.single(
+        "unid_server_admin_refused_total",
+        Kind::Counter,
+        "changes (sequence create, server add or remove) refused: neither loopback nor the secret",
+        stats.refused_admin,
+    );
+    e.single(
         "unid_server_reply_cache_hits_total",
         Kind::Counter,
         "retransmitted requests answered from the reply cache",

@@ -272,16 +272,21 @@ pub struct ServerConfig {
     /// Serve Prometheus metrics over HTTP here (`GET /metrics`; port 0: any; see
     /// [`ServerHandle::metrics_addr`]).
     pub metrics_addr: Option<SocketAddr>,
+    /// Listen beyond loopback (UDP or Raft) without a cluster secret. Off by default: then
+    /// anyone who reaches the ports could ask for blocks, register agents and, over Raft,
+    /// join the cluster.
+    pub insecure_without_secret: bool,
 }
 
 impl ServerConfig {
-    /// Defaults for server `id` with its data in `data_dir`, on the default ports of all
-    /// interfaces.
+    /// Defaults for server `id` with its data in `data_dir`, on the default ports of
+    /// 127.0.0.1 (listening beyond loopback needs a secret or
+    /// [`Self::insecure_without_secret`]).
     pub fn new(id: NodeId, data_dir: impl Into<PathBuf>) -> ServerConfig {
         ServerConfig {
             id,
-            udp_addr: SocketAddr::from(([0, 0, 0, 0], DEFAULT_UDP_PORT)),
-            raft_addr: SocketAddr::from(([0, 0, 0, 0], DEFAULT_RAFT_PORT)),
+            udp_addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_UDP_PORT)),
+            raft_addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_RAFT_PORT)),
             data_dir: data_dir.into(),
             peers: Vec::new(),
             init: false,
@@ -295,6 +300,7 @@ impl ServerConfig {
             replies_per_agent_max: 64,
             source_rate_per_s: 20_000,
             metrics_addr: None,
+            insecure_without_secret: false,
         }
     }
 
@@ -328,6 +334,17 @@ impl ServerConfig {
                 "the secret must have at least {SECRET_BYTES_MIN} bytes"
             )));
         }
+        let beyond_loopback = |a: SocketAddr| !a.ip().to_canonical().is_loopback();
+        if self.secret.is_none()
+            && !self.insecure_without_secret
+            && (beyond_loopback(self.udp_addr) || beyond_loopback(self.raft_addr))
+        {
+            return Err(ServerError::Config(format!(
+                "listening beyond loopback (UDP {}, Raft {}) needs a cluster secret \
+                 (--secret-file), or --insecure-without-secret to accept anyone who reaches the ports",
+                self.udp_addr, self.raft_addr
+            )));
+        }
         if self.peers.len() >= SERVERS_MAX * 4 {
             return bad("too many peers");
         }
@@ -358,6 +375,9 @@ pub struct ServerStats {
     pub dropped_amplification: AtomicU64,
     /// Dropped: a message type a server does not take, or a request for nothing.
     pub dropped_unexpected: AtomicU64,
+    /// Refused (`Unauthorized`): a change (sequence create, server add or remove) from a
+    /// source that is neither loopback nor authenticated by the cluster secret.
+    pub refused_admin: AtomicU64,
     /// Blocks granted.
     pub grants: AtomicU64,
     /// Retransmits answered from the reply cache.
@@ -385,6 +405,8 @@ pub struct ServerStatsSnapshot {
     pub dropped_amplification: u64,
     /// See [`ServerStats::dropped_unexpected`].
     pub dropped_unexpected: u64,
+    /// See [`ServerStats::refused_admin`].
+    pub refused_admin: u64,
     /// See [`ServerStats::grants`].
     pub grants: u64,
     /// See [`ServerStats::replies_cached`].
@@ -409,6 +431,7 @@ impl ServerStats {
             dropped_rate: g(&self.dropped_rate),
             dropped_amplification: g(&self.dropped_amplification),
             dropped_unexpected: g(&self.dropped_unexpected),
+            refused_admin: g(&self.refused_admin),
             grants: g(&self.grants),
             replies_cached: g(&self.replies_cached),
             not_leader: g(&self.not_leader),
@@ -964,6 +987,10 @@ impl ServerHandler {
                 if !self.admin_allowed(&mut core, from, now_us) {
                     return None;
                 }
+                if !self.change_allowed(from) {
+                    let d = self.error(term, h.seq, ErrorCode::Unauthorized, None, 0)?;
+                    return self.capped(d, req);
+                }
                 let request = Control::Create {
                     from,
                     reply_to: h.seq,
@@ -1008,6 +1035,10 @@ impl ServerHandler {
                 if !self.admin_allowed(&mut core, from, now_us) {
                     return None;
                 }
+                if !self.change_allowed(from) {
+                    let d = self.error(term, h.seq, ErrorCode::Unauthorized, None, 0)?;
+                    return self.capped(d, req);
+                }
                 if !leading {
                     return self.not_leader(&core, h.seq, req);
                 }
@@ -1042,6 +1073,18 @@ impl ServerHandler {
             bump(&self.shared.stats.dropped_amplification);
             None
         }
+    }
+
+    /// Whether `from` may change the cluster (create a sequence, add or remove a server):
+    /// with a cluster secret every datagram that got here is authenticated; without one, only
+    /// a loopback source may (the kernel drops loopback-sourced packets arriving from a
+    /// network). Counts a refusal.
+    fn change_allowed(&self, from: SocketAddr) -> bool {
+        let ok = self.shared.key.is_some() || from.ip().to_canonical().is_loopback();
+        if !ok {
+            bump(&self.shared.stats.refused_admin);
+        }
+        ok
     }
 
     fn admin_allowed(&self, core: &mut Core, from: SocketAddr, now_us: u64) -> bool {
