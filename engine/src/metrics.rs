@@ -361,6 +361,20 @@ pub(crate) fn render_server(
         stats.dropped_amplification,
     );
     e.sample(name, &[("reason", "unexpected")], stats.dropped_unexpected);
+    let name = "unid_server_registrations_refused_total";
+    e.family(
+        name,
+        Kind::Counter,
+        "new agent registrations refused, by reason (rate: over the per-IP or total rate; full: node table full)",
+    );
+    e.sample(name, &[("reason", "rate")], stats.refused_registration_rate);
+    e.sample(name, &[("reason", "full")], stats.refused_registration_full);
+    e.single(
+        "unid_server_agents_removed_total",
+        Kind::Counter,
+        "agents whose lease ended removed from the replicated node table",
+        stats.agents_removed,
+    );
     e.single(
         "unid_server_admin_refused_total",
         Kind::Counter,

@@ -105,6 +105,16 @@ pub const SOURCES_MAX: usize = 16_384;
 pub const ADMIN_RATE_PER_S: u32 = 50;
 /// Admin answers per second the server gives in all.
 pub const ADMIN_GLOBAL_RATE_PER_S: u32 = 2_000;
+/// New registrations (a `Hello` not seen before) per second one source IP may make (burst:
+/// twice this). Retransmitted `Hello`s are not counted.
+pub const REGISTER_RATE_PER_IP_PER_S: u32 = 50;
+/// New registrations per second the server makes in all (burst: twice this): each is a Raft
+/// write, and a flood of them must not starve the ceiling raises.
+pub const REGISTER_RATE_PER_S: u32 = 500;
+/// Most expired agents removed from the node table per control-loop turn (each a Raft write).
+pub const REMOVALS_PER_TURN_MAX: usize = 64;
+/// Most expired agents waiting for removal from the node table.
+pub const REMOVALS_PENDING_MAX: usize = 65_536;
 /// Most control requests (registrations, creates) queued for the consensus thread.
 pub const CONTROL_QUEUE_MAX: usize = 1_024;
 /// Most raises proposed per control-loop turn.
@@ -378,6 +388,13 @@ pub struct ServerStats {
     /// Refused (`Unauthorized`): a change (sequence create, server add or remove) from a
     /// source that is neither loopback nor authenticated by the cluster secret.
     pub refused_admin: AtomicU64,
+    /// Refused (`RateLimited`): a new registration over its source IP's or the server's
+    /// registration rate ([`REGISTER_RATE_PER_IP_PER_S`], [`REGISTER_RATE_PER_S`]).
+    pub refused_registration_rate: AtomicU64,
+    /// Refused (`RateLimited`): a registration the replicated node table had no room for.
+    pub refused_registration_full: AtomicU64,
+    /// Agents whose lease ended removed from the replicated node table (through Raft).
+    pub agents_removed: AtomicU64,
     /// Blocks granted.
     pub grants: AtomicU64,
     /// Retransmits answered from the reply cache.
@@ -407,6 +424,12 @@ pub struct ServerStatsSnapshot {
     pub dropped_unexpected: u64,
     /// See [`ServerStats::refused_admin`].
     pub refused_admin: u64,
+    /// See [`ServerStats::refused_registration_rate`].
+    pub refused_registration_rate: u64,
+    /// See [`ServerStats::refused_registration_full`].
+    pub refused_registration_full: u64,
+    /// See [`ServerStats::agents_removed`].
+    pub agents_removed: u64,
     /// See [`ServerStats::grants`].
     pub grants: u64,
     /// See [`ServerStats::replies_cached`].
@@ -432,6 +455,9 @@ impl ServerStats {
             dropped_amplification: g(&self.dropped_amplification),
             dropped_unexpected: g(&self.dropped_unexpected),
             refused_admin: g(&self.refused_admin),
+            refused_registration_rate: g(&self.refused_registration_rate),
+            refused_registration_full: g(&self.refused_registration_full),
+            agents_removed: g(&self.agents_removed),
             grants: g(&self.grants),
             replies_cached: g(&self.replies_cached),
             not_leader: g(&self.not_leader),
@@ -501,6 +527,14 @@ struct Core {
     sources: HashMap<SocketAddr, Bucket>,
     admin_sources: HashMap<SocketAddr, Bucket>,
     admin_global: Bucket,
+    /// New-registration buckets by source IP, and for the whole server.
+    register_sources: HashMap<std::net::IpAddr, Bucket>,
+    register_global: Bucket,
+    /// Agents forgotten here (lease ended, or unreachable) still to be removed from the
+    /// replicated node table; removed by the leader, [`REMOVALS_PER_TURN_MAX`] per turn.
+    to_remove: Vec<NodeId>,
+    /// When the last "node table full" error was logged (they are logged every 10 s at most).
+    full_logged_us: u64,
     /// Every server: id → UDP address.
     servers: BTreeMap<NodeId, SocketAddr>,
     /// Blocks and ids granted by this server, by sequence (for the metrics; only sequences
@@ -543,6 +577,7 @@ impl Core {
         for id in &gone {
             self.agents.remove(id);
         }
+        self.queue_removal(&gone);
         if !gone.is_empty() {
             let agents = &self.agents;
             self.hellos.retain(|_, id| agents.contains_key(id));
@@ -550,10 +585,52 @@ impl Core {
         gone
     }
 
+    /// Queues agents this server forgot for removal from the node table (a leader's job; a
+    /// follower holds no agents). Beyond [`REMOVALS_PENDING_MAX`] the rest wait for the next
+    /// leader, which takes the table's agents with fresh leases and expires them again.
+    fn queue_removal(&mut self, ids: &[NodeId]) {
+        if self.phase != Phase::Leading {
+            return;
+        }
+        let room = REMOVALS_PENDING_MAX.saturating_sub(self.to_remove.len());
+        self.to_remove.extend(ids.iter().take(room));
+    }
+
+    /// Whether a new registration from `ip` is within the per-IP and total rates.
+    fn registration_allowed(&mut self, ip: std::net::IpAddr, now_us: u64) -> bool {
+        let (rate, total) = (
+            f64::from(REGISTER_RATE_PER_IP_PER_S),
+            f64::from(REGISTER_RATE_PER_S),
+        );
+        let source_ok = if let Some(b) = self.register_sources.get_mut(&ip) {
+            b.take(now_us, rate, 2.0 * rate)
+        } else if self.register_sources.len() < SOURCES_MAX {
+            self.register_sources.insert(
+                ip,
+                Bucket {
+                    tokens: 2.0 * rate - 1.0,
+                    at_us: now_us,
+                },
+            );
+            true
+        } else {
+            false
+        };
+        source_ok && self.register_global.take(now_us, total, 2.0 * total)
+    }
+
     fn expire(&mut self, now_us: u64, lease_us: u64) {
         let before = self.agents.len();
-        self.agents
-            .retain(|_, a| a.last_seen_us.saturating_add(lease_us) > now_us);
+        let expired: Vec<NodeId> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.last_seen_us.saturating_add(lease_us) <= now_us)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &expired {
+            self.agents.remove(id);
+        }
+        self.queue_removal(&expired);
         if self.agents.len() != before {
             let agents = &self.agents;
             self.hellos.retain(|_, id| agents.contains_key(id));
@@ -563,6 +640,8 @@ impl Core {
         self.sources
             .retain(|_, b| now_us.saturating_sub(b.at_us) < 10_000_000);
         self.admin_sources
+            .retain(|_, b| now_us.saturating_sub(b.at_us) < 10_000_000);
+        self.register_sources
             .retain(|_, b| now_us.saturating_sub(b.at_us) < 10_000_000);
     }
 }
@@ -958,6 +1037,11 @@ impl ServerHandler {
                 }
                 if core.agents.len() + core.hellos_pending.len() >= shared.agents_max {
                     let d = self.error(term, h.seq, ErrorCode::RateLimited, None, 1_000)?;
+                    return self.capped(d, req);
+                }
+                if !core.registration_allowed(from.ip(), now_us) {
+                    bump(&stats.refused_registration_rate);
+                    let d = self.error(term, h.seq, ErrorCode::RateLimited, None, 200)?;
                     return self.capped(d, req);
                 }
                 let request = Control::Register {
@@ -1695,6 +1779,13 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
                 tokens: f64::from(ADMIN_GLOBAL_RATE_PER_S),
                 at_us: now_us(),
             },
+            register_sources: HashMap::new(),
+            register_global: Bucket {
+                tokens: 2.0 * f64::from(REGISTER_RATE_PER_S),
+                at_us: now_us(),
+            },
+            to_remove: Vec::new(),
+            full_logged_us: 0,
             servers: BTreeMap::new(),
             granted: HashMap::new(),
         }),
@@ -1779,6 +1870,7 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         write_timeout: Duration::from_millis(config.timing.write_timeout_ms),
         was_member: AtomicBool::new(false),
         membership_busy: tokio::sync::Mutex::new(()),
+        removing: AtomicBool::new(false),
     };
     let thread = std::thread::Builder::new()
         .name(format!("unid-server-{}", config.id))
@@ -1889,6 +1981,8 @@ struct Controller {
     was_member: AtomicBool,
     /// Held while a membership change an operator asked for runs (one at a time).
     membership_busy: tokio::sync::Mutex<()>,
+    /// A task removing expired agents from the node table runs.
+    removing: AtomicBool,
 }
 
 impl Controller {
@@ -1935,6 +2029,7 @@ impl Controller {
                     }
                     let now = now_us();
                     this.shared.core().expire(now, u64::from(this.shared.lease_ms) * 1000);
+                    this.remove_expired(&mut tasks);
                     this.check_quorum(&mut tasks);
                     this.propose_raises(&mut tasks);
                     if now >= server_refresh_us {
@@ -2234,6 +2329,44 @@ impl Controller {
         self.shared.core().servers = servers;
     }
 
+    /// Removes agents this leader forgot from the replicated node table, so that short-lived
+    /// agents do not fill it (each removal is a Raft write; [`REMOVALS_PER_TURN_MAX`] per
+    /// turn, one task at a time). A removed agent that is in fact alive gets `NotRegistered`
+    /// and registers again under a new node id; node ids are never reused.
+    fn remove_expired(self: &Arc<Self>, tasks: &mut Tasks) {
+        if self.removing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let batch: Vec<NodeId> = {
+            let mut core = self.shared.core();
+            if core.phase != Phase::Leading {
+                core.to_remove.clear();
+                Vec::new()
+            } else {
+                let n = core.to_remove.len().min(REMOVALS_PER_TURN_MAX);
+                core.to_remove.drain(..n).collect()
+            }
+        };
+        if batch.is_empty() {
+            self.removing.store(false, Ordering::Release);
+            return;
+        }
+        let this = self.clone();
+        tasks.spawn(async move {
+            for id in batch {
+                match this.consensus.remove_node(id).await {
+                    Ok(true) => bump(&this.shared.stats.agents_removed),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::debug!(id, "removing an expired agent failed: {e}");
+                        break;
+                    }
+                }
+            }
+            this.removing.store(false, Ordering::Release);
+        });
+    }
+
     fn propose_raises(self: &Arc<Self>, tasks: &mut Tasks) {
         let now = now_us();
         let (raises, term) = {
@@ -2367,16 +2500,48 @@ impl Controller {
                         }
                         Ok(_) => None, // Lost leadership meanwhile: the agent retries.
                         Err(e) => {
-                            tracing::debug!(%from, "registration failed: {e}");
+                            let full = matches!(
+                                e,
+                                unid_consensus::Error::Rejected(
+                                    unid_consensus::Rejection::TableFull
+                                )
+                            );
+                            let now = now_us();
+                            if full {
+                                bump(&self.shared.stats.refused_registration_full);
+                                if now.saturating_sub(core.full_logged_us) >= 10_000_000 {
+                                    core.full_logged_us = now;
+                                    tracing::error!(
+                                        %from,
+                                        name,
+                                        refused = self
+                                            .shared
+                                            .stats
+                                            .refused_registration_full
+                                            .load(Ordering::Relaxed),
+                                        "node table full ({} entries): new agents are refused until \
+                                         expired ones are removed (leases end after {} ms)",
+                                        unid_consensus::state::NODES_MAX,
+                                        self.shared.lease_ms
+                                    );
+                                }
+                            } else {
+                                tracing::debug!(%from, "registration failed: {e}");
+                            }
+                            let (code, retry_after_ms) = if full {
+                                (ErrorCode::RateLimited, 1_000)
+                            } else {
+                                (ErrorCode::NotReady, 100)
+                            };
                             self.shared
                                 .encode(
                                     &mut codec,
                                     term,
                                     reply_to,
                                     &Message::Error {
-                                        code: ErrorCode::NotReady,
+                                        code,
                                         sequence: None,
-                                        retry_after_ms: 100,
+                                        retry_after_ms,
                                         text: "",
                                     },
                                 )
@@ -2713,6 +2878,13 @@ mod tests {
                 tokens: 0.0,
                 at_us: 0,
             },
+            register_sources: HashMap::new(),
+            register_global: Bucket {
+                tokens: 0.0,
+                at_us: 0,
+            },
+            to_remove: Vec::new(),
+            full_logged_us: 0,
             servers: BTreeMap::new(),
             granted: HashMap::new(),
         }

@@ -665,3 +665,95 @@ fn changes_without_the_secret_come_only_from_loopback() {
     assert!(!describe(&mut cl, "from_network"));
     s.shutdown().unwrap();
 }
+
+/// Issue 12 item 8: agents whose lease ended are removed from the replicated node table
+/// (through Raft), not kept for ever; and a flood of new registrations from one source IP is
+/// held to its rate (`RateLimited`, counted) while retransmits of a registered Hello still
+/// get their Welcome.
+#[test]
+fn expired_agents_leave_the_node_table_and_registration_floods_are_limited() {
+    let root = tempfile::tempdir().unwrap();
+    let mut c = ServerConfig::new(1, root.path().join("s1"));
+    c.udp_addr = local(free_port());
+    c.raft_addr = local(free_port());
+    c.init = true;
+    c.lease_ms = 300;
+    let s = run(c).unwrap();
+    let mut admin = client(&[s.udp_addr()]);
+    create(&mut admin, "lease", Width::W8);
+    let agents_in_table = |s: &ServerHandle| {
+        let node = s.consensus_for_tests().expect("running");
+        node.state()
+            .state
+            .nodes
+            .keys()
+            .filter(|&&id| id >= unid_consensus::state::AGENT_ID_FIRST)
+            .count()
+    };
+    let ids: Vec<u64> = (0..5)
+        .map(|i| {
+            let mut c = Client::new(&[s.udp_addr()], ClientConfig::default()).unwrap();
+            hello(&mut c, &format!("short-lived-{i}"))
+        })
+        .collect();
+    assert_eq!(agents_in_table(&s), 5, "{ids:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agents_in_table(&s) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "expired agents still in the node table: {}",
+            agents_in_table(&s)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.stats().agents_removed, 5);
+
+    // A flood of new Hellos from one IP (fresh source ports and incarnations, as a spoofer
+    // sends them): at most the burst and the rate's worth are registered.
+    let addr = s.udp_addr();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(2)))
+        .unwrap();
+    let mut codec = Codec::new();
+    let mut out = [0u8; 1200];
+    let started = Instant::now();
+    const FLOOD: u64 = 400;
+    for i in 0..FLOOD {
+        let h = Header {
+            sender: 0,
+            seq: i + 1,
+            reply_to: 0,
+            epoch: 0,
+        };
+        let name = format!("flood-{i}");
+        let msg = Message::Hello {
+            role: NodeRole::Agent,
+            incarnation: 1_000 + i,
+            name: &name,
+            listen: None,
+            backup_of: None,
+        };
+        let n = codec.encode(&h, &msg, None, &mut out).unwrap();
+        sock.send_to(&out[..n], addr).unwrap();
+    }
+    let elapsed_s = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = s.stats();
+    let allowed = 2 * unid_engine::server::REGISTER_RATE_PER_IP_PER_S as u64
+        + (elapsed_s.ceil() as u64) * unid_engine::server::REGISTER_RATE_PER_IP_PER_S as u64;
+    assert!(
+        stats.registrations <= 5 + allowed,
+        "{} registrations from one IP in {elapsed_s:.2} s",
+        stats.registrations
+    );
+    assert!(
+        stats.refused_registration_rate >= FLOOD - allowed,
+        "{stats:?}"
+    );
+    assert!(
+        s.metrics_text()
+            .contains("unid_server_registrations_refused_total{reason=\"rate\"}"),
+        "no metric"
+    );
+    s.shutdown().unwrap();
+}
