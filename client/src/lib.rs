@@ -209,6 +209,24 @@ pub enum Error {
     /// The ring file is broken or of another version; restart the agent.
     #[error("ring problem: {0}; restart the agent")]
     Ring(RingError),
+    /// The ring (or the socket) gave ids this handle must not return: not
+    /// above the last id it returned, or outside the sequence's width. Some
+    /// process wrote to the ring outside the protocol (a rewound head, a
+    /// lowered block) or the agent is broken. The ids are dropped, never
+    /// returned; restart the agent (a new ring) and find the writer.
+    #[error(
+        "ring of {sequence:?} gave {first}+{count} after id {last:?}: not increasing or out of range (the ring was written outside the protocol); ids dropped, restart the agent"
+    )]
+    Corrupt {
+        /// The sequence.
+        sequence: String,
+        /// First id of the offending run.
+        first: u128,
+        /// Ids in the run.
+        count: u64,
+        /// The last id this handle returned.
+        last: Option<u128>,
+    },
     /// The agent's socket answered something that is not the protocol.
     #[error("unexpected answer from the agent at {socket}: {line:?}")]
     Protocol {
@@ -502,11 +520,21 @@ impl Unid {
     pub fn take_range(&mut self, max: u64) -> Result<(Id, u64), Error> {
         let max = max.clamp(1, socket::SOCKET_IDS_MAX);
         let (first, count, width) = self.take_raw(max)?;
-        assert!(count >= 1 && count <= max);
         // Ids from one handle increase: the ring only moves forward, a
         // restarted agent's blocks lie above every earlier one, and a
-        // paired handle discards what is not above the last id.
-        assert!(self.last.is_none_or(|l| first > l));
+        // paired handle discards what is not above the last id. A ring
+        // written outside the protocol (a rewound head, a lowered block)
+        // breaks that: checked here, never trusted, never a panic.
+        let end = first.checked_add(u128::from(count));
+        let fits = end.is_some_and(|e| width.contains(e - 1));
+        if count == 0 || count > max || !fits || self.last.is_some_and(|l| first <= l) {
+            return Err(Error::Corrupt {
+                sequence: self.sequence.clone(),
+                first,
+                count,
+                last: self.last,
+            });
+        }
         self.last = Some(first + u128::from(count) - 1);
         self.width = Some(width);
         Ok((
