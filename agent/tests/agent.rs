@@ -61,6 +61,7 @@ fn client(dir: &RingDir, agent: &AgentHandle, sequence: &str) -> unid::Unid {
         socket_fallback: true,
         wait: Duration::from_secs(3),
         backup_ring_dir: None,
+        agent_uid: None,
     };
     unid::Unid::open_with(sequence, options).unwrap()
 }

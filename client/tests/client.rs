@@ -64,6 +64,7 @@ fn options(dir: &Dir, socket: SocketAddr) -> Options {
         socket_fallback: true,
         wait: Duration::from_millis(100),
         backup_ring_dir: None,
+        agent_uid: None,
     }
 }
 
@@ -167,6 +168,7 @@ fn paired_options(primary: &Dir, backup: Option<&Dir>) -> Options {
         socket_fallback: false,
         wait: Duration::from_millis(200),
         backup_ring_dir: backup.map(|b| b.0.clone()),
+        agent_uid: None,
     }
 }
 
@@ -294,4 +296,32 @@ fn a_rewound_head_is_corrupt_not_a_repeat_or_a_panic() {
         }
     }
     assert!(corrupt > 0, "the rewind went unnoticed");
+}
+
+/// Issue 12 item 2: a squatted ring folder (writable by others, or owned by
+/// another user) is refused: nothing is taken from the forged ring in it.
+#[test]
+fn a_squatted_ring_folder_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Dir::new("squat");
+    let mut p =
+        unid_ring::Producer::create(&d.0, "f", &unid_ring::ProducerOptions::new(8)).unwrap();
+    p.push(1, 5).unwrap(); // "ids issued long before"
+    std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = Unid::open_with("f", options(&d, dead_socket())).unwrap_err();
+    assert!(matches!(e, Error::Insecure { .. }), "{e}");
+    std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+    if unid_ring::secure::euid() != 0 {
+        return;
+    }
+    // Owned by another user (a squatter): refused, unless it is the
+    // configured agent user.
+    std::os::unix::fs::chown(&d.0, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(d.0.join("f"), Some(65534), Some(65534)).unwrap();
+    let e = Unid::open_with("f", options(&d, dead_socket())).unwrap_err();
+    assert!(matches!(e, Error::Insecure { .. }), "{e}");
+    let mut trusting = options(&d, dead_socket());
+    trusting.agent_uid = Some(65534);
+    let mut u = Unid::open_with("f", trusting).unwrap();
+    assert_eq!(u.next().unwrap().get(), 1);
 }
