@@ -61,6 +61,7 @@ fn client(dir: &RingDir, agent: &AgentHandle, sequence: &str) -> unid::Unid {
         socket_fallback: true,
         wait: Duration::from_secs(3),
         backup_ring_dir: None,
+        agent_uid: None,
     };
     unid::Unid::open_with(sequence, options).unwrap()
 }
@@ -599,4 +600,37 @@ fn a_higher_term_follower_does_not_hide_the_lower_term_leader() {
     assert_unique_and_granted(&[&got], &cluster);
     // A stale leader below the leader's term is still ignored.
     assert!(agent.status().epoch >= 3, "{:?}", agent.status().epoch);
+}
+
+/// Issue 12 item 10: a drained sequence stays `EXHAUSTED` after a restart
+/// (the new agent finds the old run's closed ring in the folder).
+#[test]
+fn exhausted_survives_an_agent_restart() {
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(2, &["tiny"]);
+    let server = cluster.start_server(1).unwrap();
+    let mut c = config(vec![server.addr()], &dir, &["tiny"]);
+    c.socket_wait_ms = 300;
+    let agent = unid_agent::run(c.clone()).unwrap();
+    let mut ids = client(&dir, &agent, "tiny");
+    ids.next().unwrap();
+    cluster.set_exhausted(true);
+    let e = loop {
+        match ids.take(1000) {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(e, unid::Error::Exhausted { .. }), "{e}");
+    agent.stop();
+    let agent = unid_agent::run(c).unwrap();
+    wait_until("exhausted", 5000, || {
+        agent.status().sequences[0].state == SequenceState::Exhausted
+    });
+    let mut conn = connect(&agent);
+    let e = socket_next(&mut conn, "tiny", 1).unwrap_err();
+    assert!(e.starts_with("ERR EXHAUSTED"), "{e}");
+    let mut ids = client(&dir, &agent, "tiny");
+    let e = ids.next().unwrap_err();
+    assert!(matches!(e, unid::Error::Exhausted { .. }), "{e}");
 }

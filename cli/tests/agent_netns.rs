@@ -283,6 +283,7 @@ fn agent_cut_off_by_its_interface_going_down_keeps_serving_and_recovers() {
         socket_fallback: false,
         wait: Duration::from_secs(10),
         backup_ring_dir: None,
+        agent_uid: None,
     };
     let mut app = unid::Unid::open_with("jobs", options).unwrap();
     let mut ids = vec![app.next().unwrap().get()];
