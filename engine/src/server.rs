@@ -176,7 +176,7 @@ pub enum ServerError {
 pub const DATA_DIR_LOCK_FILE: &str = "LOCK";
 
 /// Locks `dir` for this process: creates it and its [`DATA_DIR_LOCK_FILE`], takes an exclusive
-/// lock (released when the returned file is closed, also when the process dies) and writes this
+/// `flock` (released when the returned file is closed, also when the process dies) and writes this
 /// process's id into it. A directory locked by another process is [`ServerError::DataDirInUse`].
 pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
     use std::io::{Read as _, Seek as _, Write as _};
@@ -192,9 +192,19 @@ pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServerError
         .truncate(false)
         .open(dir.join(DATA_DIR_LOCK_FILE))
         .map_err(io)?;
-    match file.try_lock() {
+    // `File::try_lock` is newer than this workspace's MSRV (1.85): flock(2) directly.
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock on a file descriptor this function owns (`file` lives across the call);
+    // it touches no memory.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let locked = if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    };
+    match locked {
         Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
             let holder = match text.trim() {
@@ -206,7 +216,7 @@ pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServerError
                 holder,
             });
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        Err(e) => return Err(io(e)),
     }
     file.set_len(0).map_err(io)?;
     file.rewind().map_err(io)?;
