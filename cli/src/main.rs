@@ -5,6 +5,7 @@ mod agent;
 mod cluster;
 mod config;
 mod dev;
+mod logs;
 mod next;
 mod sequence;
 mod server;

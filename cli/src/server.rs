@@ -196,21 +196,10 @@ fn build(args: Args) -> anyhow::Result<ServerConfig> {
     Ok(config)
 }
 
-/// Sets up `tracing` output to stderr (`RUST_LOG` filters; default `info,openraft=warn`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 /// Runs `unid server`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = build(args)?;
-    init_logging();
+    crate::logs::init("info,openraft=warn");
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let id = config.id;

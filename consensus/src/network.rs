@@ -130,6 +130,90 @@ pub struct NetConfig {
     /// Fault injection: while set, this node neither sends nor answers any
     /// peer request, as if cut off by a network partition.
     pub isolated: Arc<std::sync::atomic::AtomicBool>,
+    /// Which peers answer, for the log (see [`PeerHealth`]).
+    pub health: Arc<PeerHealth>,
+}
+
+/// How often a peer that stays unreachable gets a summary line.
+pub const PEER_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Whether each peer answers this node's calls, so that a peer that goes away makes one
+/// warning, one summary per [`PEER_SUMMARY_INTERVAL`] while it stays away, and one line when
+/// it answers again, instead of a line per failed RPC (openraft logs every failed
+/// replication; `unid server` keeps openraft's own warnings at debug by default).
+#[derive(Debug, Default)]
+pub struct PeerHealth {
+    peers: std::sync::Mutex<std::collections::HashMap<NodeId, PeerState>>,
+}
+
+#[derive(Debug)]
+struct PeerState {
+    /// Since when calls to it fail (`None`: it answered last).
+    down_since: Option<std::time::Instant>,
+    /// Failed calls since it went down, and since the last summary.
+    failures: u64,
+    failures_since_summary: u64,
+    summary_at: std::time::Instant,
+}
+
+impl PeerHealth {
+    /// Records the outcome of one call to `target` at `addr` and logs a change.
+    fn record(&self, target: NodeId, addr: &str, failure: Option<&CallError>) {
+        let now = std::time::Instant::now();
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let p = peers.entry(target).or_insert(PeerState {
+            down_since: None,
+            failures: 0,
+            failures_since_summary: 0,
+            summary_at: now,
+        });
+        match (failure, p.down_since) {
+            (None, None) => {}
+            (None, Some(since)) => {
+                tracing::info!(
+                    peer = target,
+                    addr,
+                    down_s = since.elapsed().as_secs_f64().round(),
+                    failed_calls = p.failures,
+                    "raft peer answers again"
+                );
+                p.down_since = None;
+                p.failures = 0;
+            }
+            (Some(e), None) => {
+                tracing::warn!(peer = target, addr, error = %e, "raft peer unreachable (one line per minute while it stays away)");
+                p.down_since = Some(now);
+                p.failures = 1;
+                p.failures_since_summary = 0;
+                p.summary_at = now;
+            }
+            (Some(e), Some(since)) => {
+                p.failures += 1;
+                p.failures_since_summary += 1;
+                if now.duration_since(p.summary_at) >= PEER_SUMMARY_INTERVAL {
+                    tracing::warn!(
+                        peer = target,
+                        addr,
+                        down_s = since.elapsed().as_secs_f64().round(),
+                        failed_calls = p.failures_since_summary,
+                        last_error = %e,
+                        "raft peer still unreachable"
+                    );
+                    p.failures_since_summary = 0;
+                    p.summary_at = now;
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unreachable(e) => write!(f, "connect: {e}"),
+            CallError::Network(m) => f.write_str(m),
+        }
+    }
 }
 
 /// Why one call failed.
@@ -253,6 +337,18 @@ impl PeerClient {
     /// it meanwhile) are retried once on a fresh one: Raft RPCs may be
     /// repeated safely. Forwarded writes are never retried here.
     pub(crate) async fn call(
+        &mut self,
+        body: RpcRequest,
+        timeout: Duration,
+    ) -> Result<RpcResponse, CallError> {
+        let res = self.call_once(body, timeout).await;
+        self.cfg
+            .health
+            .record(self.target, &self.addr, res.as_ref().err());
+        res
+    }
+
+    async fn call_once(
         &mut self,
         body: RpcRequest,
         timeout: Duration,

@@ -851,6 +851,7 @@ fn net_config(config: &NodeConfig) -> NetConfig {
         backoff: Duration::from_millis(t.backoff_ms),
         pool: Arc::new(network::ConnPool::default()),
         isolated: Arc::new(AtomicBool::new(false)),
+        health: Arc::new(network::PeerHealth::default()),
     }
 }
 
