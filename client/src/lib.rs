@@ -386,7 +386,7 @@ impl Unid {
                 name: sequence.to_owned(),
             });
         }
-        let socket = socket::Client::new(options.socket);
+        let socket = socket::Client::new(options.socket, &options.ring_dir, options.agent_uid);
         let mut unid = Unid {
             sequence: sequence.to_owned(),
             source: Source::Socket {
@@ -423,7 +423,13 @@ impl Unid {
                 unid.source = Source::Ring(c);
             }
             Err(Error::AgentNotRunning { .. }) if unid.options.socket_fallback => {
-                unid.socket.ping().map_err(|_| unid.not_running())?;
+                match unid.socket.ping() {
+                    Ok(()) => {}
+                    Err(socket::Failure::Insecure(path, reason)) => {
+                        return Err(Error::Insecure { path, reason });
+                    }
+                    Err(_) => return Err(unid.not_running()),
+                }
             }
             Err(e) => return Err(e),
         }
@@ -813,7 +819,7 @@ impl Unid {
                 self.buffered.extend(ids);
                 Ok(self.take_buffered(first, max, width))
             }
-            Err(socket::Failure::Refused(_)) => Err(self.not_running()),
+            Err(socket::Failure::Refused) => Err(self.not_running()),
             Err(socket::Failure::Agent { code, text }) => Err(match code.as_str() {
                 "UNKNOWN_SEQUENCE" => Error::UnknownSequence {
                     sequence: self.sequence.clone(),
@@ -831,6 +837,7 @@ impl Unid {
                 socket: self.options.socket,
                 line,
             }),
+            Err(socket::Failure::Insecure(path, reason)) => Err(Error::Insecure { path, reason }),
             Err(socket::Failure::Io(op, source)) => Err(Error::Io {
                 op,
                 socket: self.options.socket,

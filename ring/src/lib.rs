@@ -27,6 +27,8 @@ mod sync;
 #[cfg(not(loom))]
 mod error;
 #[cfg(not(loom))]
+pub mod peer;
+#[cfg(not(loom))]
 pub mod secure;
 #[cfg(not(loom))]
 mod shm;
