@@ -145,6 +145,7 @@ impl<'a> RingRef<'a> {
     /// # Safety
     /// `slots.len()` must be a nonzero power of two ([`RingRef::take`] indexes unchecked).
     #[inline]
+    #[cfg_attr(loom, allow(dead_code))] // used by the mmap side only
     pub(crate) unsafe fn new_unchecked(header: &'a Header, slots: &'a [Slot]) -> Self {
         debug_assert!(slots.len().is_power_of_two());
         RingRef {
