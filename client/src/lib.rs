@@ -32,8 +32,19 @@
 //! | what | default | override |
 //! |---|---|---|
 //! | ring folder | `/dev/shm/unid` | `UNID_RING_DIR` or [`Options::ring_dir`] |
+//! | agent's Unix socket (tried first) | `RING_DIR/.unid-socket` | follows the ring folder |
 //! | localhost socket | `127.0.0.1:7411` | `UNID_SOCKET` or [`Options::socket`] |
+//! | the agent's uid, if neither this process's nor root's | none | `UNID_AGENT_UID` or [`Options::agent_uid`] |
 //! | backup agent's ring folder | read from `RING_DIR/.unid-pair` | `UNID_BACKUP_RING_DIR` or [`Options::backup_ring_dir`] |
+//!
+//! # Whom it trusts
+//!
+//! Ring folder, ring and seal files and the agent's sockets must belong to
+//! this process's user, root or [`Options::agent_uid`], and the folder must
+//! not be writable by others ([`Error::Insecure`] otherwise: a squatted
+//! `/dev/shm/unid`, another user listening on the agent's port). Ids a ring
+//! hands out that are not above the handle's last one are
+//! [`Error::Corrupt`], never returned. See `ring/README.md` (threat model).
 //!
 //! # Primary and backup agents
 //!
