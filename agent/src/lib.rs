@@ -127,8 +127,18 @@ pub struct AgentConfig {
     pub ring_capacity: u64,
     /// Ring file mode: `0o600` (default) or `0o660` (group may consume).
     pub ring_mode: u32,
-    /// The localhost socket; `None` serves none. Default 127.0.0.1:7411.
+    /// The localhost TCP socket; `None` serves none. Default 127.0.0.1:7411.
+    /// Only the agent's user and root may use it (the peer's socket owner is
+    /// looked up in `/proc/net/tcp`), unless `socket_tcp_any_user`.
     pub socket: Option<SocketAddr>,
+    /// Let any local user take ids over the TCP socket (as before issue 12).
+    /// Default false.
+    pub socket_tcp_any_user: bool,
+    /// Also serve the protocol on the Unix socket `ring_dir/.unid-socket`
+    /// (mode 0600, 0660 with `ring_mode` 0660). Peers are checked with
+    /// `SO_PEERCRED`: the agent's user, root, or (0660) its group. The
+    /// client prefers it. Default true.
+    pub unix_socket: bool,
     /// Most simultaneous socket connections (1..=4096). Default 64.
     pub socket_connections_max: usize,
     /// How long a `NEXT` on the socket waits for ids when the ring is empty,
@@ -165,6 +175,8 @@ impl AgentConfig {
             ring_capacity: 1024,
             ring_mode: 0o600,
             socket: Some(SOCKET_ADDR_DEFAULT.parse().expect("valid address")),
+            socket_tcp_any_user: false,
+            unix_socket: true,
             socket_connections_max: 64,
             socket_wait_ms: 2000,
             socket_idle_ms: 60_000,
@@ -379,6 +391,9 @@ pub struct Metrics {
     pub socket_ids: AtomicU64,
     /// Socket connections refused because `socket_connections_max` were open.
     pub socket_refused: AtomicU64,
+    /// Socket connections refused because the peer may not take ids (see
+    /// [`AgentConfig::socket_tcp_any_user`]).
+    pub socket_denied: AtomicU64,
     /// Socket requests answered with `ERR`.
     pub socket_errors: AtomicU64,
     /// Path errors the kernel reported on a server's socket (ICMP refused,
@@ -483,6 +498,11 @@ impl Metrics {
                 "socket_refused_total",
                 &self.socket_refused,
                 "socket connections refused",
+            ),
+            (
+                "socket_denied_total",
+                &self.socket_denied,
+                "socket connections denied (peer may not take ids)",
             ),
             (
                 "socket_errors_total",
@@ -766,17 +786,14 @@ pub fn run(config: AgentConfig) -> Result<AgentHandle, Error> {
         socket: std::sync::OnceLock::new(),
     });
     let driver = driver::Driver::new(config.clone(), incarnation, Arc::clone(&shared))?;
-    let listener = match config.socket {
-        Some(addr) => Some(socket::Server::bind(addr, &config, Arc::clone(&shared))?),
-        None => None,
-    };
-    if let Some(l) = &listener {
-        let _ = shared.socket.set(l.local_addr());
+    let listener = socket::Server::bind(&config, Arc::clone(&shared))?;
+    if let Some(a) = listener.as_ref().and_then(|l| l.local_addr()) {
+        let _ = shared.socket.set(a);
     }
     let mut handle = AgentHandle {
         shared,
         threads: Vec::new(),
-        socket: listener.as_ref().map(|l| l.local_addr()),
+        socket: listener.as_ref().and_then(|l| l.local_addr()),
         pair: driver.pair_addr(),
     };
     let t = std::thread::Builder::new()

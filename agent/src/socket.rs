@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +21,11 @@ use crate::{
 const POLL_MS: u64 = 50;
 /// How long a reply may take to write before the connection is dropped.
 const WRITE_TIMEOUT_MS: u64 = 5_000;
+/// The longest a request line (or an HTTP request's headers) may take to arrive from its
+/// first byte, in ms (at most `socket_idle_ms`): a slow sender cannot hold a slot.
+pub(crate) const LINE_MS_MAX: u64 = 10_000;
+/// The Unix socket's name in the ring folder (no sequence can have it: it starts with a dot).
+pub const UNIX_SOCKET_NAME: &str = unid_ring::secure::UNIX_SOCKET_NAME;
 
 struct Ctx {
     shared: Arc<Shared>,
@@ -30,31 +36,192 @@ struct Ctx {
     connections_max: usize,
     connections: AtomicUsize,
     consumers: Mutex<HashMap<String, Arc<Consumer>>>,
+    /// Who may connect (see [`Ctx::allowed_unix`], [`Ctx::allowed_tcp`]).
+    euid: u32,
+    /// The ring group (the agent's egid) when rings are group-readable.
+    group: Option<u32>,
+    tcp_any_user: bool,
+}
+
+/// One accepted connection.
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    fn setup(&self) {
+        let read = Some(Duration::from_millis(POLL_MS));
+        let write = Some(Duration::from_millis(WRITE_TIMEOUT_MS));
+        match self {
+            Conn::Tcp(s) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(read);
+                let _ = s.set_write_timeout(write);
+                let _ = s.set_nodelay(true);
+            }
+            Conn::Unix(s) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(read);
+                let _ = s.set_write_timeout(write);
+            }
+        }
+    }
+
+    /// Writes a refusal without blocking the accept loop for long.
+    fn refuse(mut self, line: &str) {
+        match &self {
+            Conn::Tcp(s) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+            }
+            Conn::Unix(s) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+            }
+        }
+        let _ = self.write_all(line.as_bytes());
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.flush(),
+            Conn::Unix(s) => s.flush(),
+        }
+    }
+}
+
+impl Ctx {
+    /// A Unix-socket peer may take ids if it is the agent's user, root, or (group-readable
+    /// rings) in the agent's group: exactly who may map the rings.
+    fn allowed_unix(&self, s: &UnixStream) -> Result<(), String> {
+        let c = unid_ring::peer::unix_peer(s).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+        if c.uid == self.euid || c.uid == 0 {
+            return Ok(());
+        }
+        if let Some(g) = self.group
+            && (c.gid == g
+                || unid_ring::peer::process_groups(c.pid).is_ok_and(|gs| gs.contains(&g)))
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "uid {} may not take ids from this agent (its user {}, root{})",
+            c.uid,
+            self.euid,
+            match self.group {
+                Some(g) => format!(" or group {g}"),
+                None => String::new(),
+            }
+        ))
+    }
+
+    /// A TCP peer may take ids if its socket belongs to the agent's user or root (looked up
+    /// in `/proc/net/tcp`, so loopback only), or anyone with `socket_tcp_any_user`.
+    fn allowed_tcp(&self, s: &TcpStream) -> Result<(), String> {
+        if self.tcp_any_user {
+            return Ok(());
+        }
+        let (Ok(local), Ok(peer)) = (s.local_addr(), s.peer_addr()) else {
+            return Err("no peer address".to_owned());
+        };
+        match unid_ring::peer::tcp_peer_uid(local, peer) {
+            Ok(Some(uid)) if uid == self.euid || uid == 0 => Ok(()),
+            Ok(Some(uid)) => Err(format!(
+                "uid {uid} may not take ids over TCP (only uid {} and root; others use the Unix socket {} if in the ring group)",
+                self.euid,
+                self.ring_dir.join(UNIX_SOCKET_NAME).display()
+            )),
+            Ok(None) => Err(format!("{peer} is not a local socket this host lists")),
+            Err(e) => Err(format!("cannot read /proc/net/tcp: {e}")),
+        }
+    }
 }
 
 pub(crate) struct Server {
-    listener: TcpListener,
+    listener: Option<TcpListener>,
+    unix: Option<(UnixListener, PathBuf)>,
     ctx: Arc<Ctx>,
 }
 
+/// Binds the Unix socket `dir/.unid-socket` (the folder made and checked like the rings'),
+/// mode 0600 (0660 with group-readable rings). A live socket there (another agent with the
+/// same folder) is left alone.
+fn bind_unix(dir: &Path, group_access: bool) -> Result<(UnixListener, PathBuf), String> {
+    use std::os::unix::fs::PermissionsExt;
+    unid_ring::secure::secure_dir_for_agent(dir, None, group_access).map_err(|e| e.to_string())?;
+    let path = dir.join(UNIX_SOCKET_NAME);
+    if UnixStream::connect(&path).is_ok() {
+        return Err(format!(
+            "{} is served by another live agent",
+            path.display()
+        ));
+    }
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+    let mode = if group_access { 0o660 } else { 0o600 };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    l.set_nonblocking(true)
+        .map_err(|e| format!("set_nonblocking: {e}"))?;
+    Ok((l, path))
+}
+
 impl Server {
-    pub(crate) fn bind(
-        addr: SocketAddr,
-        config: &AgentConfig,
-        shared: Arc<Shared>,
-    ) -> Result<Server, Error> {
-        let listener = TcpListener::bind(addr).map_err(|source| Error::Io {
-            op: "bind tcp",
-            addr,
-            source,
-        })?;
-        listener.set_nonblocking(true).map_err(|source| Error::Io {
-            op: "set_nonblocking",
-            addr,
-            source,
-        })?;
-        Ok(Server {
+    /// The TCP socket `config.socket` (an error if it cannot be bound) and the Unix socket in
+    /// the ring folder (`config.unix_socket`; a warning if it cannot be made). `None` if neither.
+    pub(crate) fn bind(config: &AgentConfig, shared: Arc<Shared>) -> Result<Option<Server>, Error> {
+        let listener = match config.socket {
+            Some(addr) => {
+                let l = TcpListener::bind(addr).map_err(|source| Error::Io {
+                    op: "bind tcp",
+                    addr,
+                    source,
+                })?;
+                l.set_nonblocking(true).map_err(|source| Error::Io {
+                    op: "set_nonblocking",
+                    addr,
+                    source,
+                })?;
+                Some(l)
+            }
+            None => None,
+        };
+        let group_access = config.ring_mode == 0o660;
+        let unix = if config.unix_socket {
+            match bind_unix(&config.ring_dir, group_access) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    tracing::warn!("no Unix socket: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if listener.is_none() && unix.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Server {
             listener,
+            unix,
             ctx: Arc::new(Ctx {
                 shared,
                 ring_dir: config.ring_dir.clone(),
@@ -68,71 +235,104 @@ impl Server {
                 connections_max: config.socket_connections_max,
                 connections: AtomicUsize::new(0),
                 consumers: Mutex::new(HashMap::new()),
+                euid: unid_ring::secure::euid(),
+                group: group_access.then(unid_ring::secure::egid),
+                tcp_any_user: config.socket_tcp_any_user,
             }),
-        })
+        }))
     }
 
-    pub(crate) fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+    /// The TCP address (the real port when the configured one was 0).
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    fn accept(&self) -> Option<Conn> {
+        if let Some(l) = &self.listener {
+            match l.accept() {
+                Ok((s, _)) => match self.ctx.allowed_tcp(&s) {
+                    Ok(()) => return Some(Conn::Tcp(s)),
+                    Err(why) => self.deny(Conn::Tcp(s), &why),
+                },
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => tracing::debug!("accept tcp: {e}"),
+            }
+        }
+        if let Some((l, _)) = &self.unix {
+            match l.accept() {
+                Ok((s, _)) => match self.ctx.allowed_unix(&s) {
+                    Ok(()) => return Some(Conn::Unix(s)),
+                    Err(why) => self.deny(Conn::Unix(s), &why),
+                },
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => tracing::debug!("accept unix: {e}"),
+            }
+        }
+        None
+    }
+
+    fn deny(&self, conn: Conn, why: &str) {
+        Metrics::add(&self.ctx.shared.metrics.socket_denied, 1);
+        tracing::debug!("socket connection denied: {why}");
+        conn.refuse(&format!("ERR DENIED {why}\n"));
     }
 
     pub(crate) fn run(self) {
-        tracing::info!(addr = %self.local_addr(), "localhost socket listening");
+        if let Some(a) = self.local_addr() {
+            tracing::info!(addr = %a, "localhost socket listening");
+        }
+        if let Some((_, p)) = &self.unix {
+            tracing::info!(path = %p.display(), "unix socket listening");
+        }
         let mut threads = Vec::new();
         while !self.ctx.shared.stop.load(Ordering::Acquire) {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    threads.retain(|t: &std::thread::JoinHandle<()>| !t.is_finished());
-                    let ctx = Arc::clone(&self.ctx);
-                    if ctx.connections.fetch_add(1, Ordering::AcqRel) >= ctx.connections_max {
-                        ctx.connections.fetch_sub(1, Ordering::AcqRel);
-                        Metrics::add(&ctx.shared.metrics.socket_refused, 1);
-                        let mut stream = stream;
-                        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-                        let _ = stream.write_all(b"ERR BUSY too many connections; retry later\n");
-                        continue;
-                    }
-                    let spawned = std::thread::Builder::new()
-                        .name("unid-agent-conn".to_owned())
-                        .spawn(move || {
-                            serve(&ctx, stream);
-                            ctx.connections.fetch_sub(1, Ordering::AcqRel);
-                        });
-                    match spawned {
-                        Ok(t) => threads.push(t),
-                        Err(e) => {
-                            self.ctx.connections.fetch_sub(1, Ordering::AcqRel);
-                            tracing::warn!("cannot start a connection thread: {e}");
-                        }
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+            let Some(conn) = self.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            threads.retain(|t: &std::thread::JoinHandle<()>| !t.is_finished());
+            let ctx = Arc::clone(&self.ctx);
+            if ctx.connections.fetch_add(1, Ordering::AcqRel) >= ctx.connections_max {
+                ctx.connections.fetch_sub(1, Ordering::AcqRel);
+                Metrics::add(&ctx.shared.metrics.socket_refused, 1);
+                conn.refuse("ERR BUSY too many connections; retry later\n");
+                continue;
+            }
+            let spawned = std::thread::Builder::new()
+                .name("unid-agent-conn".to_owned())
+                .spawn(move || {
+                    serve(&ctx, conn);
+                    ctx.connections.fetch_sub(1, Ordering::AcqRel);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
                 Err(e) => {
-                    tracing::debug!("accept: {e}");
-                    std::thread::sleep(Duration::from_millis(5));
+                    self.ctx.connections.fetch_sub(1, Ordering::AcqRel);
+                    tracing::warn!("cannot start a connection thread: {e}");
                 }
             }
         }
         for t in threads {
             let _ = t.join();
         }
+        if let Some((_, p)) = &self.unix {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
-/// One connection: read lines, answer each, until EOF, QUIT, idle timeout,
-/// a too-long line or stop.
-fn serve(ctx: &Ctx, mut stream: TcpStream) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(POLL_MS)));
-    let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
-    let _ = stream.set_nodelay(true);
+/// One connection: read lines, answer each, until EOF, QUIT, a too-long or too-slow line,
+/// idle timeout (no complete request for `idle_ms`) or stop. A line must arrive within
+/// `min(idle_ms, LINE_MS_MAX)` of its first byte, so trickling bytes holds no slot.
+fn serve(ctx: &Ctx, mut stream: Conn) {
+    stream.setup();
     let mut line: Vec<u8> = Vec::with_capacity(SOCKET_LINE_BYTES_MAX);
     let mut buf = [0u8; 512];
-    let mut last_active = Instant::now();
+    let idle = Duration::from_millis(ctx.idle_ms);
+    let line_max = Duration::from_millis(ctx.idle_ms.min(LINE_MS_MAX));
+    let mut last_request = Instant::now();
+    // When the first byte of the request being read arrived (an HTTP request: of its first line).
+    let mut line_started: Option<Instant> = None;
     let mut out = String::new();
     // After `GET /metrics HTTP/1.x`: skip header lines until the blank one.
     let mut http = false;
@@ -140,20 +340,34 @@ fn serve(ctx: &Ctx, mut stream: TcpStream) {
         if ctx.shared.stop.load(Ordering::Acquire) {
             return;
         }
+        let timed_out = match line_started {
+            Some(t) => t.elapsed() >= line_max,
+            None => last_request.elapsed() >= idle,
+        };
+        if timed_out {
+            if line_started.is_some() {
+                Metrics::add(&ctx.shared.metrics.socket_errors, 1);
+                let _ = stream.write_all(
+                    format!(
+                        "ERR BAD_REQUEST request not complete within {} ms\n",
+                        line_max.as_millis()
+                    )
+                    .as_bytes(),
+                );
+            }
+            return;
+        }
         let n = match stream.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if last_active.elapsed() >= Duration::from_millis(ctx.idle_ms) {
-                    return;
-                }
-                continue;
-            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(_) => return,
         };
-        last_active = Instant::now();
         for &b in &buf[..n] {
+            if line_started.is_none() {
+                line_started = Some(Instant::now());
+            }
             if b != b'\n' {
                 if line.len() >= SOCKET_LINE_BYTES_MAX {
                     Metrics::add(&ctx.shared.metrics.socket_errors, 1);
@@ -190,6 +404,10 @@ fn serve(ctx: &Ctx, mut stream: TcpStream) {
                 }
             };
             line.clear();
+            if !http {
+                line_started = None;
+                last_request = Instant::now();
+            }
             if stream.write_all(out.as_bytes()).is_err() || !keep {
                 return;
             }

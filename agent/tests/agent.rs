@@ -720,3 +720,130 @@ fn a_leader_change_with_an_absurd_epoch_does_not_stall_real_answers() {
     assert_increasing(&got, "client");
     assert_unique_and_granted(&[&got], &cluster);
 }
+
+/// Child mode (`UNID_AGENT_CHILD=next`, run as another user by
+/// `other_users_may_not_take_ids`): `NEXT x 1` on `UNID_AGENT_ADDR`, prints
+/// the first reply line.
+#[test]
+fn child_entry() {
+    if std::env::var("UNID_AGENT_CHILD").as_deref() != Ok("next") {
+        return;
+    }
+    let addr: SocketAddr = std::env::var("UNID_AGENT_ADDR").unwrap().parse().unwrap();
+    let mut conn = BufReader::new(TcpStream::connect(addr).unwrap());
+    let _ = conn.get_mut().write_all(b"NEXT x 1\n");
+    let mut line = String::new();
+    let _ = conn.read_line(&mut line);
+    println!("reply {}", line.trim_end());
+}
+
+/// Issue 12 item 11: a connection trickling a byte at a time (never
+/// finishing a line) is dropped after the line timeout instead of holding
+/// its slot; and a complete request still resets the idle timer.
+#[test]
+fn a_slow_loris_is_dropped_and_holds_no_slot() {
+    use std::io::Read;
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(8, &["x"]);
+    let server = cluster.start_server(1).unwrap();
+    let mut c = config(vec![server.addr()], &dir, &["x"]);
+    c.socket_idle_ms = 600;
+    c.socket_connections_max = 1;
+    let agent = unid_agent::run(c).unwrap();
+    let s = TcpStream::connect(agent.socket_addr().unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut s = s;
+    let t0 = Instant::now();
+    let closed = loop {
+        if t0.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+        if s.write_all(b"P").is_err() {
+            break true;
+        }
+        let mut b = [0u8; 256];
+        match s.read(&mut b) {
+            Ok(0) => break true,
+            Ok(_) => {} // The ERR line saying why.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break true,
+        }
+    };
+    assert!(closed, "a trickling connection kept its slot for 5 s");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // The slot is free again: a real client gets ids.
+    wait_until("slot freed", 2000, || {
+        let mut conn = connect(&agent);
+        socket_next(&mut conn, "x", 1).is_ok()
+    });
+}
+
+/// Issue 12 items 6 and 11: the Unix socket in the ring folder serves the
+/// agent's user (mode 0600), and another user may not take ids over TCP.
+#[test]
+fn unix_socket_serves_and_other_users_may_not_take_ids() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::net::UnixStream;
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(8, &["x"]);
+    let server = cluster.start_server(1).unwrap();
+    let agent = unid_agent::run(config(vec![server.addr()], &dir, &["x"])).unwrap();
+    let path = dir.0.join(".unid-socket");
+    wait_until("unix socket", 2000, || path.exists());
+    let m = std::fs::symlink_metadata(&path).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    assert_eq!(m.uid(), unid_ring::secure::euid());
+    let mut conn = BufReader::new(UnixStream::connect(&path).unwrap());
+    conn.get_mut().write_all(b"NEXT x 5\n").unwrap();
+    let mut head = String::new();
+    conn.read_line(&mut head).unwrap();
+    assert!(head.starts_with("OK 5 8"), "{head}");
+    // The client library with no ring mapped and no TCP socket: the Unix one.
+    let options = unid::Options {
+        ring_dir: dir.0.clone(),
+        socket: "127.0.0.1:1".parse().unwrap(),
+        socket_fallback: true,
+        wait: Duration::from_secs(3),
+        backup_ring_dir: None,
+        agent_uid: None,
+    };
+    std::fs::remove_file(dir.0.join("x")).unwrap(); // as if no block came yet
+    let mut u = unid::Unid::open_with("x", options).unwrap();
+    assert!(!u.via_ring());
+    u.next().unwrap();
+    if unid_ring::secure::euid() != 0 {
+        eprintln!("not root: skipping the other-user half of this test");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_entry",
+            "--nocapture",
+            "--test-threads=1",
+            "-q",
+        ])
+        .env("UNID_AGENT_CHILD", "next")
+        .env("UNID_AGENT_ADDR", agent.socket_addr().unwrap().to_string())
+        .uid(65534)
+        .gid(65534)
+        .stderr(std::process::Stdio::null())
+        .output();
+    let Ok(out) = out else {
+        eprintln!("cannot run the test binary as uid 65534: skipping");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let reply = text
+        .lines()
+        .find_map(|l| l.strip_prefix("reply "))
+        .unwrap_or_else(|| panic!("no reply: {text}"));
+    assert!(reply.starts_with("ERR DENIED uid 65534"), "{reply}");
+    assert!(agent.metrics().socket_denied.load(Ordering::Relaxed) >= 1);
+}

@@ -47,6 +47,10 @@ pub struct Args {
     /// Let the ring file's group consume too (mode 0660 instead of 0600).
     #[arg(long)]
     group_readable: bool,
+    /// Let any local user take ids over the TCP socket (default: only the
+    /// agent's user and root; group members use RING_DIR/.unid-socket).
+    #[arg(long)]
+    socket_any_user: bool,
     /// Run as the backup of the primary agent whose pair link listens at ADDR
     /// (its --peer-listen). Use another --ring-dir and --socket than the primary.
     #[arg(long, value_name = "ADDR")]
@@ -77,6 +81,7 @@ struct FileConfig {
     secret_file: Option<PathBuf>,
     name: Option<String>,
     group_readable: Option<bool>,
+    socket_any_user: Option<bool>,
     /// Ring slots (power of two).
     ring_capacity: Option<u64>,
     /// Blocks kept in each ring.
@@ -189,6 +194,9 @@ fn build(args: Args) -> anyhow::Result<AgentConfig> {
     }
     if args.group_readable || file.group_readable == Some(true) {
         config.ring_mode = 0o660;
+    }
+    if args.socket_any_user || file.socket_any_user == Some(true) {
+        config.socket_tcp_any_user = true;
     }
     if let Some(c) = file.ring_capacity {
         config.ring_capacity = c;

@@ -32,8 +32,19 @@
 //! | what | default | override |
 //! |---|---|---|
 //! | ring folder | `/dev/shm/unid` | `UNID_RING_DIR` or [`Options::ring_dir`] |
+//! | agent's Unix socket (tried first) | `RING_DIR/.unid-socket` | follows the ring folder |
 //! | localhost socket | `127.0.0.1:7411` | `UNID_SOCKET` or [`Options::socket`] |
+//! | the agent's uid, if neither this process's nor root's | none | `UNID_AGENT_UID` or [`Options::agent_uid`] |
 //! | backup agent's ring folder | read from `RING_DIR/.unid-pair` | `UNID_BACKUP_RING_DIR` or [`Options::backup_ring_dir`] |
+//!
+//! # Whom it trusts
+//!
+//! Ring folder, ring and seal files and the agent's sockets must belong to
+//! this process's user, root or [`Options::agent_uid`], and the folder must
+//! not be writable by others ([`Error::Insecure`] otherwise: a squatted
+//! `/dev/shm/unid`, another user listening on the agent's port). Ids a ring
+//! hands out that are not above the handle's last one are
+//! [`Error::Corrupt`], never returned. See `ring/README.md` (threat model).
 //!
 //! # Primary and backup agents
 //!
@@ -386,7 +397,7 @@ impl Unid {
                 name: sequence.to_owned(),
             });
         }
-        let socket = socket::Client::new(options.socket);
+        let socket = socket::Client::new(options.socket, &options.ring_dir, options.agent_uid);
         let mut unid = Unid {
             sequence: sequence.to_owned(),
             source: Source::Socket {
@@ -423,7 +434,13 @@ impl Unid {
                 unid.source = Source::Ring(c);
             }
             Err(Error::AgentNotRunning { .. }) if unid.options.socket_fallback => {
-                unid.socket.ping().map_err(|_| unid.not_running())?;
+                match unid.socket.ping() {
+                    Ok(()) => {}
+                    Err(socket::Failure::Insecure(path, reason)) => {
+                        return Err(Error::Insecure { path, reason });
+                    }
+                    Err(_) => return Err(unid.not_running()),
+                }
             }
             Err(e) => return Err(e),
         }
@@ -813,7 +830,7 @@ impl Unid {
                 self.buffered.extend(ids);
                 Ok(self.take_buffered(first, max, width))
             }
-            Err(socket::Failure::Refused(_)) => Err(self.not_running()),
+            Err(socket::Failure::Refused) => Err(self.not_running()),
             Err(socket::Failure::Agent { code, text }) => Err(match code.as_str() {
                 "UNKNOWN_SEQUENCE" => Error::UnknownSequence {
                     sequence: self.sequence.clone(),
@@ -831,6 +848,7 @@ impl Unid {
                 socket: self.options.socket,
                 line,
             }),
+            Err(socket::Failure::Insecure(path, reason)) => Err(Error::Insecure { path, reason }),
             Err(socket::Failure::Io(op, source)) => Err(Error::Io {
                 op,
                 socket: self.options.socket,

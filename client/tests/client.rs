@@ -325,3 +325,91 @@ fn a_squatted_ring_folder_is_refused() {
     let mut u = Unid::open_with("f", trusting).unwrap();
     assert_eq!(u.next().unwrap().get(), 1);
 }
+
+/// Child mode (`UNID_CLIENT_CHILD=listen`): a fake agent on a loopback
+/// port; prints the port, answers `PONG` to `PING` and id `1` to
+/// anything else. Run as another user by the test below.
+#[test]
+fn child_entry() {
+    if std::env::var("UNID_CLIENT_CHILD").as_deref() != Ok("listen") {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    println!("port {}", l.local_addr().unwrap().port());
+    std::io::stdout().flush().unwrap();
+    for s in l.incoming() {
+        let Ok(s) = s else { continue };
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                let reply = if line.starts_with("PING") {
+                    "PONG\n"
+                } else {
+                    "OK 1 8\n1\n"
+                };
+                let _ = w.write_all(reply.as_bytes());
+                line.clear();
+            }
+        });
+    }
+}
+
+/// Issue 12 item 6: with no agent running, another user's listener on the
+/// agent's port is refused (its owner is not the agent's user); nothing it
+/// sends is returned.
+#[test]
+fn a_foreign_listener_on_the_agent_port_is_refused() {
+    use std::os::unix::process::CommandExt;
+    if unid_ring::secure::euid() != 0 {
+        eprintln!("not root: cannot run a listener as another user; skipping");
+        return;
+    }
+    /// Kills the child however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = match std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_entry",
+            "--nocapture",
+            "--test-threads=1",
+            "-q",
+        ])
+        .env("UNID_CLIENT_CHILD", "listen")
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cannot run the test binary as uid 65534 ({e}): skipping");
+            return;
+        }
+    };
+    let mut child = Kill(child);
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let port: u16 = loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "child exited");
+        if let Some(p) = line.trim().strip_prefix("port ") {
+            break p.parse().unwrap();
+        }
+    };
+    let socket: SocketAddr = ([127, 0, 0, 1], port).into();
+    let d = Dir::new("foreign");
+    let got = Unid::open_with("default", options(&d, socket)).and_then(|mut u| u.next());
+    drop(child);
+    match got {
+        Err(Error::Insecure { reason, .. }) => assert!(reason.contains("65534"), "{reason}"),
+        other => panic!("a foreign listener was trusted: {other:?}"),
+    }
+}

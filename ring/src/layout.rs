@@ -14,7 +14,8 @@
 //!     40     4  agent_pid       u32 pid of the agent (producer) process, as the agent sees it
 //!     44     4  flags           u32 bit 0 = FLAG_CLOSED (producer gone on purpose); others zero
 //!     48     8  heartbeat_ms    u64 CLOCK_MONOTONIC milliseconds of the agent's last heartbeat
-//!     56    72  (zero, reserved)
+//!     56     8  seal_nonce      u64 the nonce of this ring's seal file (see below), never 0
+//!     64    64  (zero, reserved)
 //!    128     8  head            u64 consumer cursor: block index << 20 | offset in block
 //!    136   120  (padding: head alone on its 128-byte pair of cache lines)
 //!    256     8  tail            u64 blocks published so far (written by the producer only)
@@ -30,6 +31,28 @@
 //!     24     8  count           u64 ids in the block, 1 ..= BLOCK_IDS_MAX
 //! ```
 //!
+//! # The seal file
+//!
+//! Consumers need write access to the ring file (the CAS on `head`), so nothing in it can be
+//! trusted against a consumer that writes outside the protocol. Beside `NAME` the producer
+//! keeps `.NAME.seal` (a name no sequence can have), which consumers open **read-only** (mode
+//! 0600 or 0640: only the agent's user may write it) and map `PROT_READ`:
+//!
+//! ```text
+//! offset  size  field           encoding
+//! ------  ----  --------------  ---------------------------------------------------------------
+//!      0     8  magic           u64 = SEAL_MAGIC (the bytes "UNIDSEAL" as a little-endian u64)
+//!      8     4  version         u32 = LAYOUT_VERSION (1)
+//!     12     4  (zero)
+//!     16     8  nonce           u64 = the ring file's seal_nonce (they belong together), never 0
+//!     24     8  capacity        u64 = the ring's capacity
+//!     32     8  floor           u64 the largest `head` the producer has seen: a `head` below it
+//!                               was rewound (consumers report Corrupt instead of taking)
+//!     40    88  (zero, reserved)
+//!    128  32*c  slots[capacity] the same slots as in the ring file, written by the producer in
+//!                               the same order; Rust consumers read these, never the ring's
+//! ```
+//!
 //! Every field, reserved ones included, is an atomic, so a process that reads the header while
 //! another writes it has no data race, whatever the other process does.
 //! The layout is fixed for x86-64 and aarch64, where `CachePadded` aligns to 128 bytes; the
@@ -40,6 +63,10 @@ use crossbeam_utils::CachePadded;
 
 /// `"UNIDRING"` as a little-endian `u64`: the first 8 bytes of every ring file.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"UNIDRING");
+/// `"UNIDSEAL"` as a little-endian `u64`: the first 8 bytes of every seal file.
+pub const SEAL_MAGIC: u64 = u64::from_le_bytes(*b"UNIDSEAL");
+/// Byte offset of slot 0 in the seal file (size of [`SealHeader`]).
+pub const SEAL_HEADER_SIZE: usize = 128;
 /// Layout version this crate reads and writes. Bumped on any incompatible layout change.
 pub const LAYOUT_VERSION: u32 = 1;
 /// Byte offset of slot 0 (size of [`Header`]).
@@ -98,7 +125,52 @@ pub struct Ident {
     pub flags: AtomicU32,
     /// CLOCK_MONOTONIC milliseconds of the producer's last heartbeat (0: never).
     pub heartbeat_ms: AtomicU64,
-    _reserved: [AtomicU64; 9],
+    /// The nonce of this ring's seal file ([`SealHeader::nonce`]).
+    pub seal_nonce: AtomicU64,
+    _reserved: [AtomicU64; 8],
+}
+
+/// The seal file's header: written by the producer only, mapped read-only by consumers.
+#[repr(C)]
+pub struct SealHeader {
+    /// [`SEAL_MAGIC`].
+    pub magic: AtomicU64,
+    /// [`LAYOUT_VERSION`].
+    pub version: AtomicU32,
+    _pad: AtomicU32,
+    /// Equal to the ring file's [`Ident::seal_nonce`]; never 0.
+    pub nonce: AtomicU64,
+    /// The ring's capacity.
+    pub capacity: AtomicU64,
+    /// The largest `head` the producer has seen; `head` below it was rewound.
+    pub floor: AtomicU64,
+    _reserved: [AtomicU64; 11],
+}
+
+impl SealHeader {
+    /// A zeroed seal header (as in a fresh file), for in-memory rings.
+    pub fn new() -> Self {
+        SealHeader {
+            magic: AtomicU64::new(0),
+            version: AtomicU32::new(0),
+            _pad: AtomicU32::new(0),
+            nonce: AtomicU64::new(0),
+            capacity: AtomicU64::new(0),
+            floor: AtomicU64::new(0),
+            _reserved: core::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Default for SealHeader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// File size of a seal for `capacity` slots.
+pub const fn seal_file_size(capacity: u64) -> usize {
+    SEAL_HEADER_SIZE + capacity as usize * SLOT_SIZE
 }
 
 /// The producer's line: `tail` and the sleep/wake words.
@@ -175,6 +247,7 @@ impl Header {
                 agent_pid: AtomicU32::new(0),
                 flags: AtomicU32::new(0),
                 heartbeat_ms: AtomicU64::new(0),
+                seal_nonce: AtomicU64::new(0),
                 _reserved: core::array::from_fn(|_| AtomicU64::new(0)),
             }),
             head: CachePadded::new(AtomicU64::new(0)),
@@ -230,6 +303,12 @@ mod asserts {
     const _: () = assert!(offset_of!(Ident, agent_pid) == 40);
     const _: () = assert!(offset_of!(Ident, flags) == 44);
     const _: () = assert!(offset_of!(Ident, heartbeat_ms) == 48);
+    const _: () = assert!(offset_of!(Ident, seal_nonce) == 56);
+    const _: () = assert!(size_of::<SealHeader>() == SEAL_HEADER_SIZE);
+    const _: () = assert!(offset_of!(SealHeader, nonce) == 16);
+    const _: () = assert!(offset_of!(SealHeader, capacity) == 24);
+    const _: () = assert!(offset_of!(SealHeader, floor) == 32);
+    const _: () = assert!(SEAL_HEADER_SIZE % align_of::<Slot>() == 0);
     const _: () = assert!(size_of::<ProducerLine>() == 16);
     const _: () = assert!(offset_of!(ProducerLine, tail) == 0);
     const _: () = assert!(offset_of!(ProducerLine, wake_seq) == WAKE_SEQ_OFFSET - TAIL_OFFSET);

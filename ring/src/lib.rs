@@ -27,6 +27,8 @@ mod sync;
 #[cfg(not(loom))]
 mod error;
 #[cfg(not(loom))]
+pub mod peer;
+#[cfg(not(loom))]
 pub mod secure;
 #[cfg(not(loom))]
 mod shm;
@@ -81,6 +83,22 @@ mod ring {
         Ok(dir.join(name))
     }
 
+    /// The seal file of ring `name` (see `layout`): `.NAME.seal`, a name no ring can have.
+    fn seal_path(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!(".{name}.seal"))
+    }
+
+    /// A nonce tying a ring file to its seal: unique per creation on this host (monotonic
+    /// nanoseconds, pid and a counter), never 0. Not a secret.
+    fn new_nonce() -> u64 {
+        let n = shm::monotonic_ns()
+            ^ (u64::from(std::process::id()) << 40)
+            ^ TEMP_SEQ
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .rotate_left(20);
+        n.max(1)
+    }
+
     /// How the agent creates a ring.
     #[derive(Clone, Debug)]
     pub struct ProducerOptions {
@@ -112,6 +130,8 @@ mod ring {
     /// and then get [`RingError::Closed`]. The file stays (a new agent replaces it atomically).
     pub struct Producer {
         map: Mapping,
+        /// The seal file, read-write (the producer is its only writer).
+        seal: Mapping,
         core: ProducerCore,
         path: PathBuf,
         width: u8,
@@ -160,36 +180,67 @@ mod ring {
                     return Err(RingError::InUse { path, pid });
                 }
             }
-            let tmp = dir.join(format!(
-                ".{name}.tmp.{}.{}",
-                std::process::id(),
-                TEMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            ));
-            let result = Self::build(&tmp, &path, opts);
+            let tmp_name = |what: &str| {
+                dir.join(format!(
+                    ".{name}.{what}tmp.{}.{}",
+                    std::process::id(),
+                    TEMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ))
+            };
+            let (tmp, seal_tmp) = (tmp_name(""), tmp_name("seal."));
+            let result = Self::build(&tmp, &seal_tmp, &path, &seal_path(dir, name), opts);
             if result.is_err() {
                 let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(&seal_tmp);
             }
             result
         }
 
-        fn build(tmp: &Path, path: &Path, opts: &ProducerOptions) -> Result<Producer, RingError> {
+        /// A new zero-filled file of `len` bytes at `tmp`, mode exactly `mode`, mapped.
+        fn new_file(
+            tmp: &Path,
+            len: usize,
+            mode: u32,
+            group: Option<u32>,
+        ) -> Result<Mapping, RingError> {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
-                .mode(opts.mode)
-                .custom_flags(libc::O_CLOEXEC)
+                .mode(mode)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
                 .open(tmp)
                 .map_err(io_err("create", tmp))?;
             // The umask may have cleared bits of `mode`: set it exactly.
-            file.set_permissions(std::fs::Permissions::from_mode(opts.mode))
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(io_err("fchmod", tmp))?;
-            if let Some(gid) = opts.group {
+            if let Some(gid) = group {
                 std::os::unix::fs::fchown(&file, None, Some(gid)).map_err(io_err("fchown", tmp))?;
             }
-            let len = layout::file_size(opts.capacity);
             file.set_len(len as u64).map_err(io_err("ftruncate", tmp))?;
-            let mut map = Mapping::map(&file, len).map_err(io_err("mmap", tmp))?;
+            Mapping::map(&file, len).map_err(io_err("mmap", tmp))
+        }
+
+        fn build(
+            tmp: &Path,
+            seal_tmp: &Path,
+            path: &Path,
+            seal_path: &Path,
+            opts: &ProducerOptions,
+        ) -> Result<Producer, RingError> {
+            // The seal: consumers may read it (0600, or 0640 for the group), never write it.
+            let seal_mode = if opts.mode == 0o660 { 0o640 } else { 0o600 };
+            let seal_len = layout::seal_file_size(opts.capacity);
+            let mut seal = Self::new_file(seal_tmp, seal_len, seal_mode, opts.group)?;
+            seal.set_seal_capacity(opts.capacity as usize);
+            let nonce = new_nonce();
+            let sh = seal.seal_header();
+            sh.version.store(LAYOUT_VERSION, Ordering::Relaxed);
+            sh.nonce.store(nonce, Ordering::Relaxed);
+            sh.capacity.store(opts.capacity, Ordering::Relaxed);
+            sh.magic.store(layout::SEAL_MAGIC, Ordering::Release);
+            let len = layout::file_size(opts.capacity);
+            let mut map = Self::new_file(tmp, len, opts.mode, opts.group)?;
             map.set_capacity(opts.capacity as usize);
             // The file is zero-filled: a valid empty ring. Write the identity fields.
             let id = &map.header().ident;
@@ -202,19 +253,27 @@ mod ring {
             id.agent_pid.store(std::process::id(), Ordering::Relaxed);
             id.heartbeat_ms
                 .store(shm::monotonic_ms(), Ordering::Relaxed);
+            id.seal_nonce.store(nonce, Ordering::Relaxed);
             id.magic.store(MAGIC, Ordering::Release);
-            // rename(2) is atomic: consumers see the old file or this complete one.
+            // rename(2) is atomic: consumers see the old file or this complete one. The seal
+            // goes first; a consumer that opens the old ring and the new seal sees their
+            // nonces differ and opens both again.
+            std::fs::rename(seal_tmp, seal_path).map_err(io_err("rename", seal_path))?;
             std::fs::rename(tmp, path).map_err(io_err("rename", path))?;
             Ok(Producer {
                 map,
+                seal,
                 core: ProducerCore::new(opts.capacity, layout::id_max(opts.width)),
                 path: path.to_path_buf(),
                 width: opts.width,
             })
         }
 
+        /// The producer's view: slots written to the ring file and the seal, `floor` raised.
         fn ring(&self) -> RingRef<'_> {
-            self.map.ring()
+            self.map
+                .ring()
+                .with_seal(Some(self.seal.seal_slots()), &self.seal.seal_header().floor)
         }
 
         /// Publishes ids `first .. first + count` (split into blocks of at most 2^20 ids) as far as
@@ -223,7 +282,10 @@ mod ring {
         /// (`first + accepted ..`) later. Ids must increase: `first` at least the end of the
         /// previous push.
         pub fn push(&mut self, first: u128, count: u64) -> Result<u64, RingError> {
-            let ring = self.map.ring();
+            let ring = self
+                .map
+                .ring()
+                .with_seal(Some(self.seal.seal_slots()), &self.seal.seal_header().floor);
             let accepted = self.core.push(&ring, first, count).map_err(|e| match e {
                 PushError::NotIncreasing { next_min } => {
                     RingError::NotIncreasing { first, next_min }
@@ -255,11 +317,13 @@ mod ring {
         /// Records liveness: `now_ms` on the [`monotonic_ms`](crate::monotonic_ms) clock. Call it
         /// well within consumers' `agent_stale_ms` (e.g. every 100 ms for the 5 s default).
         pub fn heartbeat(&self, now_ms: u64) {
-            self.ring()
-                .header()
+            let ring = self.ring();
+            ring.header()
                 .ident
                 .heartbeat_ms
                 .store(now_ms, Ordering::Release);
+            // Raise the seal's floor to `head`: a later rewind below it is detected.
+            ProducerCore::observe_head(&ring);
         }
 
         /// [`Producer::heartbeat`] with the current time.
@@ -331,9 +395,14 @@ mod ring {
         }
     }
 
+    /// `Corrupt` reason when the seal's nonce is not the ring's (retried: a replacement raced).
+    const SEAL_MISMATCH: &str = "the seal file does not belong to the ring file";
+
     /// A consumer's mapping of a ring. `Sync`: threads may share one `&Consumer`.
     pub struct Consumer {
         map: Mapping,
+        /// The ring's seal, mapped read-only: the slots and `floor` takes trust.
+        seal: Mapping,
         path: PathBuf,
         width: u8,
         opts: ConsumerOptions,
@@ -383,26 +452,128 @@ mod ring {
                         source: e,
                     },
                 })?;
-            Self::from_file(&file, path, opts)
+            if opts.check_owner {
+                let meta = file.metadata().map_err(io_err("fstat", &path))?;
+                crate::secure::check_file(&path, &meta, &owners)?;
+            }
+            let (mut map, mut width) = Self::from_file(&file, &path)?;
+            // The ring may be replaced between opening it and its seal: then try again.
+            let mut attempts = 0;
+            loop {
+                match Self::open_seal(dir, name, &map, &opts) {
+                    Ok(seal) => {
+                        return Ok(Consumer {
+                            map,
+                            seal,
+                            path,
+                            width,
+                            opts,
+                        });
+                    }
+                    Err(RingError::Corrupt { reason, .. })
+                        if reason == SEAL_MISMATCH && attempts < 3 =>
+                    {
+                        attempts += 1;
+                        let file = Self::open_ring_file(&path, &opts)?;
+                        (map, width) = Self::from_file(&file, &path)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
 
-        fn from_file(
-            file: &File,
-            path: PathBuf,
-            opts: ConsumerOptions,
-        ) -> Result<Consumer, RingError> {
+        fn open_ring_file(path: &Path, opts: &ConsumerOptions) -> Result<File, RingError> {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(io_err("open", path))?;
+            if opts.check_owner {
+                let meta = file.metadata().map_err(io_err("fstat", path))?;
+                crate::secure::check_file(path, &meta, &opts.owners())?;
+            }
+            Ok(file)
+        }
+
+        /// Maps the seal `.NAME.seal` read-only and checks it belongs to the mapped ring.
+        fn open_seal(
+            dir: &Path,
+            name: &str,
+            map: &Mapping,
+            opts: &ConsumerOptions,
+        ) -> Result<Mapping, RingError> {
+            let path = seal_path(dir, name);
             let corrupt = |reason| RingError::Corrupt {
                 path: path.clone(),
                 reason,
             };
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| match e.kind() {
+                    _ if e.raw_os_error() == Some(libc::ELOOP) => RingError::Insecure {
+                        path: path.clone(),
+                        reason: "the seal file is a symlink".to_owned(),
+                    },
+                    io::ErrorKind::NotFound => corrupt("the ring has no seal file"),
+                    io::ErrorKind::PermissionDenied => {
+                        RingError::PermissionDenied { path: path.clone() }
+                    }
+                    _ => RingError::Io {
+                        op: "open",
+                        path: path.clone(),
+                        source: e,
+                    },
+                })?;
             let meta = file.metadata().map_err(io_err("fstat", &path))?;
             if opts.check_owner {
                 crate::secure::check_file(&path, &meta, &opts.owners())?;
+                if meta.permissions().mode() & 0o022 != 0 {
+                    return Err(RingError::Insecure {
+                        path,
+                        reason: "the seal file is writable by group or others".to_owned(),
+                    });
+                }
             }
-            let len = meta.len();
+            let capacity = map.capacity();
+            if meta.len() != layout::seal_file_size(capacity as u64) as u64 {
+                return Err(corrupt("seal size does not match the ring's capacity"));
+            }
+            let mut seal = Mapping::map_read_only(&file, layout::seal_file_size(capacity as u64))
+                .map_err(io_err("mmap", &path))?;
+            let sh = seal.seal_header();
+            let nonce = map.header().ident.seal_nonce.load(Ordering::Relaxed);
+            if sh.magic.load(Ordering::Acquire) != layout::SEAL_MAGIC
+                || sh.version.load(Ordering::Relaxed) != LAYOUT_VERSION
+                || sh.capacity.load(Ordering::Relaxed) != capacity as u64
+            {
+                return Err(corrupt("not a seal of this layout"));
+            }
+            if nonce == 0 || sh.nonce.load(Ordering::Relaxed) != nonce {
+                return Err(corrupt(SEAL_MISMATCH));
+            }
+            seal.set_seal_capacity(capacity);
+            Ok(seal)
+        }
+
+        /// The consumer's view: the ring's `head`, the seal's slots and floor.
+        #[inline]
+        fn view(&self) -> RingRef<'_> {
+            self.map.ring_sealed(&self.seal)
+        }
+
+        /// Maps and validates a ring file; returns the mapping and the width.
+        fn from_file(file: &File, path: &Path) -> Result<(Mapping, u8), RingError> {
+            let corrupt = |reason| RingError::Corrupt {
+                path: path.to_path_buf(),
+                reason,
+            };
+            let len = file.metadata().map_err(io_err("fstat", path))?.len();
             if len < 8 {
                 return Err(RingError::BadMagic {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     found: 0,
                 });
             }
@@ -410,19 +581,19 @@ mod ring {
                 return Err(corrupt("shorter than the header"));
             }
             let len = usize::try_from(len).map_err(|_| corrupt("file too large"))?;
-            let mut map = Mapping::map(file, len).map_err(io_err("mmap", &path))?;
+            let mut map = Mapping::map(file, len).map_err(io_err("mmap", path))?;
             let id = &map.header().ident;
             let magic = id.magic.load(Ordering::Acquire);
             if magic != MAGIC {
                 return Err(RingError::BadMagic {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     found: magic,
                 });
             }
             let version = id.version.load(Ordering::Relaxed);
             if version != LAYOUT_VERSION {
                 return Err(RingError::UnsupportedVersion {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     found: version,
                     supported: LAYOUT_VERSION,
                 });
@@ -447,12 +618,7 @@ mod ring {
                 return Err(corrupt("file size does not match capacity"));
             }
             map.set_capacity(capacity as usize);
-            Ok(Consumer {
-                map,
-                path,
-                width,
-                opts,
-            })
+            Ok((map, width))
         }
 
         /// Id width in bytes (2, 4, 8 or 16); ids are returned as `u128` whatever the width.
@@ -476,7 +642,7 @@ mod ring {
         /// possibly fewer than `max` although more are available). `max == 0` counts as 1.
         #[inline]
         pub fn try_take_range(&self, max: u64) -> Result<IdRange, RingError> {
-            let ring = self.map.ring();
+            let ring = self.view();
             // (Starting from a per-thread guess of `head` via `RingRef::take_from` instead of a
             // load was measured: no difference beyond noise, so the simpler path stays.)
             match ring.take(max.max(1)) {
@@ -564,7 +730,7 @@ mod ring {
                 }
             }
             let deadline = Instant::now() + timeout;
-            let ring = self.map.ring();
+            let ring = self.view();
             let p = &ring.header().producer;
             loop {
                 // Register, then re-check: pairs with the producer's SeqCst fence before it reads

@@ -48,7 +48,7 @@
 //!   agent must create a new ring. The stamp `b + 1` never wraps either.
 
 use crate::layout::{BLOCK_IDS_MAX, BLOCKS_MAX, Header, OFFSET_BITS, OFFSET_MASK, Slot};
-use crate::sync::{Ordering, fence};
+use crate::sync::{AtomicU64, Ordering, fence};
 
 /// A range of consecutive ids `first .. first + count`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,10 +93,19 @@ pub enum PushError {
 }
 
 /// A view of a ring: its header and slots. `slots.len()` is a nonzero power of two.
+///
+/// With a seal (`layout`, "The seal file"): a consumer's view reads its slots from the seal
+/// (`slots` are the seal's) and checks `head` against the seal's `floor`; the producer's view
+/// writes every slot to both (`mirror`) and raises `floor` to what it sees of `head`.
 #[derive(Clone, Copy)]
 pub struct RingRef<'a> {
     header: &'a Header,
     slots: &'a [Slot],
+    /// Producer only: a second copy of the slots written with every push (the ring file's slots
+    /// when `slots` are the seal's). Same length as `slots`.
+    mirror: Option<&'a [Slot]>,
+    /// The seal's `floor`: `head` below it was rewound.
+    floor: Option<&'a AtomicU64>,
 }
 
 impl<'a> RingRef<'a> {
@@ -109,7 +118,26 @@ impl<'a> RingRef<'a> {
             slots.len().is_power_of_two(),
             "slot count must be a power of two"
         );
-        RingRef { header, slots }
+        RingRef {
+            header,
+            slots,
+            mirror: None,
+            floor: None,
+        }
+    }
+
+    /// The same view with a seal: `mirror` (producer: the other copy of the slots, same
+    /// length) and `floor`.
+    ///
+    /// # Panics
+    /// If `mirror` has another length than the slots.
+    pub fn with_seal(self, mirror: Option<&'a [Slot]>, floor: &'a AtomicU64) -> Self {
+        assert!(mirror.is_none_or(|m| m.len() == self.slots.len()));
+        RingRef {
+            mirror,
+            floor: Some(floor),
+            ..self
+        }
     }
 
     /// A view without the power-of-two check, for callers that validated `slots.len()` already.
@@ -117,9 +145,15 @@ impl<'a> RingRef<'a> {
     /// # Safety
     /// `slots.len()` must be a nonzero power of two ([`RingRef::take`] indexes unchecked).
     #[inline]
+    #[cfg_attr(loom, allow(dead_code))] // used by the mmap side only
     pub(crate) unsafe fn new_unchecked(header: &'a Header, slots: &'a [Slot]) -> Self {
         debug_assert!(slots.len().is_power_of_two());
-        RingRef { header, slots }
+        RingRef {
+            header,
+            slots,
+            mirror: None,
+            floor: None,
+        }
     }
 
     /// The header.
@@ -161,6 +195,17 @@ impl<'a> RingRef<'a> {
         let head_cell = &*self.header.head;
         let mut head = guess;
         loop {
+            if let Some(floor) = self.floor
+                && head < floor.load(Ordering::Acquire)
+            {
+                // Below what the producer saw: a stale guess, or a rewound `head`.
+                let now = head_cell.load(Ordering::Acquire);
+                if now == head {
+                    return (Take::Corrupt, head);
+                }
+                head = now;
+                continue;
+            }
             let block = head >> OFFSET_BITS;
             let off = head & OFFSET_MASK;
             let slot = self.slot(block);
@@ -288,8 +333,20 @@ impl ProducerCore {
         if b < cap || self.head_block_seen > b - cap {
             return true;
         }
-        self.head_block_seen = ring.header.head.load(Ordering::Acquire) >> OFFSET_BITS;
+        self.head_block_seen = Self::observe_head(ring) >> OFFSET_BITS;
         self.head_block_seen > b - cap
+    }
+
+    /// Loads `head` and raises the seal's `floor` to it (the producer is the only writer of
+    /// `floor`). Returns the value loaded.
+    pub fn observe_head(ring: &RingRef<'_>) -> u64 {
+        let head = ring.header.head.load(Ordering::Acquire);
+        if let Some(floor) = ring.floor
+            && head > floor.load(Ordering::Relaxed)
+        {
+            floor.store(head, Ordering::Release);
+        }
+        head
     }
 
     /// Publishes ids `first .. first + count`, split into blocks of at most [`BLOCK_IDS_MAX`],
@@ -325,13 +382,16 @@ impl ProducerCore {
             }
             let n = (count - accepted).min(BLOCK_IDS_MAX);
             let start = first + u128::from(accepted);
-            let slot = ring.slot(b);
-            slot.stamp.store(0, Ordering::Relaxed);
-            fence(Ordering::Release);
-            slot.first_lo.store(start as u64, Ordering::Relaxed);
-            slot.first_hi.store((start >> 64) as u64, Ordering::Relaxed);
-            slot.count.store(n, Ordering::Relaxed);
-            slot.stamp.store(b + 1, Ordering::Release);
+            let idx = (b & (ring.capacity() - 1)) as usize;
+            let mirror = ring.mirror.and_then(|m| m.get(idx));
+            for slot in std::iter::once(ring.slot(b)).chain(mirror) {
+                slot.stamp.store(0, Ordering::Relaxed);
+                fence(Ordering::Release);
+                slot.first_lo.store(start as u64, Ordering::Relaxed);
+                slot.first_hi.store((start >> 64) as u64, Ordering::Relaxed);
+                slot.count.store(n, Ordering::Relaxed);
+                slot.stamp.store(b + 1, Ordering::Release);
+            }
             self.ids_before[(b % ring.capacity()) as usize] = self.ids_total;
             self.ids_total += u128::from(n);
             self.next_block = b + 1;
@@ -579,6 +639,38 @@ mod tests {
         p.push(&ring, 0, 4).unwrap();
         mem.slots[0].count.store(0, Ordering::Relaxed);
         assert_eq!(ring.take(1), Take::Corrupt);
+    }
+
+    #[test]
+    fn head_below_the_floor_is_corrupt() {
+        let mem = MemRing::new(8, 4);
+        let seal = crate::layout::SealHeader::new();
+        let seal_slots: Vec<Slot> = (0..4).map(|_| Slot::new()).collect();
+        let producer = mem.view().with_seal(Some(&seal_slots), &seal.floor);
+        let consumer = RingRef::new(&mem.header, &seal_slots).with_seal(None, &seal.floor);
+        let mut p = ProducerCore::new(4, id_max(8));
+        p.push(&producer, 100, 10).unwrap();
+        assert_eq!(
+            consumer.take(4),
+            Take::Got(IdRange {
+                first: 100,
+                count: 4
+            })
+        );
+        ProducerCore::observe_head(&producer);
+        assert_eq!(seal.floor.load(Ordering::Relaxed), 4);
+        // A stale guess below the floor is only a guess: the real head is used.
+        assert_eq!(
+            consumer.take_from(0, 1).0,
+            Take::Got(IdRange {
+                first: 104,
+                count: 1
+            })
+        );
+        mem.header.head.store(1, Ordering::Relaxed); // rewound
+        assert_eq!(consumer.take(1), Take::Corrupt);
+        // The ring's own slots were written too (for readers of the plain layout).
+        assert_eq!(mem.slots[0].first_lo.load(Ordering::Relaxed), 100);
     }
 
     /// Producer and consumer threads on a heap ring: every id once, increasing per consumer.

@@ -25,6 +25,16 @@ pub fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The process's effective gid.
+pub fn egid() -> u32 {
+    // SAFETY: getegid has no preconditions and cannot fail.
+    unsafe { libc::getegid() }
+}
+
+/// The name of the agent's Unix socket in its ring folder. It starts with a dot, so no
+/// sequence (and no ring file) can have it.
+pub const UNIX_SOCKET_NAME: &str = ".unid-socket";
+
 const S_ISVTX: u32 = 0o1000;
 
 fn insecure(path: &Path, reason: String) -> RingError {

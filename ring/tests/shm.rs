@@ -38,6 +38,13 @@ impl Drop for TestDir {
     }
 }
 
+/// Writes ring `to` with these bytes, and gives it a copy of ring `from`'s seal file.
+fn write_ring(dir: &Path, from: &str, to: &str, bytes: &[u8]) {
+    std::fs::write(dir.join(to), bytes).unwrap();
+    let seal = std::fs::read(dir.join(format!(".{from}.seal"))).unwrap();
+    std::fs::write(dir.join(format!(".{to}.seal")), seal).unwrap();
+}
+
 fn opts(width: u8, capacity: u64) -> ProducerOptions {
     ProducerOptions {
         capacity,
@@ -259,7 +266,7 @@ fn open_errors_are_typed() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(
-        names.iter().all(|n| !n.to_string_lossy().starts_with('.')),
+        names.iter().all(|n| !n.to_string_lossy().contains("tmp.")),
         "{names:?}"
     );
 }
@@ -375,7 +382,7 @@ fn closed_after_drain_and_agent_dead() {
     // A ring served by another live agent (pid 1, fresh heartbeat) is not replaced.
     let mut bytes = std::fs::read(dir.path().join("t")).unwrap();
     bytes[40..44].copy_from_slice(&1u32.to_le_bytes());
-    std::fs::write(dir.path().join("owned"), &bytes).unwrap();
+    write_ring(dir.path(), "t", "owned", &bytes);
     assert!(matches!(
         Producer::create(dir.path(), "owned", &opts(8, 4)),
         Err(RingError::InUse { pid: 1, .. })
@@ -391,7 +398,7 @@ fn dead_agent_pid_noticed_while_waiting() {
     let path = dir.path().join("s");
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[40..44].copy_from_slice(&0x40_0001u32.to_le_bytes());
-    std::fs::write(dir.path().join("forged"), &bytes).unwrap();
+    write_ring(dir.path(), "s", "forged", &bytes);
     let c = Consumer::open(dir.path(), "forged").unwrap();
     let t0 = Instant::now();
     assert!(matches!(
@@ -835,4 +842,58 @@ fn squatted_folder_and_foreign_files_are_refused() {
         "root consumer mapped a foreign file"
     );
     Consumer::open_with(squat.path(), "s", trusting).unwrap();
+}
+
+/// Writes `value` at `offset` of `file`, as a consumer with write access to the ring could.
+fn scribble(file: &Path, offset: u64, value: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.write_at(&value.to_le_bytes(), offset).unwrap();
+}
+
+/// Issue 12 item 3: what a consumer can write to the ring file does not make any consumer
+/// repeat an id: a rewound `head` (below what the producer saw) is `Corrupt` for every handle,
+/// and a lowered `first` in a ring slot is not read at all (slots come from the seal).
+#[test]
+fn consumer_writes_to_the_ring_repeat_no_id() {
+    let dir = TestDir::new("scribble");
+    let mut p = Producer::create(dir.path(), "h", &opts(8, 4)).unwrap();
+    p.push(1000, 100).unwrap();
+    let a = Consumer::open(dir.path(), "h").unwrap();
+    let got = a.try_take_range(30).unwrap();
+    assert_eq!(
+        got,
+        IdRange {
+            first: 1000,
+            count: 30
+        }
+    );
+    p.heartbeat_now(); // the producer sees head = (0, 30)
+    scribble(&dir.path().join("h"), 128, 0); // head back to (0, 0)
+    let b = Consumer::open(dir.path(), "h").unwrap();
+    for c in [&a, &b] {
+        match c.try_take() {
+            Err(RingError::Corrupt { .. }) => {}
+            other => panic!("a rewound head was served: {other:?}"),
+        }
+    }
+    // A lowered first in the ring file's slot 0 (offset 384 + 8) is ignored.
+    let dir = TestDir::new("first");
+    let mut p = Producer::create(dir.path(), "f", &opts(8, 4)).unwrap();
+    p.push(1000, 100).unwrap();
+    let c = Consumer::open(dir.path(), "f").unwrap();
+    assert_eq!(c.try_take().unwrap(), 1000);
+    scribble(&dir.path().join("f"), 384 + 8, 800);
+    assert_eq!(c.try_take().unwrap(), 1001);
+    let d = Consumer::open(dir.path(), "f").unwrap();
+    assert_eq!(d.try_take().unwrap(), 1002);
+    // A seal of another ring swapped in is refused.
+    let seal = dir.path().join(".f.seal");
+    let mut other = Producer::create(dir.path(), "g", &opts(8, 4)).unwrap();
+    other.push(1, 10).unwrap();
+    std::fs::copy(dir.path().join(".g.seal"), &seal).unwrap();
+    assert!(matches!(
+        Consumer::open(dir.path(), "f"),
+        Err(RingError::Corrupt { .. })
+    ));
 }
