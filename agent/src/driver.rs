@@ -99,6 +99,10 @@ struct Link {
     /// Outstanding requests and what they are for.
     inflight: Vec<(SeqNo, Req, u64)>,
     config: unid_core::RequesterConfig,
+    /// Per server, the highest header seq of its datagrams this agent acted on (servers
+    /// number their datagrams from wall-clock µs at start, so this only grows): a
+    /// `LeaderChange` at or below it is a replay. At most one entry per server ever known.
+    server_seqs: Vec<(SocketAddr, SeqNo)>,
 }
 
 impl Link {
@@ -114,6 +118,27 @@ impl Link {
                 // sequence); retried on the next tick.
                 tracing::debug!("cannot queue a request: {e}");
                 None
+            }
+        }
+    }
+
+    /// The highest seq `server` sent that was acted on (0: none).
+    fn server_seq(&self, server: SocketAddr) -> SeqNo {
+        self.server_seqs
+            .iter()
+            .find(|(a, _)| *a == server)
+            .map_or(0, |(_, s)| *s)
+    }
+
+    fn saw_server_seq(&mut self, server: SocketAddr, seq: SeqNo) {
+        let cap = 4 * self.config.servers_max;
+        match self.server_seqs.iter_mut().find(|(a, _)| *a == server) {
+            Some((_, s)) => *s = (*s).max(seq),
+            None => {
+                if self.server_seqs.len() >= cap {
+                    self.server_seqs.remove(0);
+                }
+                self.server_seqs.push((server, seq));
             }
         }
     }
@@ -221,6 +246,11 @@ pub(crate) struct Driver {
     rng: SmallRng,
     link: Link,
     incarnation: u64,
+    /// The incarnation the current `Hello` carries: `incarnation` for the first, then
+    /// above every earlier one (wall-clock µs, at least one more). Servers refuse a `Hello`
+    /// not newer than the last one registered under this name (replay protection), so a
+    /// registration after another agent of the same name must carry a newer one.
+    hello_incarnation: u64,
     node_id: NodeId,
     lease_ms: u64,
     hello_inflight: bool,
@@ -300,6 +330,7 @@ impl Driver {
                 highest_epoch: 0,
                 inflight: Vec::new(),
                 config: config.requester.clone(),
+                server_seqs: Vec::new(),
             },
             key: config.key.clone(),
             rng: SmallRng::seed_from_u64(incarnation),
@@ -311,6 +342,7 @@ impl Driver {
             codec: Codec::new(),
             start: Instant::now(),
             incarnation,
+            hello_incarnation: 0,
             node_id: 0,
             lease_ms: LEASE_MS_DEFAULT,
             hello_inflight: false,
@@ -390,7 +422,16 @@ impl Driver {
         }
         self.drain_events(now);
         if self.node_id == 0 && !self.hello_inflight && now >= self.hello_retry_at_us {
+            let previous = self.hello_incarnation;
+            self.hello_incarnation = if previous == 0 {
+                self.incarnation
+            } else {
+                wall_clock_us().max(previous.saturating_add(1))
+            };
             self.hello_inflight = self.link.send(now, Req::Hello).is_some();
+            if !self.hello_inflight {
+                self.hello_incarnation = previous;
+            }
         }
         if self.node_id != 0 && self.table.wanted && !self.table.inflight {
             let page = self.table.next_page;
@@ -515,7 +556,7 @@ impl Driver {
             let message = match &t.request {
                 Req::Hello => Message::Hello {
                     role: NodeRole::Agent,
-                    incarnation: self.incarnation,
+                    incarnation: self.hello_incarnation,
                     name: &self.config.name,
                     listen: None,
                     // A standby backup names the primary it stands in for
@@ -632,7 +673,8 @@ impl Driver {
                 ..
             } => {
                 let learned: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-                self.on_leader_change(now, from, epoch, leader, &learned, truncated);
+                let seq = frame.header.seq;
+                self.on_leader_change(now, from, seq, epoch, leader, &learned, truncated);
                 return;
             }
             Message::Welcome {
@@ -722,10 +764,16 @@ impl Driver {
             // Only a leader's answer to a request of ours raises the highest epoch: a datagram
             // answering nothing (spoofed, replayed) with `epoch = 2^64-1` would otherwise make
             // every real answer stale until a restart (issue 12).
-            Disposition::Accepted | Disposition::TryLater if from_leader => {
-                self.link.highest_epoch = self.link.highest_epoch.max(epoch);
+            Disposition::Accepted | Disposition::TryLater => {
+                self.link.saw_server_seq(from, frame.header.seq);
+                if from_leader {
+                    self.link.highest_epoch = self.link.highest_epoch.max(epoch);
+                }
             }
-            Disposition::Redirected => Metrics::add(&metrics.redirects, 1),
+            Disposition::Redirected => {
+                self.link.saw_server_seq(from, frame.header.seq);
+                Metrics::add(&metrics.redirects, 1);
+            }
             Disposition::StaleEpoch | Disposition::UnknownSource => {
                 Metrics::add(&metrics.datagrams_dropped, 1)
             }
@@ -749,10 +797,12 @@ impl Driver {
     /// moves the leader guess: the epoch filter is raised by the named server's own answers
     /// (it confirms, or redirects), never by the `LeaderChange`, so an absurd epoch cannot
     /// make the real leader's answers stale. A rejected one is logged and counted.
+    #[allow(clippy::too_many_arguments)]
     fn on_leader_change(
         &mut self,
         now: u64,
         from: SocketAddr,
+        seq: SeqNo,
         epoch: u64,
         leader: SocketAddr,
         listed: &[SocketAddr],
@@ -760,6 +810,15 @@ impl Driver {
     ) {
         let metrics = &self.shared.metrics;
         let highest = self.link.highest_epoch;
+        let last_seq = self.link.server_seq(from);
+        if seq <= last_seq {
+            // Replayed (with a secret the seq cannot be forged: the tag covers it).
+            let n = metrics.replays_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%from, %leader, seq, last_seq, replays = n, "ignored a replayed LeaderChange: its seq is not above the last datagram acted on from that server");
+            }
+            return;
+        }
         let reject = if !self.link.servers.contains(&leader) {
             Some("it names a server this agent does not know")
         } else if epoch > highest.saturating_add(1) {
@@ -784,6 +843,7 @@ impl Driver {
             self.transmit(now);
             return;
         }
+        self.link.saw_server_seq(from, seq);
         if leader != self.link.requester.leader() {
             tracing::info!(%from, %leader, epoch, "leader change: switching now");
             let mut dropped = Vec::new();
@@ -1168,4 +1228,11 @@ impl Driver {
             line.ids_pushed = s.pushed;
         }
     }
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }

@@ -361,6 +361,9 @@ pub struct Metrics {
     /// `LeaderChange` messages ignored: naming a server this agent does not
     /// know, or with an implausible epoch (logged with the reason).
     pub leader_changes_rejected: AtomicU64,
+    /// Datagrams dropped as replays: a `LeaderChange` whose seq is not above
+    /// the last datagram acted on from its server.
+    pub replays_dropped: AtomicU64,
     /// Datagrams the OS refused to send.
     pub send_errors: AtomicU64,
     /// Datagrams dropped: undecodable, bad tag, unknown source, stale epoch.
@@ -414,7 +417,7 @@ impl Metrics {
     pub fn prometheus(&self, status: &Status) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let counters: [(&str, &AtomicU64, &str); 28] = [
+        let counters: [(&str, &AtomicU64, &str); 29] = [
             ("grants_total", &self.grants, "block grants accepted"),
             (
                 "ids_granted_total",
@@ -442,6 +445,11 @@ impl Metrics {
                 "leader_changes_rejected_total",
                 &self.leader_changes_rejected,
                 "LeaderChange messages ignored (unknown leader or implausible epoch)",
+            ),
+            (
+                "replays_dropped_total",
+                &self.replays_dropped,
+                "replayed datagrams dropped (LeaderChange not newer than its server's last)",
             ),
             (
                 "send_errors_total",

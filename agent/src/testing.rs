@@ -126,6 +126,11 @@ impl FakeCluster {
             peers: Vec::new(),
             servers: Vec::new(),
             truncate: false,
+            // As a real server: numbered from wall-clock µs, so a restart continues above.
+            seq: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64),
+            leader_change: Vec::new(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let cluster = self.clone();
@@ -160,6 +165,17 @@ struct Knobs {
     /// List no servers in Welcome / NotLeader (`truncated` set instead):
     /// the agent must read the node table.
     truncate: bool,
+    /// The seq of the last datagram sent (each takes the next).
+    seq: u64,
+    /// The last `LeaderChange` sent, for replaying it.
+    leader_change: Vec<u8>,
+}
+
+impl Knobs {
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
 }
 
 /// A running fake server. Dropping it stops it ("dies").
@@ -238,13 +254,13 @@ impl FakeServer {
         leader: SocketAddr,
         epoch: u64,
     ) -> usize {
-        let (peers, servers) = {
-            let k = self.knobs();
-            (k.peers.clone(), k.servers.clone())
+        let (peers, servers, seq) = {
+            let mut k = self.knobs();
+            (k.peers.clone(), k.servers.clone(), k.next_seq())
         };
         let header = Header {
             sender: self.id,
-            seq: 1,
+            seq,
             reply_to: 0,
             epoch,
         };
@@ -260,6 +276,20 @@ impl FakeServer {
             .expect("valid LeaderChange");
         for p in &peers {
             let _ = self.socket.send_to(&buf[..len], p);
+        }
+        self.knobs().leader_change = buf[..len].to_vec();
+        peers.len()
+    }
+
+    /// Sends the last `LeaderChange` again, byte for byte (a replay, as an
+    /// attacker who captured it would); returns to how many addresses.
+    pub fn replay_leader_change(&self) -> usize {
+        let (peers, datagram) = {
+            let k = self.knobs();
+            (k.peers.clone(), k.leader_change.clone())
+        };
+        for p in &peers {
+            let _ = self.socket.send_to(&datagram, p);
         }
         peers.len()
     }
@@ -303,7 +333,7 @@ fn serve(
         let Ok(frame) = decode(&buf[..len], cluster.key.as_ref()) else {
             continue;
         };
-        let (mode, epoch, duplicate, servers, truncate) = {
+        let (mode, epoch, duplicate, servers, truncate, seq) = {
             let mut k = knobs.lock().unwrap_or_else(|p| p.into_inner());
             k.received += 1;
             if !k.peers.contains(&from) {
@@ -312,7 +342,15 @@ fn serve(
             if k.drop_every != 0 && k.received % k.drop_every == 0 {
                 continue;
             }
-            (k.mode, k.epoch, k.duplicate, k.servers.clone(), k.truncate)
+            let seq = k.next_seq();
+            (
+                k.mode,
+                k.epoch,
+                k.duplicate,
+                k.servers.clone(),
+                k.truncate,
+                seq,
+            )
         };
         let h = frame.header;
         let key = (h.sender, h.seq);
@@ -333,7 +371,7 @@ fn serve(
         }
         let header = Header {
             sender: id,
-            seq: h.seq,
+            seq,
             reply_to: h.seq,
             epoch,
         };

@@ -686,3 +686,48 @@ fn a_leader_change_with_an_absurd_epoch_does_not_stall_real_answers() {
     assert_increasing(&got, "client");
     assert_unique_and_granted(&[&got], &cluster);
 }
+
+/// Issue 12 item 7: a captured `LeaderChange` sent again (byte for byte, so its tag would
+/// verify with a secret) is dropped as a replay and counted: its seq is not above the last
+/// datagram the agent acted on from that server. Before: the agent followed it again.
+#[test]
+fn a_replayed_leader_change_is_dropped_and_counted() {
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(8, &["h"]).with_secret(b"replay test secret");
+    let first = cluster.start_server(1).unwrap();
+    let second = cluster.start_server(2).unwrap();
+    // Asked first, the second redirects to the first (and so knows the agent's address).
+    second.set_mode(Mode::Follower(Some(first.addr())));
+    let mut c = config(vec![second.addr(), first.addr()], &dir, &["h"]);
+    c.key = Some(unid_proto::AuthKey::from_secret(b"replay test secret"));
+    let agent = unid_agent::run(c).unwrap();
+    wait_until("registered", 5000, || agent.status().node_id != 0);
+    assert_eq!(agent.status().leader, Some(first.addr()));
+    second.set_mode(Mode::Leader);
+    let mut ids = client(&dir, &agent, "h");
+    let mut got: Vec<u128> = ids.take(100).unwrap().iter().map(|i| i.get()).collect();
+    assert!(first.send_leader_change(2, second.addr()) >= 1);
+    wait_until("moved to the second", 2000, || {
+        agent.status().leader == Some(second.addr())
+    });
+    got.extend(ids.take(100).unwrap().iter().map(|i| i.get()));
+    assert!(second.send_leader_change(1, first.addr()) >= 1);
+    wait_until("back to the first", 2000, || {
+        agent.status().leader == Some(first.addr())
+    });
+    got.extend(ids.take(100).unwrap().iter().map(|i| i.get()));
+    assert_eq!(agent.metrics().replays_dropped.load(Ordering::Relaxed), 0);
+    // The second server's LeaderChange, captured and sent again from its address.
+    assert!(second.replay_leader_change() >= 1);
+    wait_until("replay counted", 2000, || {
+        agent.metrics().replays_dropped.load(Ordering::Relaxed) >= 1
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(agent.status().leader, Some(first.addr()));
+    assert_eq!(agent.metrics().leader_changes.load(Ordering::Relaxed), 2);
+    for _ in 0..2000 {
+        got.push(ids.next().unwrap().get());
+    }
+    assert_increasing(&got, "client");
+    assert_unique_and_granted(&[&got], &cluster);
+}

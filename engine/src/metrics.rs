@@ -361,6 +361,7 @@ pub(crate) fn render_server(
         stats.dropped_amplification,
     );
     e.sample(name, &[("reason", "unexpected")], stats.dropped_unexpected);
+    e.sample(name, &[("reason", "replay")], stats.dropped_replay);
     e.single(
         "unid_server_reply_cache_hits_total",
         Kind::Counter,

@@ -85,8 +85,9 @@ use unid_core::{
 };
 use unid_proto::{
     AuthKey, Codec, DATAGRAM_BYTES_MAX, EncodeError, ErrorCode, Header, Health, Id, List, Message,
-    NODE_TABLE_PAGE_MAX, Node, NodeId, NodeRole, RaftRole, SEQUENCE_LIST_MAX, SERVERS_MAX,
-    STATUS_SEQUENCES_MAX, SeqNo, SequenceName, SequenceStatus, Server, ServerStatus, Width, decode,
+    NODE_TABLE_PAGE_MAX, Node, NodeId, NodeRole, RaftRole, ReplayWindow, SEQUENCE_LIST_MAX,
+    SERVERS_MAX, STATUS_SEQUENCES_MAX, SeqNo, SequenceName, SequenceStatus, Server, ServerStatus,
+    Width, decode,
 };
 
 use crate::now_us;
@@ -103,6 +104,10 @@ pub const SOURCES_MAX: usize = 16_384;
 pub const ADMIN_RATE_PER_S: u32 = 50;
 /// Admin answers per second the server gives in all.
 pub const ADMIN_GLOBAL_RATE_PER_S: u32 = 2_000;
+/// Most agent names whose newest registered `Hello` is remembered for replay protection;
+/// beyond it the memory starts again (a replay of each name's newest `Hello` could then
+/// register once more).
+pub const HELLO_NAMES_MAX: usize = 1 << 16;
 /// Most control requests (registrations, creates) queued for the consensus thread.
 pub const CONTROL_QUEUE_MAX: usize = 1_024;
 /// Most raises proposed per control-loop turn.
@@ -257,6 +262,10 @@ pub struct ServerStats {
     pub dropped_amplification: AtomicU64,
     /// Dropped: a message type a server does not take, or a request for nothing.
     pub dropped_unexpected: AtomicU64,
+    /// Dropped as replays: a `BlockRequest` whose seq was already handled (and is no longer
+    /// cached) or is older than the agent's replay window, or a `Hello` not newer than the
+    /// last one registered under its name (see [`ReplayWindow`]).
+    pub dropped_replay: AtomicU64,
     /// Blocks granted.
     pub grants: AtomicU64,
     /// Retransmits answered from the reply cache.
@@ -284,6 +293,8 @@ pub struct ServerStatsSnapshot {
     pub dropped_amplification: u64,
     /// See [`ServerStats::dropped_unexpected`].
     pub dropped_unexpected: u64,
+    /// See [`ServerStats::dropped_replay`].
+    pub dropped_replay: u64,
     /// See [`ServerStats::grants`].
     pub grants: u64,
     /// See [`ServerStats::replies_cached`].
@@ -308,6 +319,7 @@ impl ServerStats {
             dropped_rate: g(&self.dropped_rate),
             dropped_amplification: g(&self.dropped_amplification),
             dropped_unexpected: g(&self.dropped_unexpected),
+            dropped_replay: g(&self.dropped_replay),
             grants: g(&self.grants),
             replies_cached: g(&self.replies_cached),
             not_leader: g(&self.not_leader),
@@ -373,6 +385,13 @@ struct Core {
     hellos: HashMap<(SocketAddr, u64), NodeId>,
     /// Hellos being registered through consensus.
     hellos_pending: HashSet<(SocketAddr, u64)>,
+    /// Replay protection (issue 12): the newest `(incarnation, seq)` of a `Hello` registered
+    /// under each agent name (at most [`HELLO_NAMES_MAX`]; seeded from the node table with
+    /// seq 0 when this server starts leading). A `Hello` not above it is a replay.
+    hello_seen: HashMap<String, (u64, SeqNo)>,
+    /// Replay protection: the seqs of each registered agent's `BlockRequest`s that got a
+    /// lasting answer (see [`ReplayWindow`]); dropped with the agent's lease.
+    windows: HashMap<NodeId, ReplayWindow>,
     replies: ReplyCache<Vec<u8>>,
     sources: HashMap<SocketAddr, Bucket>,
     admin_sources: HashMap<SocketAddr, Bucket>,
@@ -433,6 +452,7 @@ impl Core {
         if self.agents.len() != before {
             let agents = &self.agents;
             self.hellos.retain(|_, id| agents.contains_key(id));
+            self.windows.retain(|id, _| agents.contains_key(id));
             tracing::debug!(expired = before - self.agents.len(), "agent leases expired");
         }
         self.replies.expire(now_us);
@@ -828,6 +848,20 @@ impl ServerHandler {
                 if core.hellos_pending.contains(&key) {
                     return None; // Being registered; the answer follows.
                 }
+                // Not a retransmission from the agent's own socket (those were answered
+                // above): a `Hello` must be newer than the last one registered under its name
+                // (the agent takes a new incarnation, or at least a new seq, for each), or it
+                // is a replay, from a new source port, of a captured one (issue 12).
+                if core
+                    .hello_seen
+                    .get(name)
+                    .is_some_and(|&seen| (incarnation, h.seq) <= seen)
+                {
+                    bump(&stats.dropped_replay);
+                    tracing::debug!(%from, name, incarnation, seq = h.seq, "dropped a replayed Hello");
+                    let d = self.error(term, h.seq, ErrorCode::BadRequest, None, 0)?;
+                    return self.capped(d, req);
+                }
                 if shared.quorum_lost(now_us) {
                     // Registering needs a quorum: send the agent elsewhere.
                     return self.redirect(&core, None, h.seq, req);
@@ -847,6 +881,16 @@ impl ServerHandler {
                 match shared.control_tx.try_send(request) {
                     Ok(()) => {
                         core.hellos_pending.insert(key);
+                        if core.hello_seen.len() >= HELLO_NAMES_MAX
+                            && !core.hello_seen.contains_key(name)
+                        {
+                            tracing::warn!(
+                                "{HELLO_NAMES_MAX} agent names remembered: replay memory starts again"
+                            );
+                            core.hello_seen.clear();
+                        }
+                        core.hello_seen
+                            .insert(name.to_owned(), (incarnation, h.seq));
                         None
                     }
                     Err(_) => {
@@ -1006,6 +1050,13 @@ impl ServerHandler {
             Lookup::Invalid => return None,
             Lookup::Miss | Lookup::Forgotten => {}
         }
+        // A seq that already got a lasting answer (no longer cached) or is older than the
+        // window is a replay: answering it anew would grant a block per replay (issue 12).
+        if core.windows.get(&h.sender).is_some_and(|w| !w.check(h.seq)) {
+            bump(&shared.stats.dropped_replay);
+            tracing::debug!(%from, sender = h.sender, seq = h.seq, "dropped a replayed BlockRequest");
+            return None;
+        }
         let not_ready = |this: &mut Self, core: &Core| {
             this.not_ready_or_away(core, h.seq, Some(sequence), cap, now_us)
         };
@@ -1099,6 +1150,7 @@ impl ServerHandler {
         let d = msg_result.ok()?;
         if cache {
             core.replies.insert(now_us, h.sender, h.seq, d.clone());
+            core.windows.entry(h.sender).or_default().mark(h.seq);
         }
         Some(d)
     }
@@ -1536,6 +1588,8 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             agents: HashMap::new(),
             hellos: HashMap::new(),
             hellos_pending: HashSet::new(),
+            hello_seen: HashMap::new(),
+            windows: HashMap::new(),
             replies,
             sources: HashMap::new(),
             admin_sources: HashMap::new(),
@@ -1548,7 +1602,10 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }),
         raise_notify: Notify::new(),
         control_tx,
-        seq: AtomicU64::new(1),
+        // Wall-clock µs: a restarted server's seqs stay above its earlier ones, so that a
+        // receiver can tell a replayed datagram of an earlier run (the agent's `LeaderChange`
+        // check).
+        seq: AtomicU64::new(wall_clock_us().max(1)),
         stats: ServerStats::default(),
         counters: crate::metrics::ServerCounters::default(),
         consensus_stopped: AtomicBool::new(false),
@@ -1707,6 +1764,13 @@ fn render_metrics(shared: &Shared, consensus: &std::sync::Weak<ConsensusNode>) -
 
 /// The address to tell others: a wildcard bind address is replaced by the Raft address's IP
 /// (or loopback).
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 fn advertised(addr: SocketAddr, hint: SocketAddr) -> SocketAddr {
     if !addr.ip().is_unspecified() {
         return addr;
@@ -1980,6 +2044,11 @@ impl Controller {
         for r in state.nodes.values() {
             if r.kind != NodeKind::Agent || core.agents.len() >= self.shared.agents_max {
                 continue;
+            }
+            if core.hello_seen.len() < HELLO_NAMES_MAX {
+                // A replayed `Hello` of an older incarnation is refused by this leader too.
+                let seen = core.hello_seen.entry(r.name.clone()).or_insert((0, 0));
+                *seen = (*seen).max((r.incarnation, 0));
             }
             if let Ok(ip) = r.addr.parse::<IpAddr>() {
                 core.agents.entry(r.id).or_insert(Agent {
@@ -2552,6 +2621,8 @@ mod tests {
             agents: HashMap::new(),
             hellos: HashMap::new(),
             hellos_pending: HashSet::new(),
+            hello_seen: HashMap::new(),
+            windows: HashMap::new(),
             replies: ReplyCache::new(ReplyCacheConfig::DEFAULT).unwrap(),
             sources: HashMap::new(),
             admin_sources: HashMap::new(),

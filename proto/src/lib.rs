@@ -4,6 +4,8 @@
 //! - [`auth`]: the cluster MAC ([`AuthKey`]).
 //! - [`message`]: the messages ([`Message`], one variant per
 //!   [`MessageType`]), with the limits of every field.
+//! - [`replay`]: the anti-replay window ([`ReplayWindow`]) receivers keep
+//!   per sender.
 //! - [`codec`]: datagram framing (header, CRC32, tag), [`Codec::encode`],
 //!   [`decode`] and [`peek_header`].
 //!
@@ -35,6 +37,7 @@ pub mod auth;
 pub use auth::{AuthKey, TAG_BYTES};
 pub mod codec;
 pub mod message;
+pub mod replay;
 
 pub use codec::{
     Codec, DATAGRAM_BYTES_MAX, DATAGRAM_BYTES_MIN, DecodeError, EncodeError, FLAG_AUTH, Frame,
@@ -45,3 +48,4 @@ pub use message::{
     MessageType, NODE_TABLE_PAGE_MAX, Node, NodeRole, RaftRole, SEQUENCE_LIST_MAX, SERVERS_MAX,
     STATUS_SEQUENCES_MAX, SequenceStatus, Server, ServerStatus,
 };
+pub use replay::{REPLAY_WINDOW_BITS, ReplayWindow};
