@@ -11,8 +11,8 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use unid_core::{Disposition, Event, Reply, Requester, Response, Sizer};
 use unid_proto::{
-    AuthKey, Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, Message, NodeId, NodeRole, SeqNo,
-    SequenceName, Width, decode,
+    AuthKey, ClusterId, Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, Message, NodeId, NodeRole,
+    ReplayWindow, SeqNo, SequenceName, Width, decode,
 };
 use unid_ring::{Producer, ProducerOptions, RingError};
 
@@ -99,10 +99,12 @@ struct Link {
     /// Outstanding requests and what they are for.
     inflight: Vec<(SeqNo, Req, u64)>,
     config: unid_core::RequesterConfig,
-    /// Per server, the highest header seq of its datagrams this agent acted on (servers
-    /// number their datagrams from wall-clock µs at start, so this only grows): a
-    /// `LeaderChange` at or below it is a replay. At most one entry per server ever known.
-    server_seqs: Vec<(SocketAddr, SeqNo)>,
+    /// Per server, the header seqs of its datagrams this agent acted on (servers number
+    /// their datagrams from wall-clock µs at start, so a restart continues above): a
+    /// `LeaderChange` whose seq is not fresh in that window is a replay. The window, not a
+    /// plain "above the highest", because a server's shards send in an order slightly
+    /// different from their seqs. At most `4 × servers_max` entries.
+    server_seqs: Vec<(SocketAddr, ReplayWindow)>,
 }
 
 impl Link {
@@ -122,23 +124,28 @@ impl Link {
         }
     }
 
-    /// The highest seq `server` sent that was acted on (0: none).
-    fn server_seq(&self, server: SocketAddr) -> SeqNo {
+    /// Whether `seq` from `server` is fresh (not acted on, not older than the window), and
+    /// the highest seq acted on from it (0: none).
+    fn server_seq_fresh(&self, server: SocketAddr, seq: SeqNo) -> (bool, SeqNo) {
         self.server_seqs
             .iter()
             .find(|(a, _)| *a == server)
-            .map_or(0, |(_, s)| *s)
+            .map_or((seq != 0, 0), |(_, w)| (w.check(seq), w.highest()))
     }
 
     fn saw_server_seq(&mut self, server: SocketAddr, seq: SeqNo) {
         let cap = 4 * self.config.servers_max;
         match self.server_seqs.iter_mut().find(|(a, _)| *a == server) {
-            Some((_, s)) => *s = (*s).max(seq),
+            Some((_, w)) => {
+                w.mark(seq);
+            }
             None => {
                 if self.server_seqs.len() >= cap {
                     self.server_seqs.remove(0);
                 }
-                self.server_seqs.push((server, seq));
+                let mut w = ReplayWindow::new();
+                w.mark(seq);
+                self.server_seqs.push((server, w));
             }
         }
     }
@@ -251,6 +258,10 @@ pub(crate) struct Driver {
     /// not newer than the last one registered under this name (replay protection), so a
     /// registration after another agent of the same name must carry a newer one.
     hello_incarnation: u64,
+    /// The cluster id this agent serves: configured, or pinned from the first answer that
+    /// carried one (0 until then). Sent on every request; an answer carrying another
+    /// non-zero id is dropped (issue 12: two clusters on one address).
+    cluster: ClusterId,
     node_id: NodeId,
     lease_ms: u64,
     hello_inflight: bool,
@@ -321,6 +332,7 @@ impl Driver {
             ),
             None => None,
         };
+        let cluster = config.cluster.unwrap_or(0);
         Ok(Driver {
             pair,
             link: Link {
@@ -339,10 +351,15 @@ impl Driver {
             net,
             no_route: false,
             hello_retry_at_us: 0,
-            codec: Codec::new(),
+            codec: {
+                let mut c = Codec::new();
+                c.set_cluster(cluster);
+                c
+            },
             start: Instant::now(),
             incarnation,
             hello_incarnation: 0,
+            cluster,
             node_id: 0,
             lease_ms: LEASE_MS_DEFAULT,
             hello_inflight: false,
@@ -644,6 +661,16 @@ impl Driver {
                 return;
             }
         };
+        if frame.cluster != 0 && self.cluster != 0 && frame.cluster != self.cluster {
+            let n = metrics
+                .other_cluster_dropped
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%from, cluster = format_args!("{:016x}", frame.cluster), ours = format_args!("{:016x}", self.cluster), dropped = n, "dropped an answer from another cluster (two clusters on one address, or a server list that mixes them?)");
+            }
+            return;
+        }
         let epoch = frame.header.epoch;
         if epoch < self.link.highest_epoch || !self.link.servers.contains(&from) {
             Metrics::add(&metrics.datagrams_dropped, 1);
@@ -765,12 +792,14 @@ impl Driver {
             // answering nothing (spoofed, replayed) with `epoch = 2^64-1` would otherwise make
             // every real answer stale until a restart (issue 12).
             Disposition::Accepted | Disposition::TryLater => {
+                self.pin_cluster(from, frame.cluster);
                 self.link.saw_server_seq(from, frame.header.seq);
                 if from_leader {
                     self.link.highest_epoch = self.link.highest_epoch.max(epoch);
                 }
             }
             Disposition::Redirected => {
+                self.pin_cluster(from, frame.cluster);
                 self.link.saw_server_seq(from, frame.header.seq);
                 Metrics::add(&metrics.redirects, 1);
             }
@@ -810,12 +839,12 @@ impl Driver {
     ) {
         let metrics = &self.shared.metrics;
         let highest = self.link.highest_epoch;
-        let last_seq = self.link.server_seq(from);
-        if seq <= last_seq {
+        let (fresh, last_seq) = self.link.server_seq_fresh(from, seq);
+        if !fresh {
             // Replayed (with a secret the seq cannot be forged: the tag covers it).
             let n = metrics.replays_dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
-                tracing::warn!(%from, %leader, seq, last_seq, replays = n, "ignored a replayed LeaderChange: its seq is not above the last datagram acted on from that server");
+                tracing::warn!(%from, %leader, seq, last_seq, replays = n, "ignored a replayed LeaderChange: its seq was acted on already, or is older than the window of that server's datagrams");
             }
             return;
         }
@@ -853,6 +882,15 @@ impl Driver {
             dropped.iter().for_each(|r| self.forget(r));
         }
         self.transmit(now);
+    }
+
+    /// Pins the cluster id of the first answer to a request of ours that carries one.
+    fn pin_cluster(&mut self, from: SocketAddr, cluster: ClusterId) {
+        if self.cluster == 0 && cluster != 0 {
+            self.cluster = cluster;
+            self.codec.set_cluster(cluster);
+            tracing::info!(server = %from, cluster = format_args!("{cluster:016x}"), "serving cluster (answers of any other are dropped)");
+        }
     }
 
     /// Adds servers a server told us about (bounded), keeping the current leader.
@@ -1215,6 +1253,7 @@ impl Driver {
         st.node_id = self.node_id;
         st.leader = Some(self.link.requester.leader());
         st.epoch = self.link.highest_epoch;
+        st.cluster = self.cluster;
         st.pair = self.pair.as_ref().map(|p| p.status(now));
         st.servers = self.net.paths();
         st.network_down = self.no_route;

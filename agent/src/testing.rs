@@ -20,8 +20,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use unid_proto::{
-    AuthKey, Block, Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, List, Message, NodeId, Server,
-    Width, decode,
+    AuthKey, Block, ClusterId, Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, List, Message, NodeId,
+    Server, Width, decode,
 };
 
 /// How a fake server answers.
@@ -57,6 +57,7 @@ struct ClusterState {
 pub struct FakeCluster {
     state: Arc<Mutex<ClusterState>>,
     key: Option<AuthKey>,
+    cluster: ClusterId,
 }
 
 impl FakeCluster {
@@ -73,7 +74,15 @@ impl FakeCluster {
                 exhausted: false,
             })),
             key: None,
+            cluster: 0,
         }
+    }
+
+    /// Every datagram its servers send carries this cluster id (default 0:
+    /// none, as a server that does not know it yet).
+    pub fn with_cluster_id(mut self, cluster: ClusterId) -> FakeCluster {
+        self.cluster = cluster;
+        self
     }
 
     /// Every datagram is tagged and checked with this secret.
@@ -147,6 +156,7 @@ impl FakeCluster {
             stop,
             thread: Some(thread),
             key: self.key.clone(),
+            cluster: self.cluster,
         })
     }
 }
@@ -188,6 +198,7 @@ pub struct FakeServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     key: Option<AuthKey>,
+    cluster: ClusterId,
 }
 
 impl FakeServer {
@@ -271,7 +282,9 @@ impl FakeServer {
             truncated: false,
         };
         let mut buf = [0u8; DATAGRAM_BYTES_MAX];
-        let len = Codec::new()
+        let mut codec = Codec::new();
+        codec.set_cluster(self.cluster);
+        let len = codec
             .encode(&header, &message, self.key.as_ref(), &mut buf)
             .expect("valid LeaderChange");
         for p in &peers {
@@ -321,6 +334,7 @@ fn serve(
     stop: Arc<AtomicBool>,
 ) {
     let mut codec = Codec::new();
+    codec.set_cluster(cluster.cluster);
     let mut buf = [0u8; DATAGRAM_BYTES_MAX + 64];
     let mut out = [0u8; DATAGRAM_BYTES_MAX];
     // Reply cache: (node, seq) -> datagram, so retransmits get the same reply.

@@ -731,3 +731,77 @@ fn a_replayed_leader_change_is_dropped_and_counted() {
     assert_increasing(&got, "client");
     assert_unique_and_granted(&[&got], &cluster);
 }
+
+/// Issue 12 item 1 (defence in depth): the agent pins the cluster id of its first answers
+/// and drops (counts) answers carrying another: with a server of another cluster in its list
+/// (two clusters behind one address look the same to it), it never registers with that one
+/// or takes its blocks, also when its own cluster goes silent. Before: it re-registered with
+/// the other cluster and handed out ids that cluster also hands out elsewhere.
+#[test]
+fn answers_from_another_cluster_are_refused() {
+    let dir = RingDir::new();
+    let ours = FakeCluster::new(8, &["k"]).with_cluster_id(0xAAAA);
+    let theirs = FakeCluster::new(8, &["k"]).with_cluster_id(0xBBBB);
+    let ours_leader = ours.start_server(1).unwrap();
+    let their_leader = theirs.start_server(1).unwrap();
+    let agent = unid_agent::run(config(
+        vec![ours_leader.addr(), their_leader.addr()],
+        &dir,
+        &["k"],
+    ))
+    .unwrap();
+    wait_until("registered", 5000, || agent.status().node_id != 0);
+    assert_eq!(agent.status().cluster, 0xAAAA);
+    let mut ids = client(&dir, &agent, "k");
+    let got: Vec<u128> = ids.take(100).unwrap().iter().map(|i| i.get()).collect();
+    assert_unique_and_granted(&[&got], &ours);
+    // Our cluster goes silent: the agent turns to the other server, and must refuse it.
+    ours_leader.set_mode(Mode::Silent);
+    wait_until("the other cluster's answers dropped", 10_000, || {
+        agent
+            .metrics()
+            .other_cluster_dropped
+            .load(Ordering::Relaxed)
+            >= 1
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        theirs.granted().is_empty(),
+        "took blocks from the other cluster"
+    );
+    assert_eq!(agent.metrics().registrations.load(Ordering::Relaxed), 1);
+    // Back: served again by its own cluster.
+    ours_leader.set_mode(Mode::Leader);
+    let more: Vec<u128> = (0..2000).map(|_| ids.next().unwrap().get()).collect();
+    assert_unique_and_granted(&[&got, &more], &ours);
+    assert!(theirs.granted().is_empty());
+}
+
+/// A configured cluster id is enforced from the first datagram: a server of another cluster
+/// asked first is never registered with.
+#[test]
+fn a_configured_cluster_id_is_enforced_from_the_start() {
+    let dir = RingDir::new();
+    let ours = FakeCluster::new(8, &["m"]).with_cluster_id(0xAAAA);
+    let theirs = FakeCluster::new(8, &["m"]).with_cluster_id(0xBBBB);
+    let their_leader = theirs.start_server(1).unwrap();
+    let ours_leader = ours.start_server(1).unwrap();
+    let mut c = config(vec![their_leader.addr(), ours_leader.addr()], &dir, &["m"]);
+    c.cluster = Some(0xAAAA);
+    let agent = unid_agent::run(c).unwrap();
+    wait_until("registered", 10_000, || agent.status().node_id != 0);
+    // (The fake server does not check the id of what it receives, as a real one does, so it
+    // answers; the agent must drop its Welcome.)
+    assert_eq!(agent.metrics().registrations.load(Ordering::Relaxed), 1);
+    let mut ids = client(&dir, &agent, "m");
+    let got: Vec<u128> = ids.take(100).unwrap().iter().map(|i| i.get()).collect();
+    assert_unique_and_granted(&[&got], &ours);
+    assert!(theirs.granted().is_empty());
+    assert!(
+        agent
+            .metrics()
+            .other_cluster_dropped
+            .load(Ordering::Relaxed)
+            >= 1
+    );
+}

@@ -362,6 +362,7 @@ pub(crate) fn render_server(
     );
     e.sample(name, &[("reason", "unexpected")], stats.dropped_unexpected);
     e.sample(name, &[("reason", "replay")], stats.dropped_replay);
+    e.sample(name, &[("reason", "other_cluster")], stats.dropped_cluster);
     e.single(
         "unid_server_reply_cache_hits_total",
         Kind::Counter,

@@ -266,6 +266,8 @@ pub struct ServerStats {
     /// cached) or is older than the agent's replay window, or a `Hello` not newer than the
     /// last one registered under its name (see [`ReplayWindow`]).
     pub dropped_replay: AtomicU64,
+    /// Dropped: carrying another cluster's id.
+    pub dropped_cluster: AtomicU64,
     /// Blocks granted.
     pub grants: AtomicU64,
     /// Retransmits answered from the reply cache.
@@ -295,6 +297,8 @@ pub struct ServerStatsSnapshot {
     pub dropped_unexpected: u64,
     /// See [`ServerStats::dropped_replay`].
     pub dropped_replay: u64,
+    /// See [`ServerStats::dropped_cluster`].
+    pub dropped_cluster: u64,
     /// See [`ServerStats::grants`].
     pub grants: u64,
     /// See [`ServerStats::replies_cached`].
@@ -320,6 +324,7 @@ impl ServerStats {
             dropped_amplification: g(&self.dropped_amplification),
             dropped_unexpected: g(&self.dropped_unexpected),
             dropped_replay: g(&self.dropped_replay),
+            dropped_cluster: g(&self.dropped_cluster),
             grants: g(&self.grants),
             replies_cached: g(&self.replies_cached),
             not_leader: g(&self.not_leader),
@@ -540,6 +545,9 @@ struct Shared {
     raise_notify: Notify,
     control_tx: mpsc::Sender<Control>,
     seq: AtomicU64,
+    /// The cluster id (the replicated setting `cluster_id`; 0 until this server knows it),
+    /// stamped on every datagram sent; a datagram carrying another non-zero id is dropped.
+    cluster: AtomicU64,
     stats: ServerStats,
     counters: crate::metrics::ServerCounters,
     consensus_stopped: AtomicBool,
@@ -583,6 +591,7 @@ impl Shared {
             reply_to,
             epoch: term,
         };
+        codec.set_cluster(self.cluster.load(Ordering::Relaxed));
         let n = codec.encode(&header, msg, self.key.as_ref(), &mut buf)?;
         Ok(buf[..n].to_vec())
     }
@@ -745,6 +754,16 @@ impl ServerHandler {
         };
         let req = data.len();
         let h = frame.header;
+        let ours = shared.cluster.load(Ordering::Relaxed);
+        if frame.cluster != 0 && ours != 0 && frame.cluster != ours {
+            // From a node of another cluster (two clusters on one address, an agent pointed
+            // at the wrong one): never served (issue 12).
+            let n = stats.dropped_cluster.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%from, cluster = format_args!("{:016x}", frame.cluster), ours = format_args!("{ours:016x}"), dropped = n, "dropped a datagram of another cluster");
+            }
+            return None;
+        }
         let mut core = shared.core();
         if core.phase == Phase::Stopped {
             return None;
@@ -1606,6 +1625,7 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         // receiver can tell a replayed datagram of an earlier run (the agent's `LeaderChange`
         // check).
         seq: AtomicU64::new(wall_clock_us().max(1)),
+        cluster: AtomicU64::new(0),
         stats: ServerStats::default(),
         counters: crate::metrics::ServerCounters::default(),
         consensus_stopped: AtomicBool::new(false),
@@ -1764,6 +1784,21 @@ fn render_metrics(shared: &Shared, consensus: &std::sync::Weak<ConsensusNode>) -
 
 /// The address to tell others: a wildcard bind address is replaced by the Raft address's IP
 /// (or loopback).
+/// A random non-zero cluster id: from the kernel's random source, or (should it be
+/// unreadable) a hash of the time, the process id and an address of this process.
+fn random_cluster_id() -> u64 {
+    use std::io::Read as _;
+    let mut b = [0u8; 8];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    let mut id = u64::from_le_bytes(b);
+    if read.is_err() || id == 0 {
+        let seed = format!("{} {} {:p}", wall_clock_us(), std::process::id(), &b);
+        let tag = AuthKey::from_secret(b"unid cluster id").tag(seed.as_bytes());
+        id = u64::from_le_bytes(tag[..8].try_into().expect("8 bytes")) | 1;
+    }
+    id
+}
+
 /// Microseconds since the Unix epoch (0 if the clock is before it).
 fn wall_clock_us() -> u64 {
     std::time::SystemTime::now()
@@ -1960,6 +1995,27 @@ impl Controller {
         });
     }
 
+    /// The first leader of a new cluster (or of one from before cluster ids) picks its random
+    /// id and commits it; the state machine keeps the first one committed.
+    async fn create_cluster_id(&self) {
+        let proposed = random_cluster_id();
+        let cmd = Command::SetSetting {
+            key: unid_consensus::SETTING_CLUSTER_ID.to_owned(),
+            value: proposed,
+        };
+        match self.consensus.write(cmd).await {
+            Ok(_) => {
+                let cluster = self
+                    .consensus
+                    .with_state(|s| s.state.setting(unid_consensus::SETTING_CLUSTER_ID, 0));
+                self.shared.cluster.store(cluster, Ordering::Relaxed);
+                tracing::info!(cluster = format_args!("{cluster:016x}"), "cluster id set");
+            }
+            // Tried again when this server (or another) next becomes leader.
+            Err(e) => tracing::warn!("cannot commit the cluster id: {e}"),
+        }
+    }
+
     /// Reads the ready ceilings and installs the allocator. Retries (each try bounded by the
     /// write timeout) for as long as this server still warms up in `term`: the leader watch
     /// ends the loop when the term ends.
@@ -2014,6 +2070,9 @@ impl Controller {
                     );
                     self.shared.raise_notify.notify_one();
                     self.publish_servers().await;
+                    if applied.state.setting(unid_consensus::SETTING_CLUSTER_ID, 0) == 0 {
+                        self.create_cluster_id().await;
+                    }
                     return;
                 }
                 Err(e) => {
@@ -2130,6 +2189,8 @@ impl Controller {
         let mut servers: BTreeMap<NodeId, SocketAddr> = BTreeMap::new();
         let voters = self.consensus.metrics().voters;
         self.consensus.with_state(|s| {
+            let cluster = s.state.setting(unid_consensus::SETTING_CLUSTER_ID, 0);
+            self.shared.cluster.store(cluster, Ordering::Relaxed);
             for r in s.state.nodes.values() {
                 if r.kind == NodeKind::Server
                     && let Ok(a) = r.addr.parse::<SocketAddr>()

@@ -663,3 +663,75 @@ fn replayed_authenticated_datagrams_are_dropped_and_counted() {
     assert_eq!(s.stats().grants, grants + 1);
     s.shutdown().unwrap();
 }
+
+/// Issue 12 item 1 (defence in depth): a cluster gets a random id when it is created, kept
+/// across restarts and carried in every answer; a datagram carrying another cluster's id is
+/// dropped and counted, one carrying 0 (first contact) or the right id is served. Before:
+/// nothing told two clusters' datagrams apart.
+#[test]
+fn the_cluster_id_is_carried_kept_and_checked() {
+    let root = tempfile::tempdir().unwrap();
+    let start = |init: bool| {
+        let mut config = ServerConfig::new(1, root.path().join("s1"));
+        config.udp_addr = local(18320);
+        config.raft_addr = local(18321);
+        config.init = init;
+        run(config).expect("server starts")
+    };
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // A Ping stamped with `cluster`: the answer's cluster id, if answered.
+    let ping = |cluster: u64, seq: u64| -> Option<u64> {
+        let mut codec = Codec::new();
+        codec.set_cluster(cluster);
+        let mut out = [0u8; 1200];
+        let h = Header {
+            sender: 0,
+            seq,
+            reply_to: 0,
+            epoch: 0,
+        };
+        let n = codec
+            .encode(&h, &Message::Ping { sent_us: 1 }, None, &mut out)
+            .unwrap();
+        sock.send_to(&out[..n], local(18320)).unwrap();
+        let mut buf = [0u8; 1500];
+        let (m, _) = sock.recv_from(&mut buf).ok()?;
+        Some(decode(&buf[..m], None).unwrap().cluster)
+    };
+    let until_known = |seq: &mut u64| -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            *seq += 1;
+            if let Some(c) = ping(0, *seq)
+                && c != 0
+            {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "no cluster id in the answers");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let s = start(true);
+    let mut seq = 0;
+    let cluster = until_known(&mut seq);
+    seq += 1;
+    assert_eq!(ping(cluster, seq), Some(cluster));
+    let before = s.stats().dropped_cluster;
+    seq += 1;
+    assert_eq!(
+        ping(cluster ^ 0x5a5a, seq),
+        None,
+        "another cluster's datagram served"
+    );
+    assert_eq!(s.stats().dropped_cluster, before + 1);
+    s.shutdown().unwrap();
+    let s = start(false);
+    assert_eq!(
+        until_known(&mut seq),
+        cluster,
+        "the cluster id changed on restart"
+    );
+    s.shutdown().unwrap();
+}

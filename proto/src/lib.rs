@@ -22,17 +22,19 @@
 //! let mut codec = Codec::new();
 //! let mut buf = [0u8; DATAGRAM_BYTES_MAX];
 //! let header = Header { sender: 7, seq: 1, reply_to: 0, epoch: 3 };
+//! codec.set_cluster(0x5eed);
 //! let request = Message::BlockRequest { sequence: "orders", count: 1000 };
 //! let len = codec.encode(&header, &request, Some(&key), &mut buf).unwrap();
 //! let frame = decode(&buf[..len], Some(&key)).unwrap();
 //! assert_eq!(frame.header, header);
+//! assert_eq!(frame.cluster, 0x5eed);
 //! assert_eq!(frame.message, request);
 //! ```
 #![forbid(unsafe_code)]
 
 pub mod types;
 
-pub use types::{Block, Epoch, Id, NameError, NodeId, SeqNo, SequenceName, Width};
+pub use types::{Block, ClusterId, Epoch, Id, NameError, NodeId, SeqNo, SequenceName, Width};
 pub mod auth;
 pub use auth::{AuthKey, TAG_BYTES};
 pub mod codec;

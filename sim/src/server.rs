@@ -15,8 +15,9 @@
 //!
 //! What differs: one shard instead of one per core, datagrams are
 //! [`Msg`] values rather than FlatBuffers (the codec, rate limits, metrics,
-//! admin requests, membership changes and the per-name `Hello` replay check
-//! are not simulated: simulated agents have no names), and
+//! admin requests, membership changes, the cluster id and the per-name
+//! `Hello` replay check are not simulated: simulated agents have no names
+//! and there is one cluster), and
 //! `tokio::select!` is `biased` for determinism (the engine's is not; both
 //! orders are valid there).
 //!
