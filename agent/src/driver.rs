@@ -11,8 +11,8 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use unid_core::{Disposition, Event, Reply, Requester, Response, Sizer};
 use unid_proto::{
-    AuthKey, Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, Message, NodeId, NodeRole, SeqNo,
-    SequenceName, Width, decode,
+    AuthKey, ClusterId, Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, Message, NodeId, NodeRole,
+    ReplayWindow, SeqNo, SequenceName, Width, decode,
 };
 use unid_ring::{Producer, ProducerOptions, RingError};
 
@@ -99,6 +99,12 @@ struct Link {
     /// Outstanding requests and what they are for.
     inflight: Vec<(SeqNo, Req, u64)>,
     config: unid_core::RequesterConfig,
+    /// Per server, the header seqs of its datagrams this agent acted on (servers number
+    /// their datagrams from wall-clock µs at start, so a restart continues above): a
+    /// `LeaderChange` whose seq is not fresh in that window is a replay. The window, not a
+    /// plain "above the highest", because a server's shards send in an order slightly
+    /// different from their seqs. At most `4 × servers_max` entries.
+    server_seqs: Vec<(SocketAddr, ReplayWindow)>,
 }
 
 impl Link {
@@ -114,6 +120,32 @@ impl Link {
                 // sequence); retried on the next tick.
                 tracing::debug!("cannot queue a request: {e}");
                 None
+            }
+        }
+    }
+
+    /// Whether `seq` from `server` is fresh (not acted on, not older than the window), and
+    /// the highest seq acted on from it (0: none).
+    fn server_seq_fresh(&self, server: SocketAddr, seq: SeqNo) -> (bool, SeqNo) {
+        self.server_seqs
+            .iter()
+            .find(|(a, _)| *a == server)
+            .map_or((seq != 0, 0), |(_, w)| (w.check(seq), w.highest()))
+    }
+
+    fn saw_server_seq(&mut self, server: SocketAddr, seq: SeqNo) {
+        let cap = 4 * self.config.servers_max;
+        match self.server_seqs.iter_mut().find(|(a, _)| *a == server) {
+            Some((_, w)) => {
+                w.mark(seq);
+            }
+            None => {
+                if self.server_seqs.len() >= cap {
+                    self.server_seqs.remove(0);
+                }
+                let mut w = ReplayWindow::new();
+                w.mark(seq);
+                self.server_seqs.push((server, w));
             }
         }
     }
@@ -221,6 +253,15 @@ pub(crate) struct Driver {
     rng: SmallRng,
     link: Link,
     incarnation: u64,
+    /// The incarnation the current `Hello` carries: `incarnation` for the first, then
+    /// above every earlier one (wall-clock µs, at least one more). Servers refuse a `Hello`
+    /// not newer than the last one registered under this name (replay protection), so a
+    /// registration after another agent of the same name must carry a newer one.
+    hello_incarnation: u64,
+    /// The cluster id this agent serves: configured, or pinned from the first answer that
+    /// carried one (0 until then). Sent on every request; an answer carrying another
+    /// non-zero id is dropped (issue 12: two clusters on one address).
+    cluster: ClusterId,
     node_id: NodeId,
     lease_ms: u64,
     hello_inflight: bool,
@@ -291,6 +332,7 @@ impl Driver {
             ),
             None => None,
         };
+        let cluster = config.cluster.unwrap_or(0);
         Ok(Driver {
             pair,
             link: Link {
@@ -300,6 +342,7 @@ impl Driver {
                 highest_epoch: 0,
                 inflight: Vec::new(),
                 config: config.requester.clone(),
+                server_seqs: Vec::new(),
             },
             key: config.key.clone(),
             rng: SmallRng::seed_from_u64(incarnation),
@@ -308,9 +351,15 @@ impl Driver {
             net,
             no_route: false,
             hello_retry_at_us: 0,
-            codec: Codec::new(),
+            codec: {
+                let mut c = Codec::new();
+                c.set_cluster(cluster);
+                c
+            },
             start: Instant::now(),
             incarnation,
+            hello_incarnation: 0,
+            cluster,
             node_id: 0,
             lease_ms: LEASE_MS_DEFAULT,
             hello_inflight: false,
@@ -390,7 +439,16 @@ impl Driver {
         }
         self.drain_events(now);
         if self.node_id == 0 && !self.hello_inflight && now >= self.hello_retry_at_us {
+            let previous = self.hello_incarnation;
+            self.hello_incarnation = if previous == 0 {
+                self.incarnation
+            } else {
+                wall_clock_us().max(previous.saturating_add(1))
+            };
             self.hello_inflight = self.link.send(now, Req::Hello).is_some();
+            if !self.hello_inflight {
+                self.hello_incarnation = previous;
+            }
         }
         if self.node_id != 0 && self.table.wanted && !self.table.inflight {
             let page = self.table.next_page;
@@ -515,7 +573,7 @@ impl Driver {
             let message = match &t.request {
                 Req::Hello => Message::Hello {
                     role: NodeRole::Agent,
-                    incarnation: self.incarnation,
+                    incarnation: self.hello_incarnation,
                     name: &self.config.name,
                     listen: None,
                     // A standby backup names the primary it stands in for
@@ -603,6 +661,16 @@ impl Driver {
                 return;
             }
         };
+        if frame.cluster != 0 && self.cluster != 0 && frame.cluster != self.cluster {
+            let n = metrics
+                .other_cluster_dropped
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%from, cluster = format_args!("{:016x}", frame.cluster), ours = format_args!("{:016x}", self.cluster), dropped = n, "dropped an answer from another cluster (two clusters on one address, or a server list that mixes them?)");
+            }
+            return;
+        }
         let epoch = frame.header.epoch;
         if epoch < self.link.highest_epoch || !self.link.servers.contains(&from) {
             Metrics::add(&metrics.datagrams_dropped, 1);
@@ -632,7 +700,8 @@ impl Driver {
                 ..
             } => {
                 let learned: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-                self.on_leader_change(now, from, epoch, leader, &learned, truncated);
+                let seq = frame.header.seq;
+                self.on_leader_change(now, from, seq, epoch, leader, &learned, truncated);
                 return;
             }
             Message::Welcome {
@@ -722,10 +791,18 @@ impl Driver {
             // Only a leader's answer to a request of ours raises the highest epoch: a datagram
             // answering nothing (spoofed, replayed) with `epoch = 2^64-1` would otherwise make
             // every real answer stale until a restart (issue 12).
-            Disposition::Accepted | Disposition::TryLater if from_leader => {
-                self.link.highest_epoch = self.link.highest_epoch.max(epoch);
+            Disposition::Accepted | Disposition::TryLater => {
+                self.pin_cluster(from, frame.cluster);
+                self.link.saw_server_seq(from, frame.header.seq);
+                if from_leader {
+                    self.link.highest_epoch = self.link.highest_epoch.max(epoch);
+                }
             }
-            Disposition::Redirected => Metrics::add(&metrics.redirects, 1),
+            Disposition::Redirected => {
+                self.pin_cluster(from, frame.cluster);
+                self.link.saw_server_seq(from, frame.header.seq);
+                Metrics::add(&metrics.redirects, 1);
+            }
             Disposition::StaleEpoch | Disposition::UnknownSource => {
                 Metrics::add(&metrics.datagrams_dropped, 1)
             }
@@ -749,10 +826,12 @@ impl Driver {
     /// moves the leader guess: the epoch filter is raised by the named server's own answers
     /// (it confirms, or redirects), never by the `LeaderChange`, so an absurd epoch cannot
     /// make the real leader's answers stale. A rejected one is logged and counted.
+    #[allow(clippy::too_many_arguments)]
     fn on_leader_change(
         &mut self,
         now: u64,
         from: SocketAddr,
+        seq: SeqNo,
         epoch: u64,
         leader: SocketAddr,
         listed: &[SocketAddr],
@@ -760,6 +839,15 @@ impl Driver {
     ) {
         let metrics = &self.shared.metrics;
         let highest = self.link.highest_epoch;
+        let (fresh, last_seq) = self.link.server_seq_fresh(from, seq);
+        if !fresh {
+            // Replayed (with a secret the seq cannot be forged: the tag covers it).
+            let n = metrics.replays_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%from, %leader, seq, last_seq, replays = n, "ignored a replayed LeaderChange: its seq was acted on already, or is older than the window of that server's datagrams");
+            }
+            return;
+        }
         let reject = if !self.link.servers.contains(&leader) {
             Some("it names a server this agent does not know")
         } else if epoch > highest.saturating_add(1) {
@@ -784,6 +872,7 @@ impl Driver {
             self.transmit(now);
             return;
         }
+        self.link.saw_server_seq(from, seq);
         if leader != self.link.requester.leader() {
             tracing::info!(%from, %leader, epoch, "leader change: switching now");
             let mut dropped = Vec::new();
@@ -793,6 +882,15 @@ impl Driver {
             dropped.iter().for_each(|r| self.forget(r));
         }
         self.transmit(now);
+    }
+
+    /// Pins the cluster id of the first answer to a request of ours that carries one.
+    fn pin_cluster(&mut self, from: SocketAddr, cluster: ClusterId) {
+        if self.cluster == 0 && cluster != 0 {
+            self.cluster = cluster;
+            self.codec.set_cluster(cluster);
+            tracing::info!(server = %from, cluster = format_args!("{cluster:016x}"), "serving cluster (answers of any other are dropped)");
+        }
     }
 
     /// Adds servers a server told us about (bounded), keeping the current leader.
@@ -1155,6 +1253,7 @@ impl Driver {
         st.node_id = self.node_id;
         st.leader = Some(self.link.requester.leader());
         st.epoch = self.link.highest_epoch;
+        st.cluster = self.cluster;
         st.pair = self.pair.as_ref().map(|p| p.status(now));
         st.servers = self.net.paths();
         st.network_down = self.no_route;
@@ -1168,4 +1267,11 @@ impl Driver {
             line.ids_pushed = s.pushed;
         }
     }
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }

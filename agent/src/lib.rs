@@ -61,7 +61,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub use unid_core::{RequesterConfig, SizingConfig};
-use unid_proto::{AuthKey, NodeId, SequenceName, Width};
+use unid_proto::{AuthKey, ClusterId, NodeId, SequenceName, Width};
 
 /// Default UDP port of a server.
 pub const SERVER_PORT_DEFAULT: u16 = 7400;
@@ -162,6 +162,10 @@ pub struct AgentConfig {
     pub poll_interval_ms: u64,
     /// Primary/backup pairing with another agent (see `pair`). Default none.
     pub pair: Option<PairConfig>,
+    /// The id of the cluster to serve (`unid status` shows it), if known:
+    /// answers carrying another are dropped from the start. `None` (the
+    /// default): the first non-zero id a server answers with is pinned.
+    pub cluster: Option<ClusterId>,
 }
 
 impl AgentConfig {
@@ -194,6 +198,7 @@ impl AgentConfig {
             key: None,
             poll_interval_ms: 2,
             pair: None,
+            cluster: None,
         }
     }
 
@@ -256,6 +261,12 @@ impl AgentConfig {
         }
         if !(1..=100).contains(&self.poll_interval_ms) {
             return bad("poll_interval_ms", "must be in 1..=100");
+        }
+        if self.cluster == Some(0) {
+            return Err(Error::InvalidConfig {
+                field: "cluster",
+                reason: "a cluster id is never 0 (leave it unset to learn it)".to_owned(),
+            });
         }
         if let Err(e) = self.sizing.validate() {
             return bad("sizing", &e.to_string());
@@ -342,6 +353,8 @@ pub struct Status {
     pub epoch: u64,
     /// The incarnation sent in `Hello` (wall-clock µs at start).
     pub incarnation: u64,
+    /// The cluster id this agent serves (0 until a server told it).
+    pub cluster: ClusterId,
     /// One line per configured sequence.
     pub sequences: Vec<SequenceStatus>,
     /// The primary/backup pair, if this agent is paired.
@@ -373,6 +386,12 @@ pub struct Metrics {
     /// `LeaderChange` messages ignored: naming a server this agent does not
     /// know, or with an implausible epoch (logged with the reason).
     pub leader_changes_rejected: AtomicU64,
+    /// Datagrams dropped because they carry another cluster's id than the
+    /// one this agent pinned (logged).
+    pub other_cluster_dropped: AtomicU64,
+    /// Datagrams dropped as replays: a `LeaderChange` whose seq was acted on
+    /// already or is older than the window of its server's datagrams.
+    pub replays_dropped: AtomicU64,
     /// Datagrams the OS refused to send.
     pub send_errors: AtomicU64,
     /// Datagrams dropped: undecodable, bad tag, unknown source, stale epoch.
@@ -429,7 +448,7 @@ impl Metrics {
     pub fn prometheus(&self, status: &Status) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let counters: [(&str, &AtomicU64, &str); 28] = [
+        let counters: [(&str, &AtomicU64, &str); 31] = [
             ("grants_total", &self.grants, "block grants accepted"),
             (
                 "ids_granted_total",
@@ -457,6 +476,16 @@ impl Metrics {
                 "leader_changes_rejected_total",
                 &self.leader_changes_rejected,
                 "LeaderChange messages ignored (unknown leader or implausible epoch)",
+            ),
+            (
+                "other_cluster_dropped_total",
+                &self.other_cluster_dropped,
+                "datagrams dropped for carrying another cluster's id",
+            ),
+            (
+                "replays_dropped_total",
+                &self.replays_dropped,
+                "replayed datagrams dropped (LeaderChange seen before or too old)",
             ),
             (
                 "send_errors_total",
@@ -761,6 +790,7 @@ pub fn run(config: AgentConfig) -> Result<AgentHandle, Error> {
         leader: config.servers.first().copied(),
         epoch: 0,
         incarnation,
+        cluster: config.cluster.unwrap_or(0),
         sequences: config
             .sequences
             .iter()

@@ -20,8 +20,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use unid_proto::{
-    AuthKey, Block, Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, List, Message, NodeId, Server,
-    Width, decode,
+    AuthKey, Block, ClusterId, Codec, DATAGRAM_BYTES_MAX, ErrorCode, Header, List, Message, NodeId,
+    Server, Width, decode,
 };
 
 /// How a fake server answers.
@@ -57,6 +57,7 @@ struct ClusterState {
 pub struct FakeCluster {
     state: Arc<Mutex<ClusterState>>,
     key: Option<AuthKey>,
+    cluster: ClusterId,
 }
 
 impl FakeCluster {
@@ -73,7 +74,15 @@ impl FakeCluster {
                 exhausted: false,
             })),
             key: None,
+            cluster: 0,
         }
+    }
+
+    /// Every datagram its servers send carries this cluster id (default 0:
+    /// none, as a server that does not know it yet).
+    pub fn with_cluster_id(mut self, cluster: ClusterId) -> FakeCluster {
+        self.cluster = cluster;
+        self
     }
 
     /// Every datagram is tagged and checked with this secret.
@@ -126,6 +135,11 @@ impl FakeCluster {
             peers: Vec::new(),
             servers: Vec::new(),
             truncate: false,
+            // As a real server: numbered from wall-clock µs, so a restart continues above.
+            seq: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64),
+            leader_change: Vec::new(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let cluster = self.clone();
@@ -142,6 +156,7 @@ impl FakeCluster {
             stop,
             thread: Some(thread),
             key: self.key.clone(),
+            cluster: self.cluster,
         })
     }
 }
@@ -160,6 +175,17 @@ struct Knobs {
     /// List no servers in Welcome / NotLeader (`truncated` set instead):
     /// the agent must read the node table.
     truncate: bool,
+    /// The seq of the last datagram sent (each takes the next).
+    seq: u64,
+    /// The last `LeaderChange` sent, for replaying it.
+    leader_change: Vec<u8>,
+}
+
+impl Knobs {
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
 }
 
 /// A running fake server. Dropping it stops it ("dies").
@@ -172,6 +198,7 @@ pub struct FakeServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     key: Option<AuthKey>,
+    cluster: ClusterId,
 }
 
 impl FakeServer {
@@ -238,13 +265,13 @@ impl FakeServer {
         leader: SocketAddr,
         epoch: u64,
     ) -> usize {
-        let (peers, servers) = {
-            let k = self.knobs();
-            (k.peers.clone(), k.servers.clone())
+        let (peers, servers, seq) = {
+            let mut k = self.knobs();
+            (k.peers.clone(), k.servers.clone(), k.next_seq())
         };
         let header = Header {
             sender: self.id,
-            seq: 1,
+            seq,
             reply_to: 0,
             epoch,
         };
@@ -255,11 +282,27 @@ impl FakeServer {
             truncated: false,
         };
         let mut buf = [0u8; DATAGRAM_BYTES_MAX];
-        let len = Codec::new()
+        let mut codec = Codec::new();
+        codec.set_cluster(self.cluster);
+        let len = codec
             .encode(&header, &message, self.key.as_ref(), &mut buf)
             .expect("valid LeaderChange");
         for p in &peers {
             let _ = self.socket.send_to(&buf[..len], p);
+        }
+        self.knobs().leader_change = buf[..len].to_vec();
+        peers.len()
+    }
+
+    /// Sends the last `LeaderChange` again, byte for byte (a replay, as an
+    /// attacker who captured it would); returns to how many addresses.
+    pub fn replay_leader_change(&self) -> usize {
+        let (peers, datagram) = {
+            let k = self.knobs();
+            (k.peers.clone(), k.leader_change.clone())
+        };
+        for p in &peers {
+            let _ = self.socket.send_to(&datagram, p);
         }
         peers.len()
     }
@@ -291,6 +334,7 @@ fn serve(
     stop: Arc<AtomicBool>,
 ) {
     let mut codec = Codec::new();
+    codec.set_cluster(cluster.cluster);
     let mut buf = [0u8; DATAGRAM_BYTES_MAX + 64];
     let mut out = [0u8; DATAGRAM_BYTES_MAX];
     // Reply cache: (node, seq) -> datagram, so retransmits get the same reply.
@@ -303,7 +347,7 @@ fn serve(
         let Ok(frame) = decode(&buf[..len], cluster.key.as_ref()) else {
             continue;
         };
-        let (mode, epoch, duplicate, servers, truncate) = {
+        let (mode, epoch, duplicate, servers, truncate, seq) = {
             let mut k = knobs.lock().unwrap_or_else(|p| p.into_inner());
             k.received += 1;
             if !k.peers.contains(&from) {
@@ -312,7 +356,15 @@ fn serve(
             if k.drop_every != 0 && k.received % k.drop_every == 0 {
                 continue;
             }
-            (k.mode, k.epoch, k.duplicate, k.servers.clone(), k.truncate)
+            let seq = k.next_seq();
+            (
+                k.mode,
+                k.epoch,
+                k.duplicate,
+                k.servers.clone(),
+                k.truncate,
+                seq,
+            )
         };
         let h = frame.header;
         let key = (h.sender, h.seq);
@@ -333,7 +385,7 @@ fn serve(
         }
         let header = Header {
             sender: id,
-            seq: h.seq,
+            seq,
             reply_to: h.seq,
             epoch,
         };

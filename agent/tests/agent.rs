@@ -847,3 +847,122 @@ fn unix_socket_serves_and_other_users_may_not_take_ids() {
     assert!(reply.starts_with("ERR DENIED uid 65534"), "{reply}");
     assert!(agent.metrics().socket_denied.load(Ordering::Relaxed) >= 1);
 }
+
+/// Issue 12 item 7: a captured `LeaderChange` sent again (byte for byte, so its tag would
+/// verify with a secret) is dropped as a replay and counted: its seq is not above the last
+/// datagram the agent acted on from that server. Before: the agent followed it again.
+#[test]
+fn a_replayed_leader_change_is_dropped_and_counted() {
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(8, &["h"]).with_secret(b"replay test secret");
+    let first = cluster.start_server(1).unwrap();
+    let second = cluster.start_server(2).unwrap();
+    // Asked first, the second redirects to the first (and so knows the agent's address).
+    second.set_mode(Mode::Follower(Some(first.addr())));
+    let mut c = config(vec![second.addr(), first.addr()], &dir, &["h"]);
+    c.key = Some(unid_proto::AuthKey::from_secret(b"replay test secret"));
+    let agent = unid_agent::run(c).unwrap();
+    wait_until("registered", 5000, || agent.status().node_id != 0);
+    assert_eq!(agent.status().leader, Some(first.addr()));
+    second.set_mode(Mode::Leader);
+    let mut ids = client(&dir, &agent, "h");
+    let mut got: Vec<u128> = ids.take(100).unwrap().iter().map(|i| i.get()).collect();
+    assert!(first.send_leader_change(2, second.addr()) >= 1);
+    wait_until("moved to the second", 2000, || {
+        agent.status().leader == Some(second.addr())
+    });
+    got.extend(ids.take(100).unwrap().iter().map(|i| i.get()));
+    assert!(second.send_leader_change(1, first.addr()) >= 1);
+    wait_until("back to the first", 2000, || {
+        agent.status().leader == Some(first.addr())
+    });
+    got.extend(ids.take(100).unwrap().iter().map(|i| i.get()));
+    assert_eq!(agent.metrics().replays_dropped.load(Ordering::Relaxed), 0);
+    // The second server's LeaderChange, captured and sent again from its address.
+    assert!(second.replay_leader_change() >= 1);
+    wait_until("replay counted", 2000, || {
+        agent.metrics().replays_dropped.load(Ordering::Relaxed) >= 1
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(agent.status().leader, Some(first.addr()));
+    assert_eq!(agent.metrics().leader_changes.load(Ordering::Relaxed), 2);
+    for _ in 0..2000 {
+        got.push(ids.next().unwrap().get());
+    }
+    assert_increasing(&got, "client");
+    assert_unique_and_granted(&[&got], &cluster);
+}
+
+/// Issue 12 item 1 (defence in depth): the agent pins the cluster id of its first answers
+/// and drops (counts) answers carrying another: with a server of another cluster in its list
+/// (two clusters behind one address look the same to it), it never registers with that one
+/// or takes its blocks, also when its own cluster goes silent. Before: it re-registered with
+/// the other cluster and handed out ids that cluster also hands out elsewhere.
+#[test]
+fn answers_from_another_cluster_are_refused() {
+    let dir = RingDir::new();
+    let ours = FakeCluster::new(8, &["k"]).with_cluster_id(0xAAAA);
+    let theirs = FakeCluster::new(8, &["k"]).with_cluster_id(0xBBBB);
+    let ours_leader = ours.start_server(1).unwrap();
+    let their_leader = theirs.start_server(1).unwrap();
+    let agent = unid_agent::run(config(
+        vec![ours_leader.addr(), their_leader.addr()],
+        &dir,
+        &["k"],
+    ))
+    .unwrap();
+    wait_until("registered", 5000, || agent.status().node_id != 0);
+    assert_eq!(agent.status().cluster, 0xAAAA);
+    let mut ids = client(&dir, &agent, "k");
+    let got: Vec<u128> = ids.take(100).unwrap().iter().map(|i| i.get()).collect();
+    assert_unique_and_granted(&[&got], &ours);
+    // Our cluster goes silent: the agent turns to the other server, and must refuse it.
+    ours_leader.set_mode(Mode::Silent);
+    wait_until("the other cluster's answers dropped", 10_000, || {
+        agent
+            .metrics()
+            .other_cluster_dropped
+            .load(Ordering::Relaxed)
+            >= 1
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        theirs.granted().is_empty(),
+        "took blocks from the other cluster"
+    );
+    assert_eq!(agent.metrics().registrations.load(Ordering::Relaxed), 1);
+    // Back: served again by its own cluster.
+    ours_leader.set_mode(Mode::Leader);
+    let more: Vec<u128> = (0..2000).map(|_| ids.next().unwrap().get()).collect();
+    assert_unique_and_granted(&[&got, &more], &ours);
+    assert!(theirs.granted().is_empty());
+}
+
+/// A configured cluster id is enforced from the first datagram: a server of another cluster
+/// asked first is never registered with.
+#[test]
+fn a_configured_cluster_id_is_enforced_from_the_start() {
+    let dir = RingDir::new();
+    let ours = FakeCluster::new(8, &["m"]).with_cluster_id(0xAAAA);
+    let theirs = FakeCluster::new(8, &["m"]).with_cluster_id(0xBBBB);
+    let their_leader = theirs.start_server(1).unwrap();
+    let ours_leader = ours.start_server(1).unwrap();
+    let mut c = config(vec![their_leader.addr(), ours_leader.addr()], &dir, &["m"]);
+    c.cluster = Some(0xAAAA);
+    let agent = unid_agent::run(c).unwrap();
+    wait_until("registered", 10_000, || agent.status().node_id != 0);
+    // (The fake server does not check the id of what it receives, as a real one does, so it
+    // answers; the agent must drop its Welcome.)
+    assert_eq!(agent.metrics().registrations.load(Ordering::Relaxed), 1);
+    let mut ids = client(&dir, &agent, "m");
+    let got: Vec<u128> = ids.take(100).unwrap().iter().map(|i| i.get()).collect();
+    assert_unique_and_granted(&[&got], &ours);
+    assert!(theirs.granted().is_empty());
+    assert!(
+        agent
+            .metrics()
+            .other_cluster_dropped
+            .load(Ordering::Relaxed)
+            >= 1
+    );
+}

@@ -141,5 +141,8 @@ pub mod types;
 
 pub use error::{Error, Result};
 pub use node::{ConsensusNode, LeaderInfo, NodeConfig, NodeMetrics, Role, Timing};
-pub use state::{ClusterState, Command, NodeKind, NodeRecord, Rejection, Response, SequenceState};
+pub use state::{
+    ClusterState, Command, NodeKind, NodeRecord, Rejection, Response, SETTING_CLUSTER_ID,
+    SequenceState,
+};
 pub use store::AppliedState;

@@ -27,6 +27,10 @@ pub const TEXT_BYTES_MAX: usize = 255;
 pub const SETTING_LEASE_MS: &str = "lease_ms";
 /// Setting key: by how many ids the leader raises a ceiling by default.
 pub const SETTING_RAISE_IDS_DEFAULT: &str = "raise_ids_default";
+/// Setting key: the cluster's id (random, non-zero), carried in every datagram.
+/// Set once: a `SetSetting` of it when it is already non-zero changes nothing,
+/// so that two leaders proposing one at the cluster's birth agree on the first.
+pub const SETTING_CLUSTER_ID: &str = "cluster_id";
 
 /// A replicated command: the `D` type of the Raft log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -405,6 +409,9 @@ impl ClusterState {
                 if !self.settings.contains_key(key) && self.settings.len() >= SETTINGS_MAX {
                     return Err(Rejection::TableFull);
                 }
+                if key == SETTING_CLUSTER_ID && self.setting(key, 0) != 0 {
+                    return Ok((Response::Done, Touched::Nothing));
+                }
                 self.settings.insert(key.clone(), *value);
                 Ok((Response::Done, Touched::Meta))
             }
@@ -574,6 +581,19 @@ mod tests {
         assert_eq!(s.apply(&cmd, 1).0, Response::Done);
         assert_eq!(s.setting("k0", 0), 9);
         assert_eq!(s.setting(SETTING_LEASE_MS, 1234), 1234);
+    }
+
+    #[test]
+    fn the_cluster_id_is_set_once() {
+        let mut s = ClusterState::new();
+        let set = |value| Command::SetSetting {
+            key: SETTING_CLUSTER_ID.into(),
+            value,
+        };
+        assert_eq!(s.apply(&set(0), 1).0, Response::Done);
+        assert_eq!(s.apply(&set(77), 1).0, Response::Done);
+        assert_eq!(s.apply(&set(88), 2).0, Response::Done);
+        assert_eq!(s.setting(SETTING_CLUSTER_ID, 0), 77);
     }
 
     proptest::proptest! {

@@ -361,6 +361,8 @@ pub(crate) fn render_server(
         stats.dropped_amplification,
     );
     e.sample(name, &[("reason", "unexpected")], stats.dropped_unexpected);
+    e.sample(name, &[("reason", "replay")], stats.dropped_replay);
+    e.sample(name, &[("reason", "other_cluster")], stats.dropped_cluster);
     let name = "unid_server_registrations_refused_total";
     e.family(
         name,

@@ -85,8 +85,9 @@ use unid_core::{
 };
 use unid_proto::{
     AuthKey, Codec, DATAGRAM_BYTES_MAX, EncodeError, ErrorCode, Header, Health, Id, List, Message,
-    NODE_TABLE_PAGE_MAX, Node, NodeId, NodeRole, RaftRole, SEQUENCE_LIST_MAX, SERVERS_MAX,
-    STATUS_SEQUENCES_MAX, SeqNo, SequenceName, SequenceStatus, Server, ServerStatus, Width, decode,
+    NODE_TABLE_PAGE_MAX, Node, NodeId, NodeRole, RaftRole, ReplayWindow, SEQUENCE_LIST_MAX,
+    SERVERS_MAX, STATUS_SEQUENCES_MAX, SeqNo, SequenceName, SequenceStatus, Server, ServerStatus,
+    Width, decode,
 };
 
 use crate::now_us;
@@ -115,6 +116,10 @@ pub const REGISTER_RATE_PER_S: u32 = 500;
 pub const REMOVALS_PER_TURN_MAX: usize = 64;
 /// Most expired agents waiting for removal from the node table.
 pub const REMOVALS_PENDING_MAX: usize = 65_536;
+/// Most agent names whose newest registered `Hello` is remembered for replay protection;
+/// beyond it the memory starts again (a replay of each name's newest `Hello` could then
+/// register once more).
+pub const HELLO_NAMES_MAX: usize = 1 << 16;
 /// Most control requests (registrations, creates) queued for the consensus thread.
 pub const CONTROL_QUEUE_MAX: usize = 1_024;
 /// Most raises proposed per control-loop turn.
@@ -405,6 +410,12 @@ pub struct ServerStats {
     pub refused_registration_full: AtomicU64,
     /// Agents whose lease ended removed from the replicated node table (through Raft).
     pub agents_removed: AtomicU64,
+    /// Dropped as replays: a `BlockRequest` whose seq was already handled (and is no longer
+    /// cached) or is older than the agent's replay window, or a `Hello` not newer than the
+    /// last one registered under its name (see [`ReplayWindow`]).
+    pub dropped_replay: AtomicU64,
+    /// Dropped: carrying another cluster's id.
+    pub dropped_cluster: AtomicU64,
     /// Blocks granted.
     pub grants: AtomicU64,
     /// Retransmits answered from the reply cache.
@@ -440,6 +451,10 @@ pub struct ServerStatsSnapshot {
     pub refused_registration_full: u64,
     /// See [`ServerStats::agents_removed`].
     pub agents_removed: u64,
+    /// See [`ServerStats::dropped_replay`].
+    pub dropped_replay: u64,
+    /// See [`ServerStats::dropped_cluster`].
+    pub dropped_cluster: u64,
     /// See [`ServerStats::grants`].
     pub grants: u64,
     /// See [`ServerStats::replies_cached`].
@@ -468,6 +483,8 @@ impl ServerStats {
             refused_registration_rate: g(&self.refused_registration_rate),
             refused_registration_full: g(&self.refused_registration_full),
             agents_removed: g(&self.agents_removed),
+            dropped_replay: g(&self.dropped_replay),
+            dropped_cluster: g(&self.dropped_cluster),
             grants: g(&self.grants),
             replies_cached: g(&self.replies_cached),
             not_leader: g(&self.not_leader),
@@ -533,6 +550,13 @@ struct Core {
     hellos: HashMap<(SocketAddr, u64), NodeId>,
     /// Hellos being registered through consensus.
     hellos_pending: HashSet<(SocketAddr, u64)>,
+    /// Replay protection (issue 12): the newest `(incarnation, seq)` of a `Hello` registered
+    /// under each agent name (at most [`HELLO_NAMES_MAX`]; seeded from the node table with
+    /// seq 0 when this server starts leading). A `Hello` not above it is a replay.
+    hello_seen: HashMap<String, (u64, SeqNo)>,
+    /// Replay protection: the seqs of each registered agent's `BlockRequest`s that got a
+    /// lasting answer (see [`ReplayWindow`]); dropped with the agent's lease.
+    windows: HashMap<NodeId, ReplayWindow>,
     replies: ReplyCache<Vec<u8>>,
     sources: HashMap<SocketAddr, Bucket>,
     admin_sources: HashMap<SocketAddr, Bucket>,
@@ -644,6 +668,7 @@ impl Core {
         if self.agents.len() != before {
             let agents = &self.agents;
             self.hellos.retain(|_, id| agents.contains_key(id));
+            self.windows.retain(|id, _| agents.contains_key(id));
             tracing::debug!(expired = before - self.agents.len(), "agent leases expired");
         }
         self.replies.expire(now_us);
@@ -733,6 +758,9 @@ struct Shared {
     raise_notify: Notify,
     control_tx: mpsc::Sender<Control>,
     seq: AtomicU64,
+    /// The cluster id (the replicated setting `cluster_id`; 0 until this server knows it),
+    /// stamped on every datagram sent; a datagram carrying another non-zero id is dropped.
+    cluster: AtomicU64,
     stats: ServerStats,
     counters: crate::metrics::ServerCounters,
     consensus_stopped: AtomicBool,
@@ -776,6 +804,7 @@ impl Shared {
             reply_to,
             epoch: term,
         };
+        codec.set_cluster(self.cluster.load(Ordering::Relaxed));
         let n = codec.encode(&header, msg, self.key.as_ref(), &mut buf)?;
         Ok(buf[..n].to_vec())
     }
@@ -938,6 +967,16 @@ impl ServerHandler {
         };
         let req = data.len();
         let h = frame.header;
+        let ours = shared.cluster.load(Ordering::Relaxed);
+        if frame.cluster != 0 && ours != 0 && frame.cluster != ours {
+            // From a node of another cluster (two clusters on one address, an agent pointed
+            // at the wrong one): never served (issue 12).
+            let n = stats.dropped_cluster.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%from, cluster = format_args!("{:016x}", frame.cluster), ours = format_args!("{ours:016x}"), dropped = n, "dropped a datagram of another cluster");
+            }
+            return None;
+        }
         let mut core = shared.core();
         if core.phase == Phase::Stopped {
             return None;
@@ -1041,6 +1080,20 @@ impl ServerHandler {
                 if core.hellos_pending.contains(&key) {
                     return None; // Being registered; the answer follows.
                 }
+                // Not a retransmission from the agent's own socket (those were answered
+                // above): a `Hello` must be newer than the last one registered under its name
+                // (the agent takes a new incarnation, or at least a new seq, for each), or it
+                // is a replay, from a new source port, of a captured one (issue 12).
+                if core
+                    .hello_seen
+                    .get(name)
+                    .is_some_and(|&seen| (incarnation, h.seq) <= seen)
+                {
+                    bump(&stats.dropped_replay);
+                    tracing::debug!(%from, name, incarnation, seq = h.seq, "dropped a replayed Hello");
+                    let d = self.error(term, h.seq, ErrorCode::BadRequest, None, 0)?;
+                    return self.capped(d, req);
+                }
                 if shared.quorum_lost(now_us) {
                     // Registering needs a quorum: send the agent elsewhere.
                     return self.redirect(&core, None, h.seq, req);
@@ -1065,6 +1118,16 @@ impl ServerHandler {
                 match shared.control_tx.try_send(request) {
                     Ok(()) => {
                         core.hellos_pending.insert(key);
+                        if core.hello_seen.len() >= HELLO_NAMES_MAX
+                            && !core.hello_seen.contains_key(name)
+                        {
+                            tracing::warn!(
+                                "{HELLO_NAMES_MAX} agent names remembered: replay memory starts again"
+                            );
+                            core.hello_seen.clear();
+                        }
+                        core.hello_seen
+                            .insert(name.to_owned(), (incarnation, h.seq));
                         None
                     }
                     Err(_) => {
@@ -1244,6 +1307,13 @@ impl ServerHandler {
             Lookup::Invalid => return None,
             Lookup::Miss | Lookup::Forgotten => {}
         }
+        // A seq that already got a lasting answer (no longer cached) or is older than the
+        // window is a replay: answering it anew would grant a block per replay (issue 12).
+        if core.windows.get(&h.sender).is_some_and(|w| !w.check(h.seq)) {
+            bump(&shared.stats.dropped_replay);
+            tracing::debug!(%from, sender = h.sender, seq = h.seq, "dropped a replayed BlockRequest");
+            return None;
+        }
         let not_ready = |this: &mut Self, core: &Core| {
             this.not_ready_or_away(core, h.seq, Some(sequence), cap, now_us)
         };
@@ -1337,6 +1407,7 @@ impl ServerHandler {
         let d = msg_result.ok()?;
         if cache {
             core.replies.insert(now_us, h.sender, h.seq, d.clone());
+            core.windows.entry(h.sender).or_default().mark(h.seq);
         }
         Some(d)
     }
@@ -1782,6 +1853,8 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             agents: HashMap::new(),
             hellos: HashMap::new(),
             hellos_pending: HashSet::new(),
+            hello_seen: HashMap::new(),
+            windows: HashMap::new(),
             replies,
             sources: HashMap::new(),
             admin_sources: HashMap::new(),
@@ -1801,7 +1874,11 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }),
         raise_notify: Notify::new(),
         control_tx,
-        seq: AtomicU64::new(1),
+        // Wall-clock µs: a restarted server's seqs stay above its earlier ones, so that a
+        // receiver can tell a replayed datagram of an earlier run (the agent's `LeaderChange`
+        // check).
+        seq: AtomicU64::new(wall_clock_us().max(1)),
+        cluster: AtomicU64::new(0),
         stats: ServerStats::default(),
         counters: crate::metrics::ServerCounters::default(),
         consensus_stopped: AtomicBool::new(false),
@@ -1963,6 +2040,28 @@ fn render_metrics(shared: &Shared, consensus: &std::sync::Weak<ConsensusNode>) -
 
 /// The address to tell others: a wildcard bind address is replaced by the Raft address's IP
 /// (or loopback).
+/// A random non-zero cluster id: from the kernel's random source, or (should it be
+/// unreadable) a hash of the time, the process id and an address of this process.
+fn random_cluster_id() -> u64 {
+    use std::io::Read as _;
+    let mut b = [0u8; 8];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    let mut id = u64::from_le_bytes(b);
+    if read.is_err() || id == 0 {
+        let seed = format!("{} {} {:p}", wall_clock_us(), std::process::id(), &b);
+        let tag = AuthKey::from_secret(b"unid cluster id").tag(seed.as_bytes());
+        id = u64::from_le_bytes(tag[..8].try_into().expect("8 bytes")) | 1;
+    }
+    id
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 fn advertised(addr: SocketAddr, hint: SocketAddr) -> SocketAddr {
     if !addr.ip().is_unspecified() {
         return addr;
@@ -2155,6 +2254,27 @@ impl Controller {
         });
     }
 
+    /// The first leader of a new cluster (or of one from before cluster ids) picks its random
+    /// id and commits it; the state machine keeps the first one committed.
+    async fn create_cluster_id(&self) {
+        let proposed = random_cluster_id();
+        let cmd = Command::SetSetting {
+            key: unid_consensus::SETTING_CLUSTER_ID.to_owned(),
+            value: proposed,
+        };
+        match self.consensus.write(cmd).await {
+            Ok(_) => {
+                let cluster = self
+                    .consensus
+                    .with_state(|s| s.state.setting(unid_consensus::SETTING_CLUSTER_ID, 0));
+                self.shared.cluster.store(cluster, Ordering::Relaxed);
+                tracing::info!(cluster = format_args!("{cluster:016x}"), "cluster id set");
+            }
+            // Tried again when this server (or another) next becomes leader.
+            Err(e) => tracing::warn!("cannot commit the cluster id: {e}"),
+        }
+    }
+
     /// Reads the ready ceilings and installs the allocator. Retries (each try bounded by the
     /// write timeout) for as long as this server still warms up in `term`: the leader watch
     /// ends the loop when the term ends.
@@ -2209,6 +2329,9 @@ impl Controller {
                     );
                     self.shared.raise_notify.notify_one();
                     self.publish_servers().await;
+                    if applied.state.setting(unid_consensus::SETTING_CLUSTER_ID, 0) == 0 {
+                        self.create_cluster_id().await;
+                    }
                     return;
                 }
                 Err(e) => {
@@ -2239,6 +2362,11 @@ impl Controller {
         for r in state.nodes.values() {
             if r.kind != NodeKind::Agent || core.agents.len() >= self.shared.agents_max {
                 continue;
+            }
+            if core.hello_seen.len() < HELLO_NAMES_MAX {
+                // A replayed `Hello` of an older incarnation is refused by this leader too.
+                let seen = core.hello_seen.entry(r.name.clone()).or_insert((0, 0));
+                *seen = (*seen).max((r.incarnation, 0));
             }
             if let Ok(ip) = r.addr.parse::<IpAddr>() {
                 core.agents.entry(r.id).or_insert(Agent {
@@ -2320,6 +2448,8 @@ impl Controller {
         let mut servers: BTreeMap<NodeId, SocketAddr> = BTreeMap::new();
         let voters = self.consensus.metrics().voters;
         self.consensus.with_state(|s| {
+            let cluster = s.state.setting(unid_consensus::SETTING_CLUSTER_ID, 0);
+            self.shared.cluster.store(cluster, Ordering::Relaxed);
             for r in s.state.nodes.values() {
                 if r.kind == NodeKind::Server
                     && let Ok(a) = r.addr.parse::<SocketAddr>()
@@ -2881,6 +3011,8 @@ mod tests {
             agents: HashMap::new(),
             hellos: HashMap::new(),
             hellos_pending: HashSet::new(),
+            hello_seen: HashMap::new(),
+            windows: HashMap::new(),
             replies: ReplyCache::new(ReplyCacheConfig::DEFAULT).unwrap(),
             sources: HashMap::new(),
             admin_sources: HashMap::new(),

@@ -757,3 +757,226 @@ fn expired_agents_leave_the_node_table_and_registration_floods_are_limited() {
     );
     s.shutdown().unwrap();
 }
+
+/// Issue 12 item 7: with a cluster secret, authenticated datagrams captured and sent again
+/// from other source ports are dropped and counted: a replayed `Hello` registers nobody, a
+/// replayed `BlockRequest` whose reply has left the reply cache gets no new block, and the
+/// real sender goes on being served. Before: every replay of an old `BlockRequest` got a new
+/// block and every replayed `Hello` from a new port a new registration.
+#[test]
+fn replayed_authenticated_datagrams_are_dropped_and_counted() {
+    let secret = b"replay test secret".to_vec();
+    let key = unid_proto::AuthKey::from_secret(&secret);
+    let root = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(1, root.path().join("s1"));
+    config.udp_addr = local(18310);
+    config.raft_addr = local(18311);
+    config.init = true;
+    config.secret = Some(secret.clone());
+    let s = run(config).expect("server starts");
+    let addr = s.udp_addr();
+    let mut admin = Client::new(
+        &[addr],
+        ClientConfig {
+            secret: Some(secret),
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap();
+    create(&mut admin, "replayed", Width::W8);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.is_granting() {
+        assert!(Instant::now() < deadline, "never granting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let agent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    agent
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut codec = Codec::new();
+    let datagram = |codec: &mut Codec, sender: u64, seq: u64, msg: &Message<'_>| {
+        let mut out = [0u8; 1200];
+        let h = Header {
+            sender,
+            seq,
+            reply_to: 0,
+            epoch: 0,
+        };
+        let n = codec.encode(&h, msg, Some(&key), &mut out).unwrap();
+        out[..n].to_vec()
+    };
+    // Sends `d` from `sock` until an answer other than `NotReady` comes (a retransmission:
+    // the same bytes), and returns it decoded.
+    let exchange = |sock: &UdpSocket, d: &[u8]| -> Message<'static> {
+        let mut buf = [0u8; 1500];
+        for _ in 0..50 {
+            sock.send_to(d, addr).unwrap();
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                let bytes: &'static [u8] = Box::leak(buf[..n].to_vec().into_boxed_slice());
+                let m = decode(bytes, Some(&key)).unwrap().message;
+                if !matches!(
+                    m,
+                    Message::Error {
+                        code: ErrorCode::NotReady,
+                        ..
+                    }
+                ) {
+                    return m;
+                }
+            }
+        }
+        panic!("no answer");
+    };
+    let first_seq = 1_000_000;
+    let hello = datagram(
+        &mut codec,
+        0,
+        first_seq,
+        &Message::Hello {
+            role: NodeRole::Agent,
+            incarnation: 42,
+            name: "replay-agent",
+            listen: None,
+            backup_of: None,
+        },
+    );
+    let Message::Welcome { node_id, .. } = exchange(&agent, &hello) else {
+        panic!("no Welcome");
+    };
+    assert_eq!(s.stats().registrations, 1);
+    // 70 block requests: more than the reply cache keeps per agent (64).
+    let requests: Vec<Vec<u8>> = (1..=70)
+        .map(|i| {
+            let msg = Message::BlockRequest {
+                sequence: "replayed",
+                count: 10,
+            };
+            datagram(&mut codec, node_id, first_seq + i, &msg)
+        })
+        .collect();
+    for r in &requests {
+        assert!(matches!(exchange(&agent, r), Message::BlockGrant { .. }));
+    }
+    let grants = s.stats().grants;
+    assert_eq!(grants, 70);
+
+    // The attacker: captured datagrams, sent from other source ports.
+    let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    attacker
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let before = s.stats().dropped_replay;
+    let mut buf = [0u8; 1500];
+    for r in &requests[..6] {
+        attacker.send_to(r, addr).unwrap();
+        assert!(
+            attacker.recv_from(&mut buf).is_err(),
+            "a replay was answered"
+        );
+    }
+    for _ in 0..5 {
+        let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+        other.send_to(&hello, addr).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        s.stats().grants,
+        grants,
+        "a replayed BlockRequest got a block"
+    );
+    assert_eq!(
+        s.stats().registrations,
+        1,
+        "a replayed Hello registered again"
+    );
+    assert!(s.stats().dropped_replay >= before + 11, "{:?}", s.stats());
+    // The real agent is served on.
+    let next = datagram(
+        &mut codec,
+        node_id,
+        first_seq + 71,
+        &Message::BlockRequest {
+            sequence: "replayed",
+            count: 10,
+        },
+    );
+    assert!(matches!(
+        exchange(&agent, &next),
+        Message::BlockGrant { .. }
+    ));
+    assert_eq!(s.stats().grants, grants + 1);
+    s.shutdown().unwrap();
+}
+
+/// Issue 12 item 1 (defence in depth): a cluster gets a random id when it is created, kept
+/// across restarts and carried in every answer; a datagram carrying another cluster's id is
+/// dropped and counted, one carrying 0 (first contact) or the right id is served. Before:
+/// nothing told two clusters' datagrams apart.
+#[test]
+fn the_cluster_id_is_carried_kept_and_checked() {
+    let root = tempfile::tempdir().unwrap();
+    let start = |init: bool| {
+        let mut config = ServerConfig::new(1, root.path().join("s1"));
+        config.udp_addr = local(18320);
+        config.raft_addr = local(18321);
+        config.init = init;
+        run(config).expect("server starts")
+    };
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // A Ping stamped with `cluster`: the answer's cluster id, if answered.
+    let ping = |cluster: u64, seq: u64| -> Option<u64> {
+        let mut codec = Codec::new();
+        codec.set_cluster(cluster);
+        let mut out = [0u8; 1200];
+        let h = Header {
+            sender: 0,
+            seq,
+            reply_to: 0,
+            epoch: 0,
+        };
+        let n = codec
+            .encode(&h, &Message::Ping { sent_us: 1 }, None, &mut out)
+            .unwrap();
+        sock.send_to(&out[..n], local(18320)).unwrap();
+        let mut buf = [0u8; 1500];
+        let (m, _) = sock.recv_from(&mut buf).ok()?;
+        Some(decode(&buf[..m], None).unwrap().cluster)
+    };
+    let until_known = |seq: &mut u64| -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            *seq += 1;
+            if let Some(c) = ping(0, *seq)
+                && c != 0
+            {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "no cluster id in the answers");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let s = start(true);
+    let mut seq = 0;
+    let cluster = until_known(&mut seq);
+    seq += 1;
+    assert_eq!(ping(cluster, seq), Some(cluster));
+    let before = s.stats().dropped_cluster;
+    seq += 1;
+    assert_eq!(
+        ping(cluster ^ 0x5a5a, seq),
+        None,
+        "another cluster's datagram served"
+    );
+    assert_eq!(s.stats().dropped_cluster, before + 1);
+    s.shutdown().unwrap();
+    let s = start(false);
+    assert_eq!(
+        until_known(&mut seq),
+        cluster,
+        "the cluster id changed on restart"
+    );
+    s.shutdown().unwrap();
+}

@@ -58,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut buf = [0u8; DATAGRAM_BYTES_MAX];
     buf[0..2].copy_from_slice(b"UN");
-    buf[2] = 1;
+    buf[2] = unid_proto::codec::VERSION;
     buf[3] = message_type.as_u8();
     let flags: u16 = if with_key { FLAG_AUTH } else { 0 };
     buf[4..6].copy_from_slice(&flags.to_le_bytes());

@@ -5,7 +5,7 @@
 //! ```text
 //! off   size field
 //! 0     2    magic 0x55 0x4E ("UN")
-//! 2     1    protocol version = 1
+//! 2     1    protocol version = 2
 //! 3     1    message type (MessageType)
 //! 4     2    flags: bit 0 AUTH = a 16-byte tag follows the CRC; other bits must be 0
 //! 6     2    payload length n
@@ -13,10 +13,16 @@
 //! 16    8    seq: the sender's per-sender sequence number (never 0)
 //! 24    8    reply_to: seq of the datagram this answers (0 = not a reply)
 //! 32    8    leader epoch (Raft term; 0 = unknown)
-//! 40    n    FlatBuffers payload (root table of the message type)
-//! 40+n  4    CRC32 (crc32fast, IEEE) of bytes [0, 40+n)
-//! 44+n  16   tag, only with AUTH: AuthKey::tag(bytes [0, 40+n))
+//! 40    8    cluster id (ClusterId; 0 = not known yet)
+//! 48    n    FlatBuffers payload (root table of the message type)
+//! 48+n  4    CRC32 (crc32fast, IEEE) of bytes [0, 48+n)
+//! 52+n  16   tag, only with AUTH: AuthKey::tag(bytes [0, 48+n))
 //! ```
+//!
+//! The cluster id is not one of the [`Header`] fields a sender chooses per
+//! datagram: a [`Codec`] stamps the one it was given ([`Codec::set_cluster`])
+//! on everything it encodes, and [`decode`] returns it in [`Frame::cluster`].
+//! Receivers decide what a foreign id means (servers and agents drop it).
 //!
 //! The datagram is exactly that long and at most [`DATAGRAM_BYTES_MAX`].
 //!
@@ -46,14 +52,14 @@ use crate::message::{
     SEQUENCE_LIST_MAX, SERVERS_MAX, STATUS_SEQUENCES_MAX, Server, WireVec, endpoint_from_fb,
     endpoint_to_fb, u128_from_fb, u128_to_fb, width_from_wire,
 };
-use crate::types::{Block, Epoch, NodeId, SeqNo};
+use crate::types::{Block, ClusterId, Epoch, NodeId, SeqNo};
 
 /// The two magic bytes that start every datagram: "UN".
 pub const MAGIC: [u8; 2] = *b"UN";
 /// The protocol version this crate speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes of the fixed header before the payload.
-pub const HEADER_BYTES: usize = 40;
+pub const HEADER_BYTES: usize = 48;
 /// Bytes of the CRC32 after the payload.
 pub const CRC_BYTES: usize = 4;
 /// The largest datagram sent or accepted, in bytes: fits any path MTU of
@@ -68,9 +74,9 @@ pub const FLAG_AUTH: u16 = 1;
 /// Every flag bit this version knows.
 pub const FLAGS_KNOWN: u16 = FLAG_AUTH;
 
-const _: () = assert!(HEADER_BYTES == 2 + 1 + 1 + 2 + 2 + 8 * 4);
+const _: () = assert!(HEADER_BYTES == 2 + 1 + 1 + 2 + 2 + 8 * 5);
 const _: () = assert!(DATAGRAM_BYTES_MAX <= u16::MAX as usize);
-const _: () = assert!(PAYLOAD_BYTES_MAX == 1140);
+const _: () = assert!(PAYLOAD_BYTES_MAX == 1132);
 
 /// Limits for the FlatBuffers verifier: far above what a valid payload needs
 /// (depth 2, at most 1 + [`STATUS_SEQUENCES_MAX`] tables) and small enough
@@ -107,6 +113,8 @@ pub struct PeekedHeader {
     pub payload_bytes: u16,
     /// The sender's fields.
     pub header: Header,
+    /// The sender's cluster id (0: not known yet).
+    pub cluster: ClusterId,
 }
 
 /// A decoded datagram.
@@ -114,6 +122,9 @@ pub struct PeekedHeader {
 pub struct Frame<'a> {
     /// The sender's header fields.
     pub header: Header,
+    /// The sender's cluster id (0: not known yet); covered by the CRC and the
+    /// tag like every header byte.
+    pub cluster: ClusterId,
     /// Whether it carried a tag that verified (always true when decoded with
     /// a key, always false without).
     pub authenticated: bool,
@@ -292,6 +303,7 @@ pub fn peek_header(datagram: &[u8]) -> Result<PeekedHeader, DecodeError> {
         authenticated,
         payload_bytes,
         header,
+        cluster: read_u64(datagram, 40),
     })
 }
 
@@ -326,6 +338,7 @@ pub fn decode<'a>(datagram: &'a [u8], key: Option<&AuthKey>) -> Result<Frame<'a>
     message.validate()?;
     Ok(Frame {
         header: peeked.header,
+        cluster: peeked.cluster,
         authenticated: peeked.authenticated,
         message,
     })
@@ -542,6 +555,7 @@ fn decode_payload(t: MessageType, p: &[u8]) -> Result<Message<'_>, DecodeError> 
 /// steady state allocates nothing. One per thread; cheap to keep around.
 pub struct Codec {
     fbb: FlatBufferBuilder<'static>,
+    cluster: ClusterId,
 }
 
 impl Default for Codec {
@@ -561,7 +575,19 @@ impl Codec {
     pub fn new() -> Codec {
         Codec {
             fbb: FlatBufferBuilder::with_capacity(2 * DATAGRAM_BYTES_MAX),
+            cluster: 0,
         }
+    }
+
+    /// Sets the cluster id stamped on every datagram encoded from now on
+    /// (0, the default: not known yet).
+    pub fn set_cluster(&mut self, cluster: ClusterId) {
+        self.cluster = cluster;
+    }
+
+    /// The cluster id this codec stamps.
+    pub fn cluster(&self) -> ClusterId {
+        self.cluster
     }
 
     /// Encodes `message` with `header` into `out` and returns the datagram's
@@ -608,6 +634,7 @@ impl Codec {
         out[16..24].copy_from_slice(&header.seq.to_le_bytes());
         out[24..32].copy_from_slice(&header.reply_to.to_le_bytes());
         out[32..40].copy_from_slice(&header.epoch.to_le_bytes());
+        out[40..48].copy_from_slice(&self.cluster.to_le_bytes());
         out[HEADER_BYTES..body_end].copy_from_slice(payload);
         let crc = crc32fast::hash(&out[..body_end]);
         out[body_end..body_end + CRC_BYTES].copy_from_slice(&crc.to_le_bytes());

@@ -4,6 +4,8 @@
 //! - [`auth`]: the cluster MAC ([`AuthKey`]).
 //! - [`message`]: the messages ([`Message`], one variant per
 //!   [`MessageType`]), with the limits of every field.
+//! - [`replay`]: the anti-replay window ([`ReplayWindow`]) receivers keep
+//!   per sender.
 //! - [`codec`]: datagram framing (header, CRC32, tag), [`Codec::encode`],
 //!   [`decode`] and [`peek_header`].
 //!
@@ -20,21 +22,24 @@
 //! let mut codec = Codec::new();
 //! let mut buf = [0u8; DATAGRAM_BYTES_MAX];
 //! let header = Header { sender: 7, seq: 1, reply_to: 0, epoch: 3 };
+//! codec.set_cluster(0x5eed);
 //! let request = Message::BlockRequest { sequence: "orders", count: 1000 };
 //! let len = codec.encode(&header, &request, Some(&key), &mut buf).unwrap();
 //! let frame = decode(&buf[..len], Some(&key)).unwrap();
 //! assert_eq!(frame.header, header);
+//! assert_eq!(frame.cluster, 0x5eed);
 //! assert_eq!(frame.message, request);
 //! ```
 #![forbid(unsafe_code)]
 
 pub mod types;
 
-pub use types::{Block, Epoch, Id, NameError, NodeId, SeqNo, SequenceName, Width};
+pub use types::{Block, ClusterId, Epoch, Id, NameError, NodeId, SeqNo, SequenceName, Width};
 pub mod auth;
 pub use auth::{AuthKey, TAG_BYTES};
 pub mod codec;
 pub mod message;
+pub mod replay;
 
 pub use codec::{
     Codec, DATAGRAM_BYTES_MAX, DATAGRAM_BYTES_MIN, DecodeError, EncodeError, FLAG_AUTH, Frame,
@@ -45,3 +50,4 @@ pub use message::{
     MessageType, NODE_TABLE_PAGE_MAX, Node, NodeRole, RaftRole, SEQUENCE_LIST_MAX, SERVERS_MAX,
     STATUS_SEQUENCES_MAX, SequenceStatus, Server, ServerStatus,
 };
+pub use replay::{REPLAY_WINDOW_BITS, ReplayWindow};

@@ -24,6 +24,13 @@ pub type Epoch = u64;
 /// in `reply_to`), so the first datagram a sender sends has sequence `1`.
 pub type SeqNo = u64;
 
+/// A cluster's identity: random, chosen once when the cluster is created and
+/// replicated to every server, carried in every datagram's header so that a
+/// node can tell answers of its own cluster from another's (two clusters
+/// sharing one UDP address, an agent pointed at the wrong one). `0` means
+/// "not known yet" (a node's first contact, an admin tool).
+pub type ClusterId = u64;
+
 /// The width of a sequence: how many bytes an id of it takes.
 ///
 /// The all-ones value of every width (`0xFFFF` for two bytes) is *reserved*:

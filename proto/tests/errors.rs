@@ -6,7 +6,8 @@ use common::{encode, frame_raw, header, key, raw_datagram};
 use unid_proto::{
     Block, Codec, DATAGRAM_BYTES_MAX, DATAGRAM_BYTES_MIN, DecodeError, ERROR_TEXT_BYTES_MAX,
     EncodeError, ErrorCode, FLAG_AUTH, FieldError, HEADER_BYTES, Header, List, Message,
-    MessageType, NameError, Node, NodeRole, SequenceStatus, Server, Width, decode, peek_header,
+    MessageType, NameError, Node, NodeRole, SequenceStatus, Server, TAG_BYTES, Width, decode,
+    peek_header,
 };
 use unid_proto_fbs as fb;
 
@@ -107,11 +108,51 @@ fn bad_magic() {
 #[test]
 fn unsupported_version() {
     let mut d = ping();
-    d[2] = 2;
+    // Version 1 (no cluster id in the header) and a future version.
+    for version in [1, 3] {
+        d[2] = version;
+        assert_eq!(
+            decode(&d, None),
+            Err(DecodeError::UnsupportedVersion { version })
+        );
+    }
+}
+
+/// The cluster id a codec stamps comes back from `decode` and `peek_header`, and is covered
+/// by the CRC and the tag: a datagram whose cluster id was rewritten does not decode.
+#[test]
+fn the_cluster_id_is_carried_and_covered() {
+    let key = key();
+    let mut codec = Codec::new();
+    assert_eq!(codec.cluster(), 0);
+    codec.set_cluster(0x0123_4567_89ab_cdef);
+    let mut buf = [0u8; DATAGRAM_BYTES_MAX];
+    let n = codec
+        .encode(
+            &header(),
+            &Message::Ping { sent_us: 1 },
+            Some(&key),
+            &mut buf,
+        )
+        .unwrap();
+    let d = &mut buf[..n];
+    assert_eq!(d[40..48], 0x0123_4567_89ab_cdef_u64.to_le_bytes());
+    assert_eq!(peek_header(d).unwrap().cluster, 0x0123_4567_89ab_cdef);
     assert_eq!(
-        decode(&d, None),
-        Err(DecodeError::UnsupportedVersion { version: 2 })
+        decode(d, Some(&key)).unwrap().cluster,
+        0x0123_4567_89ab_cdef
     );
+    d[40] ^= 1;
+    assert!(matches!(
+        decode(d, Some(&key)),
+        Err(DecodeError::BadCrc { .. })
+    ));
+    // With the CRC fixed up the tag still fails: a forger cannot move a datagram to
+    // another cluster.
+    let body = n - TAG_BYTES - 4;
+    let crc = crc32fast::hash(&d[..body]);
+    d[body..body + 4].copy_from_slice(&crc.to_le_bytes());
+    assert_eq!(decode(d, Some(&key)), Err(DecodeError::BadTag));
 }
 
 #[test]

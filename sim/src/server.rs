@@ -10,12 +10,14 @@
 //! | `propose_raises`, `commit_raise` | the same names (raises through this node's `raft().client_write`, never forwarded; stale term ignored) |
 //! | `register` | `Controller::handle_request` for `Control::Register` |
 //! | `on_datagram` (Hello) | the `Message::Hello` arm of `Shard::handle` |
-//! | `block_request` | `Shard::block_request` (reply cache, `grant`, the `UnknownSequence` → `add_sequence` path, `poll_raise_for`) |
+//! | `block_request` | `Shard::block_request` (reply cache, replay window, `grant`, the `UnknownSequence` → `add_sequence` path, `poll_raise_for`) |
 //! | `check_quorum`, `quorum_lost`, `not_ready_or_away` | `Controller::check_quorum`, `Shared::quorum_lost`, `ServerHandler::not_ready_or_away` (a leader no quorum confirmed for `QUORUM_LOST_MS` answers `NotLeader` naming no leader instead of `NotReady`, and takes no new registrations) |
 //!
 //! What differs: one shard instead of one per core, datagrams are
 //! [`Msg`] values rather than FlatBuffers (the codec, rate limits, metrics,
-//! admin requests and membership changes are not simulated), and
+//! admin requests, membership changes, the cluster id and the per-name
+//! `Hello` replay check are not simulated: simulated agents have no names
+//! and there is one cluster), and
 //! `tokio::select!` is `biased` for determinism (the engine's is not; both
 //! orders are valid there).
 //!
@@ -34,7 +36,7 @@ use unid_consensus::{Command, ConsensusNode, LeaderInfo, NodeKind, Response};
 use unid_core::{
     AllocatorConfig, CommittedCeiling, LeaderAllocator, Lookup, Raise, ReplyCache, ReplyCacheConfig,
 };
-use unid_proto::{NodeId, SeqNo, SequenceName};
+use unid_proto::{NodeId, ReplayWindow, SeqNo, SequenceName};
 
 use crate::clock::Clock;
 use crate::invariants::Observer;
@@ -91,6 +93,8 @@ struct Core {
     hellos: BTreeMap<(SocketAddr, u64), NodeId>,
     hellos_pending: BTreeSet<(SocketAddr, u64)>,
     replies: ReplyCache<Msg>,
+    /// The engine's `Core::windows`: seqs of each agent that got a lasting answer.
+    windows: BTreeMap<NodeId, ReplayWindow>,
 }
 
 impl Core {
@@ -104,6 +108,7 @@ impl Core {
             .retain(|_, (_, seen)| seen.saturating_add(lease_us) > now_us);
         let agents = &self.agents;
         self.hellos.retain(|_, id| agents.contains_key(id));
+        self.windows.retain(|id, _| agents.contains_key(id));
         self.replies.expire(now_us);
     }
 }
@@ -180,6 +185,7 @@ impl Server {
                 hellos: BTreeMap::new(),
                 hellos_pending: BTreeSet::new(),
                 replies: ReplyCache::new(ReplyCacheConfig::DEFAULT)?,
+                windows: BTreeMap::new(),
             }),
             raise_notify: Notify::new(),
             control_tx,
@@ -652,6 +658,10 @@ impl Glue {
             Lookup::Invalid => return None,
             Lookup::Miss | Lookup::Forgotten => {}
         }
+        // The engine's replay check: a seq that already got a lasting answer is dropped.
+        if core.windows.get(&d.sender).is_some_and(|w| !w.check(d.seq)) {
+            return None;
+        }
         let not_ready = self.not_ready_or_away(term, now_us);
         let Ok(name) = SequenceName::new(sequence) else {
             return Some((
@@ -722,6 +732,7 @@ impl Glue {
             Err(_) => return not_ready,
         };
         core.replies.insert(now_us, d.sender, d.seq, msg.clone());
+        core.windows.entry(d.sender).or_default().mark(d.seq);
         Some((term, msg))
     }
 }

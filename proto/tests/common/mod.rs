@@ -34,7 +34,7 @@ pub fn frame_raw(
 ) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(b"UN");
-    out.push(1);
+    out.push(unid_proto::codec::VERSION);
     out.push(message_type);
     out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u16).to_le_bytes());
@@ -42,6 +42,7 @@ pub fn frame_raw(
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&0u64.to_le_bytes());
     out.extend_from_slice(&0u64.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes()); // cluster id
     assert_eq!(out.len(), HEADER_BYTES);
     out.extend_from_slice(payload);
     let crc = crc32fast::hash(&out);
@@ -69,6 +70,7 @@ pub fn raw_datagram(
 pub fn roundtrip(header: Header, message: &Message<'_>) {
     let key = key();
     let mut codec = Codec::new();
+    codec.set_cluster(0xC1A5_7E12_0000_0001);
     let mut buf = [0u8; DATAGRAM_BYTES_MAX];
     for k in [None, Some(&key)] {
         let len = codec
@@ -76,6 +78,7 @@ pub fn roundtrip(header: Header, message: &Message<'_>) {
             .unwrap_or_else(|e| panic!("encode {message:?}: {e}"));
         let frame = decode(&buf[..len], k).unwrap_or_else(|e| panic!("decode {message:?}: {e}"));
         assert_eq!(frame.header, header);
+        assert_eq!(frame.cluster, 0xC1A5_7E12_0000_0001);
         assert_eq!(frame.message, *message);
         assert_eq!(frame.authenticated, k.is_some());
         assert_eq!(frame.message.message_type(), message.message_type());
