@@ -63,7 +63,7 @@ echo "| operation | ids/s (median slice) | min – max slice |"
 echo "|---|---:|---:|"
 for op in "unid_next()" "Rust next()" "Uuid::now_v7()"; do
   awk -F'\t' -v op="$op" '$1 == op { print $2 }' "$WORK/c.tsv" | sort -g | awk -v op="$op" \
-    '{ v[NR] = $1 } END { printf "| %s | %\047.0f | %\047.0f – %\047.0f |\n", op, v[int((NR + 1) / 2)], v[1], v[NR] }'
+    '{ v[NR] = $1 } END { printf "| %s | %.0f | %.0f – %.0f |\n", op, v[int((NR + 1) / 2)], v[1], v[NR] }'
 done
 med() { awk -F'\t' -v op="$1" '$1 == op { print $2 }' "$WORK/c.tsv" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 c=$(med "unid_next()") rust=$(med "Rust next()") v7=$(med "Uuid::now_v7()")
