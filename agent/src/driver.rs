@@ -631,18 +631,8 @@ impl Driver {
                 truncated,
                 ..
             } => {
-                self.link.highest_epoch = epoch;
-                self.table.wanted |= truncated;
                 let learned: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-                if leader != self.link.requester.leader() || !learned.is_empty() {
-                    tracing::info!(%leader, epoch, "leader change: switching now");
-                    let mut dropped = Vec::new();
-                    if self.link.switch(now, leader, &learned, &mut dropped) {
-                        Metrics::add(&metrics.leader_changes, 1);
-                    }
-                    dropped.iter().for_each(|r| self.forget(r));
-                }
-                self.transmit(now);
+                self.on_leader_change(now, from, epoch, leader, &learned, truncated);
                 return;
             }
             Message::Welcome {
@@ -717,19 +707,24 @@ impl Driver {
                 return;
             }
         };
-        let epoch = if from_leader {
-            self.link.highest_epoch = epoch;
-            epoch
-        } else {
-            // Not stale (the filter above passed it) and raising nothing in the requester.
-            epoch.min(self.link.requester.highest_epoch())
-        };
         let response = Response {
             reply_to: frame.header.reply_to,
-            epoch,
+            // A non-leader's answer is not stale (the filter above passed it) and must raise
+            // nothing in the requester.
+            epoch: if from_leader {
+                epoch
+            } else {
+                epoch.min(self.link.requester.highest_epoch())
+            },
             reply,
         };
         match self.link.requester.handle_response(now, from, response) {
+            // Only a leader's answer to a request of ours raises the highest epoch: a datagram
+            // answering nothing (spoofed, replayed) with `epoch = 2^64-1` would otherwise make
+            // every real answer stale until a restart (issue 12).
+            Disposition::Accepted | Disposition::TryLater if from_leader => {
+                self.link.highest_epoch = self.link.highest_epoch.max(epoch);
+            }
             Disposition::Redirected => Metrics::add(&metrics.redirects, 1),
             Disposition::StaleEpoch | Disposition::UnknownSource => {
                 Metrics::add(&metrics.datagrams_dropped, 1)
@@ -742,6 +737,60 @@ impl Driver {
         self.drain_events(now);
         if !learn_after.is_empty() {
             self.learn(now, from, &learn_after);
+        }
+        self.transmit(now);
+    }
+
+    /// A `LeaderChange` ("go to this server now") from `from`, a known server. It is not an
+    /// answer to anything, so nothing but these checks stands between a forged one and the
+    /// agent (issue 12): it is followed only if it names a server this agent already knows
+    /// (from its configuration or a server's answer, never from the message itself) and its
+    /// epoch is at most one above the highest epoch a leader answered with. Following it only
+    /// moves the leader guess: the epoch filter is raised by the named server's own answers
+    /// (it confirms, or redirects), never by the `LeaderChange`, so an absurd epoch cannot
+    /// make the real leader's answers stale. A rejected one is logged and counted.
+    fn on_leader_change(
+        &mut self,
+        now: u64,
+        from: SocketAddr,
+        epoch: u64,
+        leader: SocketAddr,
+        listed: &[SocketAddr],
+        truncated: bool,
+    ) {
+        let metrics = &self.shared.metrics;
+        let highest = self.link.highest_epoch;
+        let reject = if !self.link.servers.contains(&leader) {
+            Some("it names a server this agent does not know")
+        } else if epoch > highest.saturating_add(1) {
+            Some("its epoch is more than one above the highest a leader answered with")
+        } else {
+            None
+        };
+        if truncated || listed.iter().any(|a| !self.link.servers.contains(a)) {
+            // Servers this agent does not know yet: read them from the node table (asked of
+            // the current leader guess, a known server), not from the message.
+            self.table.wanted = true;
+        }
+        if let Some(why) = reject {
+            let n = metrics
+                .leader_changes_rejected
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            // Logged at 1, 2, 4, 8, ... so a flood cannot fill the log.
+            if n.is_power_of_two() {
+                tracing::warn!(%from, %leader, epoch, highest_epoch = highest, rejected = n, "ignored a LeaderChange: {why}");
+            }
+            self.transmit(now);
+            return;
+        }
+        if leader != self.link.requester.leader() {
+            tracing::info!(%from, %leader, epoch, "leader change: switching now");
+            let mut dropped = Vec::new();
+            if self.link.switch(now, leader, &[], &mut dropped) {
+                Metrics::add(&metrics.leader_changes, 1);
+            }
+            dropped.iter().for_each(|r| self.forget(r));
         }
         self.transmit(now);
     }

@@ -358,6 +358,9 @@ pub struct Metrics {
     pub redirects: AtomicU64,
     /// `LeaderChange` messages acted on.
     pub leader_changes: AtomicU64,
+    /// `LeaderChange` messages ignored: naming a server this agent does not
+    /// know, or with an implausible epoch (logged with the reason).
+    pub leader_changes_rejected: AtomicU64,
     /// Datagrams the OS refused to send.
     pub send_errors: AtomicU64,
     /// Datagrams dropped: undecodable, bad tag, unknown source, stale epoch.
@@ -411,7 +414,7 @@ impl Metrics {
     pub fn prometheus(&self, status: &Status) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let counters: [(&str, &AtomicU64, &str); 27] = [
+        let counters: [(&str, &AtomicU64, &str); 28] = [
             ("grants_total", &self.grants, "block grants accepted"),
             (
                 "ids_granted_total",
@@ -434,6 +437,11 @@ impl Metrics {
                 "leader_changes_total",
                 &self.leader_changes,
                 "LeaderChange messages acted on",
+            ),
+            (
+                "leader_changes_rejected_total",
+                &self.leader_changes_rejected,
+                "LeaderChange messages ignored (unknown leader or implausible epoch)",
             ),
             (
                 "send_errors_total",

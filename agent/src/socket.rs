@@ -338,6 +338,12 @@ fn take(ctx: &Ctx, index: usize, n: u64) -> Result<(u8, Vec<u128>), (&'static st
                 if ctx.shared.stop.load(Ordering::Acquire) {
                     return Err(("NOT_READY", "the agent is stopping".to_owned()));
                 }
+                // A ring left by an earlier run (closed, or its agent dead) is never
+                // replaced when this run gets no block (the sequence is exhausted or
+                // unknown): say so rather than wait for a ring that will not come.
+                if let Some(e) = final_state(ctx, index) {
+                    return Err(e);
+                }
                 if Instant::now() >= deadline {
                     return Err(not_ready(ctx, index));
                 }

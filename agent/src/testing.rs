@@ -226,9 +226,21 @@ impl FakeServer {
     /// Sends `LeaderChange` naming `leader` to every address that sent it
     /// something; returns how many.
     pub fn send_leader_change(&self, leader_id: NodeId, leader: SocketAddr) -> usize {
-        let (peers, servers, epoch) = {
+        let epoch = self.knobs().epoch;
+        self.send_leader_change_at(leader_id, leader, epoch)
+    }
+
+    /// As [`send_leader_change`](Self::send_leader_change), with `epoch` in
+    /// the header instead of the server's own (a forged one, say).
+    pub fn send_leader_change_at(
+        &self,
+        leader_id: NodeId,
+        leader: SocketAddr,
+        epoch: u64,
+    ) -> usize {
+        let (peers, servers) = {
             let k = self.knobs();
-            (k.peers.clone(), k.servers.clone(), k.epoch)
+            (k.peers.clone(), k.servers.clone())
         };
         let header = Header {
             sender: self.id,

@@ -61,6 +61,7 @@ fn client(dir: &RingDir, agent: &AgentHandle, sequence: &str) -> unid::Unid {
         socket_fallback: true,
         wait: Duration::from_secs(3),
         backup_ring_dir: None,
+        agent_uid: None,
     };
     unid::Unid::open_with(sequence, options).unwrap()
 }
@@ -599,4 +600,123 @@ fn a_higher_term_follower_does_not_hide_the_lower_term_leader() {
     assert_unique_and_granted(&[&got], &cluster);
     // A stale leader below the leader's term is still ignored.
     assert!(agent.status().epoch >= 3, "{:?}", agent.status().epoch);
+}
+
+/// Issue 12 item 10: a drained sequence stays `EXHAUSTED` after a restart
+/// (the new agent finds the old run's closed ring in the folder).
+#[test]
+fn exhausted_survives_an_agent_restart() {
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(2, &["tiny"]);
+    let server = cluster.start_server(1).unwrap();
+    let mut c = config(vec![server.addr()], &dir, &["tiny"]);
+    c.socket_wait_ms = 300;
+    let agent = unid_agent::run(c.clone()).unwrap();
+    let mut ids = client(&dir, &agent, "tiny");
+    ids.next().unwrap();
+    cluster.set_exhausted(true);
+    let e = loop {
+        match ids.take(1000) {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(e, unid::Error::Exhausted { .. }), "{e}");
+    agent.stop();
+    let agent = unid_agent::run(c).unwrap();
+    wait_until("exhausted", 5000, || {
+        agent.status().sequences[0].state == SequenceState::Exhausted
+    });
+    let mut conn = connect(&agent);
+    let e = socket_next(&mut conn, "tiny", 1).unwrap_err();
+    assert!(e.starts_with("ERR EXHAUSTED"), "{e}");
+    let mut ids = client(&dir, &agent, "tiny");
+    let e = ids.next().unwrap_err();
+    assert!(matches!(e, unid::Error::Exhausted { .. }), "{e}");
+}
+
+/// Issue 12 item 5: a `LeaderChange` from a known server's address (forged: no secret)
+/// naming a server the agent does not know is ignored, counted, and the agent keeps taking
+/// blocks from its cluster. Before: the agent switched to the fake leader and took its blocks
+/// (ids another cluster also hands out).
+#[test]
+fn a_leader_change_naming_an_unknown_server_is_ignored() {
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(8, &["f"]);
+    let leader = cluster.start_server(1).unwrap();
+    let impostors = FakeCluster::new(8, &["f"]);
+    let fake = impostors.start_server(9).unwrap();
+    let agent = unid_agent::run(config(vec![leader.addr()], &dir, &["f"])).unwrap();
+    wait_until("registered", 5000, || agent.status().node_id != 0);
+    let mut ids = client(&dir, &agent, "f");
+    let mut got: Vec<u128> = ids.take(100).unwrap().iter().map(|i| i.get()).collect();
+    assert!(leader.send_leader_change(9, fake.addr()) >= 1);
+    wait_until("rejected", 2000, || {
+        agent
+            .metrics()
+            .leader_changes_rejected
+            .load(Ordering::Relaxed)
+            >= 1
+    });
+    for _ in 0..3000 {
+        got.push(ids.next().unwrap().get());
+    }
+    assert_eq!(agent.status().leader, Some(leader.addr()));
+    assert_eq!(fake.received(), 0, "the agent asked the fake leader");
+    assert!(impostors.granted().is_empty());
+    assert_eq!(agent.metrics().leader_changes.load(Ordering::Relaxed), 0);
+    assert_increasing(&got, "client");
+    assert_unique_and_granted(&[&got], &cluster);
+}
+
+/// Issue 12 item 5: a `LeaderChange` with `epoch = 2^64-1` from a known server's address
+/// is ignored and does not make the real leader's answers stale. Before: every real answer
+/// was dropped until the agent restarted (its log said only `cluster unreachable`).
+#[test]
+fn a_leader_change_with_an_absurd_epoch_does_not_stall_real_answers() {
+    let dir = RingDir::new();
+    let cluster = FakeCluster::new(8, &["g"]);
+    let leader = cluster.start_server(1).unwrap();
+    let other = cluster.start_server(2).unwrap();
+    other.set_mode(Mode::Follower(Some(leader.addr())));
+    leader.set_epoch(4);
+    other.set_epoch(4);
+    let agent = unid_agent::run(config(vec![leader.addr(), other.addr()], &dir, &["g"])).unwrap();
+    wait_until("registered", 5000, || agent.status().node_id != 0);
+    let mut ids = client(&dir, &agent, "g");
+    let mut got: Vec<u128> = ids.take(100).unwrap().iter().map(|i| i.get()).collect();
+    // Naming a known server and the leader itself: both too far ahead.
+    assert!(leader.send_leader_change_at(2, other.addr(), u64::MAX) >= 1);
+    assert!(leader.send_leader_change_at(1, leader.addr(), 6) >= 1);
+    wait_until("rejected", 2000, || {
+        agent
+            .metrics()
+            .leader_changes_rejected
+            .load(Ordering::Relaxed)
+            >= 2
+    });
+    let grants = agent.metrics().grants.load(Ordering::Relaxed);
+    for _ in 0..3000 {
+        got.push(ids.next().unwrap().get());
+    }
+    assert!(agent.metrics().grants.load(Ordering::Relaxed) > grants);
+    assert_eq!(agent.status().epoch, 4);
+    assert_eq!(agent.status().connection, Connection::Connected);
+    // One step above what the leader answered, naming a known server: followed, and the
+    // epoch filter is raised by that server's own answers, not by the message.
+    other.set_mode(Mode::Leader);
+    other.set_epoch(5);
+    assert!(leader.send_leader_change_at(2, other.addr(), 5) >= 1);
+    wait_until("switched", 2000, || {
+        agent.status().leader == Some(other.addr())
+    });
+    leader.set_mode(Mode::Silent);
+    for _ in 0..3000 {
+        got.push(ids.next().unwrap().get());
+    }
+    wait_until("epoch raised by the new leader", 2000, || {
+        agent.status().epoch == 5
+    });
+    assert_increasing(&got, "client");
+    assert_unique_and_granted(&[&got], &cluster);
 }

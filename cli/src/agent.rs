@@ -9,7 +9,7 @@
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -116,17 +116,6 @@ fn resolve(server: &str) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
-fn read_secret(path: &Path) -> anyhow::Result<unid_proto::AuthKey> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading secret file {}", path.display()))?;
-    // Trimmed at both ends, as `unid server` does: the same file gives the same key.
-    let trimmed = bytes.trim_ascii();
-    if trimmed.is_empty() {
-        bail!("secret file {} is empty", path.display());
-    }
-    Ok(unid_proto::AuthKey::from_secret(trimmed))
-}
-
 /// Flags over file over defaults.
 fn build(args: Args) -> anyhow::Result<AgentConfig> {
     let file: FileConfig = match &args.config {
@@ -191,7 +180,9 @@ fn build(args: Args) -> anyhow::Result<AgentConfig> {
         config.sizing.rate_tau_ms = ms;
     }
     if let Some(path) = args.secret_file.or(file.secret_file) {
-        config.key = Some(read_secret(&path)?);
+        config.key = Some(unid_proto::AuthKey::from_secret(
+            &crate::config::read_secret(&path)?,
+        ));
     }
     if let Some(n) = args.name.or(file.name) {
         config.name = n;

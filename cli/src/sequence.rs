@@ -1,7 +1,7 @@
 //! `unid sequence create|list|describe`: UDP requests to the servers given by `--server`
 //! (tried in order, redirects to the leader followed), with an error after `--timeout-ms`.
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use unid_engine::client::{Answer, Client, ClientConfig};
@@ -46,11 +46,7 @@ impl ClusterArgs {
     /// A client that waits `attempt_ms` for each answer before asking again (elsewhere).
     pub fn client_waiting(&self, attempt_ms: u64) -> anyhow::Result<Client> {
         let secret = match &self.secret_file {
-            Some(path) => {
-                let s = std::fs::read(path)
-                    .with_context(|| format!("reading the secret file {}", path.display()))?;
-                Some(s.trim_ascii().to_vec())
-            }
+            Some(path) => Some(crate::config::read_secret(path)?),
             None => None,
         };
         let config = ClientConfig {

@@ -21,10 +21,12 @@ pub struct Args {
     /// This server's node id (1 .. 2^32), unique in the cluster.
     #[arg(long)]
     id: Option<u64>,
-    /// UDP address for agents and tools [default: 0.0.0.0:7400].
+    /// UDP address for agents and tools [default: 127.0.0.1:7400]. Beyond loopback it
+    /// needs --secret-file (or --insecure-without-secret).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// TCP address for Raft peers [default: 0.0.0.0:7500].
+    /// TCP address for Raft peers [default: 127.0.0.1:7500]. Beyond loopback it needs
+    /// --secret-file (or --insecure-without-secret).
     #[arg(long, value_name = "ADDR")]
     raft: Option<SocketAddr>,
     /// A server of the cluster, as ID=RAFT_ADDR=UDP_ADDR (repeat; may include this one).
@@ -49,6 +51,10 @@ pub struct Args {
     /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`) [default: off].
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Listen beyond loopback without a cluster secret: anyone who reaches the ports can
+    /// take blocks, register agents, and create sequences. Only on a network you trust.
+    #[arg(long)]
+    insecure_without_secret: bool,
 }
 
 /// The `--config` file.
@@ -66,6 +72,38 @@ struct FileConfig {
     shards: Option<usize>,
     lease_ms: Option<u32>,
     metrics: Option<SocketAddr>,
+    insecure_without_secret: Option<bool>,
+}
+
+/// Whether `addr` (from this server's own `--peer` entry) can be the address it binds as
+/// `bound`: same port, and the same IP unless `bound` is a wildcard (0.0.0.0 binds every IP).
+fn same_endpoint(addr: SocketAddr, bound: SocketAddr) -> bool {
+    addr.port() == bound.port() && (bound.ip().is_unspecified() || addr.ip() == bound.ip())
+}
+
+/// Refuses a `--peer` entry for this server whose addresses are not the ones it listens on:
+/// the other servers would reach something else.
+fn check_self_peer(peer: &Peer, raft: SocketAddr, udp: SocketAddr) -> anyhow::Result<()> {
+    let raft_listed: SocketAddr = peer.raft_addr.parse().with_context(|| {
+        format!(
+            "peer {}: Raft address {:?} is not ip:port",
+            peer.id, peer.raft_addr
+        )
+    })?;
+    if !same_endpoint(raft_listed, raft) {
+        bail!(
+            "--peer {id}={raft_listed}=...: this server's Raft address there is not its --raft {raft}",
+            id = peer.id
+        );
+    }
+    if !same_endpoint(peer.udp_addr, udp) {
+        bail!(
+            "--peer {id}=...={listed}: this server's UDP address there is not its --listen {udp}",
+            id = peer.id,
+            listed = peer.udp_addr
+        );
+    }
+    Ok(())
 }
 
 fn parse_peer(s: &str) -> anyhow::Result<Peer> {
@@ -107,11 +145,11 @@ fn build(args: Args) -> anyhow::Result<ServerConfig> {
     config.udp_addr = args
         .listen
         .or(file.listen)
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_UDP_PORT)));
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_UDP_PORT)));
     config.raft_addr = args
         .raft
         .or(file.raft)
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_RAFT_PORT)));
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_RAFT_PORT)));
     config.init = args.init || file.init.unwrap_or(false);
     if let Some(shards) = args.shards.or(file.shards) {
         config.shards = shards;
@@ -120,27 +158,40 @@ fn build(args: Args) -> anyhow::Result<ServerConfig> {
         config.lease_ms = lease_ms;
     }
     config.metrics_addr = args.metrics.or(file.metrics);
+    config.insecure_without_secret =
+        args.insecure_without_secret || file.insecure_without_secret.unwrap_or(false);
     let peers = if args.peer.is_empty() {
         file.peer
     } else {
         args.peer
     };
+    let mut listed_self = false;
     for p in &peers {
         let peer = parse_peer(p)?;
         if peer.id == id {
-            // This server itself, listed so that every server can share one peer list.
+            // This server itself, listed so that every server can share one peer list: its
+            // addresses there are the ones the others use, so they must be this server's.
+            check_self_peer(&peer, config.raft_addr, config.udp_addr)?;
+            listed_self = true;
             continue;
         }
         config.peers.push(peer);
     }
+    if !peers.is_empty() && !listed_self && !config.init {
+        // Without --init a server only ever gets a vote from a cluster that lists it; one
+        // missing from its own peer list would ask for votes forever.
+        bail!(
+            "--peer lists servers {} but not this server (--id {id}); list every server, this one too, \
+             as ID=RAFT_ADDR=UDP_ADDR",
+            peers
+                .iter()
+                .filter_map(|p| p.split('=').next())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if let Some(path) = args.secret_file.or(file.secret_file) {
-        let secret = std::fs::read(&path)
-            .with_context(|| format!("reading the secret file {}", path.display()))?;
-        let trimmed = secret.trim_ascii();
-        if trimmed.is_empty() {
-            bail!("the secret file {} is empty", path.display());
-        }
-        config.secret = Some(trimmed.to_vec());
+        config.secret = Some(crate::config::read_secret(&path)?);
     }
     Ok(config)
 }
@@ -212,7 +263,7 @@ mod tests {
         let path = dir.path().join("s.toml");
         std::fs::write(
             &path,
-            "id = 2\nmetrics = \"127.0.0.1:9400\"\nlisten = \"127.0.0.1:9000\"\npeer = [\"1=127.0.0.1:1=127.0.0.1:2\", \"2=127.0.0.1:3=127.0.0.1:4\"]\n",
+            "id = 2\nmetrics = \"127.0.0.1:9400\"\nlisten = \"127.0.0.1:9000\"\nraft = \"127.0.0.1:3\"\npeer = [\"1=127.0.0.1:1=127.0.0.1:2\", \"2=127.0.0.1:3=127.0.0.1:9001\"]\n",
         )
         .unwrap();
         let cli = Cli::parse_from([
@@ -242,5 +293,55 @@ mod tests {
         assert!(err.contains("ID=RAFT_ADDR=UDP_ADDR"), "{err}");
         let cli = Cli::parse_from(["x"]);
         assert!(format!("{:#}", build(cli.args).unwrap_err()).contains("--id"));
+    }
+
+    /// Issue 12 item 12: mistakes that used to start a server that could never work.
+    #[test]
+    fn a_peer_list_without_this_server_or_with_other_addresses_for_it_is_refused() {
+        let build_from = |args: &[&str]| {
+            let mut all = vec!["x"];
+            all.extend_from_slice(args);
+            build(Cli::parse_from(all).args).map_err(|e| format!("{e:#}"))
+        };
+        let others = ["--peer", "1=127.0.0.1:7501=127.0.0.1:7401"];
+        let me = [
+            "--id",
+            "2",
+            "--listen",
+            "127.0.0.1:7402",
+            "--raft",
+            "127.0.0.1:7502",
+        ];
+        // Own id missing, without --init: refused, naming the listed ids.
+        let err = build_from(&[&me[..], &others[..]].concat()).unwrap_err();
+        assert!(
+            err.contains("not this server (--id 2)") && err.contains('1'),
+            "{err}"
+        );
+        // With --init it bootstraps from --raft: accepted.
+        assert!(build_from(&[&me[..], &others[..], &["--init"]].concat()).is_ok());
+        // Listed with the addresses it binds: accepted; with others: refused, naming them.
+        let listed = ["--peer", "2=127.0.0.1:7502=127.0.0.1:7402"];
+        assert!(build_from(&[&me[..], &others[..], &listed[..]].concat()).is_ok());
+        let wrong_raft = ["--peer", "2=127.0.0.1:7999=127.0.0.1:7402"];
+        let err = build_from(&[&me[..], &others[..], &wrong_raft[..]].concat()).unwrap_err();
+        assert!(
+            err.contains("127.0.0.1:7999") && err.contains("--raft"),
+            "{err}"
+        );
+        let wrong_udp = ["--peer", "2=127.0.0.1:7502=127.0.0.2:7402"];
+        let err = build_from(&[&me[..], &others[..], &wrong_udp[..]].concat()).unwrap_err();
+        assert!(err.contains("--listen"), "{err}");
+        // A wildcard bind may be listed under any of the host's addresses.
+        let wild = [
+            "--id",
+            "2",
+            "--listen",
+            "0.0.0.0:7402",
+            "--raft",
+            "0.0.0.0:7502",
+        ];
+        let lan = ["--peer", "2=10.1.2.3:7502=10.1.2.3:7402"];
+        assert!(build_from(&[&wild[..], &others[..], &lan[..]].concat()).is_ok());
     }
 }

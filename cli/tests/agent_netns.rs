@@ -211,6 +211,11 @@ fn agent_cut_off_by_its_interface_going_down_keeps_serving_and_recovers() {
     let rings = work.0.join("rings");
     let (server_log, agent_log) = (work.0.join("server.log"), work.0.join("agent.log"));
     let server_udp = format!("{SERVER_IP}:7400");
+    // Beyond loopback a server needs the cluster secret (and takes changes only with it).
+    let secret = work.0.join("secret");
+    std::fs::write(&secret, "netns test cluster secret\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let secret_arg = secret.display().to_string();
     let mut procs = Procs(Vec::new());
     // A short lease, so the server forgets the agent while it is cut off.
     let server_args: Vec<String> = [
@@ -225,6 +230,8 @@ fn agent_cut_off_by_its_interface_going_down_keeps_serving_and_recovers() {
         &format!("1=127.0.0.1:7500={server_udp}"),
         "--lease-ms",
         "1000",
+        "--secret-file",
+        &secret_arg,
         "--init",
         "--data-dir",
     ]
@@ -239,7 +246,15 @@ fn agent_cut_off_by_its_interface_going_down_keeps_serving_and_recovers() {
     loop {
         let (ok, out) = ns.run(
             &ns.server,
-            &["sequence", "create", "jobs", "--server", &server_udp],
+            &[
+                "sequence",
+                "create",
+                "jobs",
+                "--server",
+                &server_udp,
+                "--secret-file",
+                &secret_arg,
+            ],
         );
         if ok {
             break;
@@ -266,6 +281,8 @@ fn agent_cut_off_by_its_interface_going_down_keeps_serving_and_recovers() {
         &config.display().to_string(),
         "--ring-dir",
         &rings.display().to_string(),
+        "--secret-file",
+        &secret_arg,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -282,6 +299,7 @@ fn agent_cut_off_by_its_interface_going_down_keeps_serving_and_recovers() {
         socket_fallback: false,
         wait: Duration::from_secs(10),
         backup_ring_dir: None,
+        agent_uid: None,
     };
     let mut app = unid::Unid::open_with("jobs", options).unwrap();
     let mut ids = vec![app.next().unwrap().get()];
@@ -382,6 +400,11 @@ fn agent_cut_off_by_its_interface_going_down_keeps_serving_and_recovers() {
     // 2. The far side goes silent: the server's interface goes down, the
     // agent's stays up. No route is lost on the agent's side; what tells is
     // unanswered requests (the slow signal) or failed neighbour resolution.
+    // The ring refilled after the 300,000 taken (on a loaded machine this takes a while).
+    wait_for("a full ring again", Duration::from_secs(20), || {
+        let m = ns.agent_metrics();
+        metric(&m, "unid_agent_ring_ids{sequence=\"jobs\"}").unwrap_or(0.0) >= 20_000.0
+    });
     let log = read(&agent_log);
     let (unreachable_before, reachable_before) = (
         log.matches("cluster unreachable").count(),
@@ -393,7 +416,13 @@ fn agent_cut_off_by_its_interface_going_down_keeps_serving_and_recovers() {
         read(&agent_log).matches("cluster unreachable").count() > unreachable_before
     });
     for _ in 0..1000 {
-        let (first, count) = app.take_range(10).unwrap();
+        let (first, count) = app.take_range(10).unwrap_or_else(|e| {
+            panic!(
+                "{e}\nagent:\n{}\nserver:\n{}",
+                read(&agent_log),
+                read(&server_log)
+            )
+        });
         assert!(first.get() > last);
         last = first.get() + u128::from(count) - 1;
     }

@@ -150,6 +150,8 @@ fn membership_changes_need_the_secret_and_refuse_bad_requests() {
     let root = tempfile::tempdir().unwrap();
     let secret = root.path().join("secret");
     std::fs::write(&secret, "membership secret\n").unwrap();
+    // Servers and tools refuse a secret file others may read.
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let mut servers = servers(root.path(), 1);
     let s = &mut servers[0];
     let log = std::fs::File::create(&s.log).unwrap();

@@ -137,6 +137,8 @@ fn with_a_cluster_secret_only_authenticated_requests_are_answered() {
     let root = tempfile::tempdir().unwrap();
     let secret = root.path().join("secret");
     std::fs::write(&secret, "  correct horse battery staple\n").unwrap();
+    // Servers and tools refuse a secret file others may read.
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let mut servers = servers(root.path(), 1);
     let s = &mut servers[0];
     let log = std::fs::File::create(&s.log).unwrap();

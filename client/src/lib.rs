@@ -184,6 +184,18 @@ pub enum Error {
         /// The ring file.
         path: PathBuf,
     },
+    /// The ring folder or file (or the agent's socket) could be someone
+    /// else's: a foreign owner, writable by others, a symlink, or a peer
+    /// that is not the agent's user. Nothing was taken from it.
+    #[error(
+        "refusing {path}: {reason}. The agent must own its ring folder (mode 0700/0750); set UNID_AGENT_UID if it runs as another user than this process and not as root"
+    )]
+    Insecure {
+        /// The folder, file or socket.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// Not a valid sequence name.
     #[error(
         "invalid sequence name {name:?}: 1-64 of [A-Za-z0-9_.-], starting with a letter or digit"
@@ -209,6 +221,24 @@ pub enum Error {
     /// The ring file is broken or of another version; restart the agent.
     #[error("ring problem: {0}; restart the agent")]
     Ring(RingError),
+    /// The ring (or the socket) gave ids this handle must not return: not
+    /// above the last id it returned, or outside the sequence's width. Some
+    /// process wrote to the ring outside the protocol (a rewound head, a
+    /// lowered block) or the agent is broken. The ids are dropped, never
+    /// returned; restart the agent (a new ring) and find the writer.
+    #[error(
+        "ring of {sequence:?} gave {first}+{count} after id {last:?}: not increasing or out of range (the ring was written outside the protocol); ids dropped, restart the agent"
+    )]
+    Corrupt {
+        /// The sequence.
+        sequence: String,
+        /// First id of the offending run.
+        first: u128,
+        /// Ids in the run.
+        count: u64,
+        /// The last id this handle returned.
+        last: Option<u128>,
+    },
     /// The agent's socket answered something that is not the protocol.
     #[error("unexpected answer from the agent at {socket}: {line:?}")]
     Protocol {
@@ -244,6 +274,11 @@ pub struct Options {
     /// The backup agent's ring folder. Default: `UNID_BACKUP_RING_DIR`,
     /// else what the pair file `ring_dir/.unid-pair` names, else none.
     pub backup_ring_dir: Option<PathBuf>,
+    /// The agent's uid, when it runs as another user than this process
+    /// and not as root. Rings, folders and sockets are trusted only when
+    /// owned by this process's user, root or this uid. Default:
+    /// `UNID_AGENT_UID`, else none.
+    pub agent_uid: Option<u32>,
 }
 
 impl Default for Options {
@@ -261,6 +296,9 @@ impl Default for Options {
             socket_fallback: true,
             wait: Duration::from_secs(2),
             backup_ring_dir: std::env::var_os("UNID_BACKUP_RING_DIR").map(PathBuf::from),
+            agent_uid: std::env::var("UNID_AGENT_UID")
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
         }
     }
 }
@@ -369,7 +407,8 @@ impl Unid {
                 unid.width = Width::from_bytes(c.width());
                 if let Some(p) = &mut unid.pair {
                     // Mapped again with the pair's liveness options.
-                    p.slots[0].consumer = open_paired(&p.slots[0].dir, &unid.sequence).ok();
+                    p.slots[0].consumer =
+                        open_paired(&p.slots[0].dir, &unid.sequence, unid.options.agent_uid).ok();
                     p.slots[0].dead = p.slots[0].consumer.is_none();
                 }
                 drop(c);
@@ -418,7 +457,7 @@ impl Unid {
             return false;
         };
         let now = Instant::now();
-        let backup = open_paired(&dir, &self.sequence)
+        let backup = open_paired(&dir, &self.sequence, self.options.agent_uid)
             .ok()
             .filter(|c| width.is_none_or(|w| w == c.width()));
         if self.width.is_none()
@@ -502,11 +541,21 @@ impl Unid {
     pub fn take_range(&mut self, max: u64) -> Result<(Id, u64), Error> {
         let max = max.clamp(1, socket::SOCKET_IDS_MAX);
         let (first, count, width) = self.take_raw(max)?;
-        assert!(count >= 1 && count <= max);
         // Ids from one handle increase: the ring only moves forward, a
         // restarted agent's blocks lie above every earlier one, and a
-        // paired handle discards what is not above the last id.
-        assert!(self.last.is_none_or(|l| first > l));
+        // paired handle discards what is not above the last id. A ring
+        // written outside the protocol (a rewound head, a lowered block)
+        // breaks that: checked here, never trusted, never a panic.
+        let end = first.checked_add(u128::from(count));
+        let fits = end.is_some_and(|e| width.contains(e - 1));
+        if count == 0 || count > max || !fits || self.last.is_some_and(|l| first <= l) {
+            return Err(Error::Corrupt {
+                sequence: self.sequence.clone(),
+                first,
+                count,
+                last: self.last,
+            });
+        }
         self.last = Some(first + u128::from(count) - 1);
         self.width = Some(width);
         Ok((
@@ -648,7 +697,7 @@ impl Unid {
             return;
         }
         slot.reopen_at = Instant::now() + RING_REOPEN_EVERY;
-        if let Ok(c) = open_paired(&slot.dir, &self.sequence) {
+        if let Ok(c) = open_paired(&slot.dir, &self.sequence, self.options.agent_uid) {
             // The same file again (agent still dead) is harmless.
             slot.consumer = Some(c);
             slot.dead = false;
@@ -799,7 +848,11 @@ impl Unid {
     }
 
     fn open_ring(&self) -> Result<Consumer, Error> {
-        match Consumer::open(&self.options.ring_dir, &self.sequence) {
+        let opts = unid_ring::ConsumerOptions {
+            agent_uid: self.options.agent_uid,
+            ..unid_ring::ConsumerOptions::default()
+        };
+        match Consumer::open_with(&self.options.ring_dir, &self.sequence, opts) {
             Ok(c) => Ok(c),
             Err(RingError::NotFound { .. }) => Err(Error::AgentNotRunning {
                 sequence: self.sequence.clone(),
@@ -808,6 +861,7 @@ impl Unid {
             }),
             Err(RingError::PermissionDenied { path }) => Err(Error::PermissionDenied { path }),
             Err(RingError::InvalidName { name }) => Err(Error::InvalidName { name }),
+            Err(RingError::Insecure { path, reason }) => Err(Error::Insecure { path, reason }),
             Err(e) => Err(Error::Ring(e)),
         }
     }
@@ -818,9 +872,14 @@ impl Unid {
 type Run = (u128, u64, Option<(u128, u64)>);
 
 /// Maps a ring of a pair (liveness judged by [`PAIR_AGENT_STALE_MS`]).
-fn open_paired(dir: &std::path::Path, sequence: &str) -> Result<Consumer, RingError> {
+fn open_paired(
+    dir: &std::path::Path,
+    sequence: &str,
+    agent_uid: Option<u32>,
+) -> Result<Consumer, RingError> {
     let opts = unid_ring::ConsumerOptions {
         agent_stale_ms: PAIR_AGENT_STALE_MS,
+        agent_uid,
         ..unid_ring::ConsumerOptions::default()
     };
     Consumer::open_with(dir, sequence, opts)

@@ -64,6 +64,7 @@ fn options(dir: &Dir, socket: SocketAddr) -> Options {
         socket_fallback: true,
         wait: Duration::from_millis(100),
         backup_ring_dir: None,
+        agent_uid: None,
     }
 }
 
@@ -167,6 +168,7 @@ fn paired_options(primary: &Dir, backup: Option<&Dir>) -> Options {
         socket_fallback: false,
         wait: Duration::from_millis(200),
         backup_ring_dir: backup.map(|b| b.0.clone()),
+        agent_uid: None,
     }
 }
 
@@ -262,4 +264,64 @@ fn the_pair_file_names_the_backup_and_a_replaced_ring_is_mapped_again() {
     p2.heartbeat_now();
     assert_eq!(values(u.take(2).unwrap()), vec![300, 301]);
     assert_eq!(u.stats().switches, 2);
+}
+
+/// Writes `value` over the ring's `head` (offset 128) as a consumer with
+/// write access could.
+fn write_head(ring: &std::path::Path, value: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(ring).unwrap();
+    f.write_at(&value.to_le_bytes(), 128).unwrap();
+}
+
+/// Issue 12 item 3: a rewound ring head makes a handle return `Corrupt`,
+/// never an id it returned before and never a panic.
+#[test]
+fn a_rewound_head_is_corrupt_not_a_repeat_or_a_panic() {
+    let d = Dir::new("rewind");
+    let mut p =
+        unid_ring::Producer::create(&d.0, "r", &unid_ring::ProducerOptions::new(8)).unwrap();
+    p.push(100, 50).unwrap();
+    let mut u = Unid::open_with("r", options(&d, dead_socket())).unwrap();
+    let first: Vec<u128> = u.take(20).unwrap().iter().map(|i| i.get()).collect();
+    assert_eq!(first, (100..120).collect::<Vec<_>>());
+    write_head(&d.0.join("r"), 0); // back to block 0, offset 0
+    let mut seen: std::collections::HashSet<u128> = first.into_iter().collect();
+    let mut corrupt = 0;
+    for _ in 0..40 {
+        match u.next() {
+            Ok(id) => assert!(seen.insert(id.get()), "id {id} returned twice"),
+            Err(Error::Corrupt { .. }) => corrupt += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(corrupt > 0, "the rewind went unnoticed");
+}
+
+/// Issue 12 item 2: a squatted ring folder (writable by others, or owned by
+/// another user) is refused: nothing is taken from the forged ring in it.
+#[test]
+fn a_squatted_ring_folder_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Dir::new("squat");
+    let mut p =
+        unid_ring::Producer::create(&d.0, "f", &unid_ring::ProducerOptions::new(8)).unwrap();
+    p.push(1, 5).unwrap(); // "ids issued long before"
+    std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = Unid::open_with("f", options(&d, dead_socket())).unwrap_err();
+    assert!(matches!(e, Error::Insecure { .. }), "{e}");
+    std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+    if unid_ring::secure::euid() != 0 {
+        return;
+    }
+    // Owned by another user (a squatter): refused, unless it is the
+    // configured agent user.
+    std::os::unix::fs::chown(&d.0, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(d.0.join("f"), Some(65534), Some(65534)).unwrap();
+    let e = Unid::open_with("f", options(&d, dead_socket())).unwrap_err();
+    assert!(matches!(e, Error::Insecure { .. }), "{e}");
+    let mut trusting = options(&d, dead_socket());
+    trusting.agent_uid = Some(65534);
+    let mut u = Unid::open_with("f", trusting).unwrap();
+    assert_eq!(u.next().unwrap().get(), 1);
 }

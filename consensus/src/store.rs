@@ -42,7 +42,9 @@ use openraft::{
     AnyError, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
     RaftSnapshotBuilder, StorageIOError, Vote,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -117,6 +119,7 @@ fn finish_open(
         io,
     });
     init_tables(&db).map_err(|e| Error::Storage(format!("init {name}: {e}")))?;
+    check_format(&db).map_err(|e| Error::Storage(format!("open {name}: {e}")))?;
     let data = load_sm(&db).map_err(|e| Error::Storage(format!("load {name}: {e}")))?;
     let log = LogStore { db: db.clone() };
     let sm = StateMachineStore {
@@ -161,17 +164,97 @@ fn init_tables(db: &Database) -> Result<(), redb::Error> {
     Ok(())
 }
 
+/// The `meta` key of the store's format version.
+const KEY_FORMAT: &str = "format";
+/// The format this code writes: 2 = every value carries its checksum (see [`encode`]).
+const FORMAT: u32 = 2;
+
+/// Stamps a new database with [`FORMAT`], or checks an existing one's: a database from
+/// before checksums (no stamp, but data) is refused rather than read as all corrupt.
+fn check_format(db: &Db) -> Result<(), AnyError> {
+    if let Some(format) = get_meta::<u32>(db, KEY_FORMAT)? {
+        if format != FORMAT {
+            return Err(AnyError::new(&CodecError(format!(
+                "store format {format}, this unid reads format {FORMAT}"
+            ))));
+        }
+        return Ok(());
+    }
+    let tx = db.begin_read().map_err(any)?;
+    let empty = tx.open_table(LOG).map_err(any)?.is_empty().map_err(any)?
+        && tx.open_table(META).map_err(any)?.is_empty().map_err(any)?
+        && tx
+            .open_table(SM_META)
+            .map_err(any)?
+            .is_empty()
+            .map_err(any)?;
+    drop(tx);
+    if !empty {
+        return Err(AnyError::new(&CodecError(
+            "written by a unid from before record checksums (no format stamp); start this \
+             replica with an empty data dir and let it catch up from the others"
+                .to_owned(),
+        )));
+    }
+    put_meta(db, KEY_FORMAT, &FORMAT)
+}
+
 /// An error while (de)coding a stored value.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct CodecError(String);
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, AnyError> {
-    postcard::to_stdvec(v).map_err(|e| AnyError::new(&CodecError(e.to_string())))
+/// Bytes of the checksum after every stored value.
+const CHECKSUM_BYTES: usize = 4;
+
+/// The checksum of a stored value: CRC-32 over the table's name, the record's key and the
+/// value, so that a flipped bit in the value, a value under another key (a flipped bit in a
+/// key) or a value of another table all fail. CRC-32 detects every error of up to 3 bits
+/// in records this short, and all but one in 2^32 of the rest.
+fn checksum(table: &str, key: &[u8], value: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for part in [table.as_bytes(), key] {
+        h.update(&(part.len() as u32).to_le_bytes());
+        h.update(part);
+    }
+    h.update(value);
+    h.finalize()
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, AnyError> {
-    postcard::from_bytes(b).map_err(|e| AnyError::new(&CodecError(e.to_string())))
+/// A value as stored: postcard bytes, then [`checksum`] (little-endian).
+fn encode<T: Serialize>(table: &str, key: &[u8], v: &T) -> Result<Vec<u8>, AnyError> {
+    let mut bytes =
+        postcard::to_stdvec(v).map_err(|e| AnyError::new(&CodecError(e.to_string())))?;
+    let sum = checksum(table, key, &bytes);
+    bytes.extend_from_slice(&sum.to_le_bytes());
+    Ok(bytes)
+}
+
+/// Checks a stored value's checksum and decodes it. A mismatch is an error naming the
+/// record: the server stops (fail-stop) rather than act on a value the disk changed,
+/// e.g. a ceiling lower than one it granted below.
+fn decode<T: for<'de> Deserialize<'de>>(table: &str, key: &[u8], b: &[u8]) -> Result<T, AnyError> {
+    let corrupt = |why: &str| {
+        AnyError::new(&CodecError(format!(
+            "stored record {table}/{} is corrupt ({why}): the disk changed it; this replica \
+             stops, restore it from a replica with good data",
+            String::from_utf8_lossy(key).escape_debug()
+        )))
+    };
+    if b.len() < CHECKSUM_BYTES {
+        return Err(corrupt("shorter than its checksum"));
+    }
+    let (value, sum) = b.split_at(b.len() - CHECKSUM_BYTES);
+    let sum = u32::from_le_bytes(sum.try_into().expect("4 bytes"));
+    if sum != checksum(table, key, value) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    postcard::from_bytes(value).map_err(|e| corrupt(&e.to_string()))
+}
+
+/// The key bytes a node id or log index is checksummed with.
+fn id_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
 }
 
 fn any(e: impl std::error::Error + 'static) -> AnyError {
@@ -234,13 +317,13 @@ fn get_meta<T: for<'de> Deserialize<'de>>(db: &Database, key: &str) -> Result<Op
     let tx = db.begin_read().map_err(any)?;
     let t = tx.open_table(META).map_err(any)?;
     match t.get(key).map_err(any)? {
-        Some(v) => Ok(Some(decode(v.value())?)),
+        Some(v) => Ok(Some(decode("meta", key.as_bytes(), v.value())?)),
         None => Ok(None),
     }
 }
 
 fn put_meta<T: Serialize>(db: &Db, key: &str, v: &T) -> Result<(), AnyError> {
-    let bytes = encode(v)?;
+    let bytes = encode("meta", key.as_bytes(), v)?;
     let tx = write_tx(db)?;
     {
         let mut t = tx.open_table(META).map_err(any)?;
@@ -275,8 +358,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             let t = tx.open_table(LOG).map_err(any)?;
             let mut out = Vec::new();
             for item in t.range(bounds).map_err(any)? {
-                let (_, v) = item.map_err(any)?;
-                out.push(decode::<Entry>(v.value())?);
+                let (k, v) = item.map_err(any)?;
+                out.push(decode::<Entry>("log", &id_key(k.value()), v.value())?);
             }
             Ok(out)
         })
@@ -295,7 +378,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let tx = db.begin_read().map_err(any)?;
             let t = tx.open_table(LOG).map_err(any)?;
             let last = match t.last().map_err(any)? {
-                Some((_, v)) => Some(decode::<Entry>(v.value())?.log_id),
+                Some((k, v)) => Some(decode::<Entry>("log", &id_key(k.value()), v.value())?.log_id),
                 None => purged,
             };
             Ok(LogState {
@@ -363,7 +446,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut rows = Vec::new();
         for e in entries {
-            let bytes = encode(&e).map_err(|err| sto(ErrorSubject::Logs, ErrorVerb::Write, err))?;
+            let bytes = encode("log", &id_key(e.log_id.index), &e)
+                .map_err(|err| sto(ErrorSubject::Logs, ErrorVerb::Write, err))?;
             rows.push((e.log_id.index, bytes));
         }
         let db = self.db.clone();
@@ -421,7 +505,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             ErrorSubject::Logs,
             ErrorVerb::Delete,
             move || {
-                let purged = encode(&Some(log_id))?;
+                let purged = encode("meta", KEY_PURGED.as_bytes(), &Some(log_id))?;
                 let tx = write_tx(&db)?;
                 {
                     let mut m = tx.open_table(META).map_err(any)?;
@@ -467,27 +551,30 @@ fn load_sm(db: &Database) -> Result<AppliedState, AnyError> {
         ..AppliedState::default()
     };
     if let Some(v) = meta.get(KEY_APPLIED).map_err(any)? {
-        out.last_applied = decode(v.value())?;
+        out.last_applied = decode("sm_meta", KEY_APPLIED.as_bytes(), v.value())?;
     }
     if let Some(v) = meta.get(KEY_MEMBERSHIP).map_err(any)? {
-        out.membership = decode(v.value())?;
+        out.membership = decode("sm_meta", KEY_MEMBERSHIP.as_bytes(), v.value())?;
     }
     if let Some(v) = meta.get(KEY_COUNTERS).map_err(any)? {
-        let c: Counters = decode(v.value())?;
+        let c: Counters = decode("sm_meta", KEY_COUNTERS.as_bytes(), v.value())?;
         out.state.next_agent_id = c.next_agent_id;
         out.state.settings = c.settings;
     }
     let seqs = tx.open_table(SEQUENCES).map_err(any)?;
     for item in seqs.iter().map_err(any)? {
         let (k, v) = item.map_err(any)?;
-        out.state
-            .sequences
-            .insert(k.value().to_owned(), decode(v.value())?);
+        out.state.sequences.insert(
+            k.value().to_owned(),
+            decode("sequences", k.value().as_bytes(), v.value())?,
+        );
     }
     let nodes = tx.open_table(NODES).map_err(any)?;
     for item in nodes.iter().map_err(any)? {
         let (k, v) = item.map_err(any)?;
-        out.state.nodes.insert(k.value(), decode(v.value())?);
+        out.state
+            .nodes
+            .insert(k.value(), decode("nodes", &id_key(k.value()), v.value())?);
     }
     Ok(out)
 }
@@ -507,11 +594,16 @@ fn persist_touched(
         seqs.retain(|_, _| false).map_err(any)?;
         nodes.retain(|_, _| false).map_err(any)?;
         for (name, s) in &data.state.sequences {
-            seqs.insert(name.as_str(), encode(s)?.as_slice())
-                .map_err(any)?;
+            seqs.insert(
+                name.as_str(),
+                encode("sequences", name.as_bytes(), s)?.as_slice(),
+            )
+            .map_err(any)?;
         }
         for (id, n) in &data.state.nodes {
-            nodes.insert(*id, encode(n)?.as_slice()).map_err(any)?;
+            nodes
+                .insert(*id, encode("nodes", &id_key(*id), n)?.as_slice())
+                .map_err(any)?;
         }
     }
     for t in touched {
@@ -519,8 +611,11 @@ fn persist_touched(
             Touched::Nothing | Touched::Meta => {}
             Touched::Sequence(name) => match data.state.sequences.get(name) {
                 Some(s) => {
-                    seqs.insert(name.as_str(), encode(s)?.as_slice())
-                        .map_err(any)?;
+                    seqs.insert(
+                        name.as_str(),
+                        encode("sequences", name.as_bytes(), s)?.as_slice(),
+                    )
+                    .map_err(any)?;
                 }
                 None => {
                     seqs.remove(name.as_str()).map_err(any)?;
@@ -530,7 +625,9 @@ fn persist_touched(
                 for id in ids {
                     match data.state.nodes.get(id) {
                         Some(n) => {
-                            nodes.insert(*id, encode(n)?.as_slice()).map_err(any)?;
+                            nodes
+                                .insert(*id, encode("nodes", &id_key(*id), n)?.as_slice())
+                                .map_err(any)?;
                         }
                         None => {
                             nodes.remove(*id).map_err(any)?;
@@ -544,12 +641,21 @@ fn persist_touched(
         next_agent_id: data.state.next_agent_id,
         settings: data.state.settings.clone(),
     };
-    meta.insert(KEY_COUNTERS, encode(&counters)?.as_slice())
-        .map_err(any)?;
-    meta.insert(KEY_APPLIED, encode(&data.last_applied)?.as_slice())
-        .map_err(any)?;
-    meta.insert(KEY_MEMBERSHIP, encode(&data.membership)?.as_slice())
-        .map_err(any)?;
+    meta.insert(
+        KEY_COUNTERS,
+        encode("sm_meta", KEY_COUNTERS.as_bytes(), &counters)?.as_slice(),
+    )
+    .map_err(any)?;
+    meta.insert(
+        KEY_APPLIED,
+        encode("sm_meta", KEY_APPLIED.as_bytes(), &data.last_applied)?.as_slice(),
+    )
+    .map_err(any)?;
+    meta.insert(
+        KEY_MEMBERSHIP,
+        encode("sm_meta", KEY_MEMBERSHIP.as_bytes(), &data.membership)?.as_slice(),
+    )
+    .map_err(any)?;
     Ok(())
 }
 
@@ -590,8 +696,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (bytes, meta) = {
             let d = self.data.read().unwrap_or_else(|p| p.into_inner());
-            let bytes =
-                encode(&*d).map_err(|e| sto(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            let bytes = encode("snapshot", b"data", &*d)
+                .map_err(|e| sto(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
             let id = match &d.last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, bytes.len()),
                 None => format!("none-{}", bytes.len()),
@@ -614,7 +720,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             ErrorSubject::Snapshot(sig),
             ErrorVerb::Write,
             move || {
-                let v = encode(&stored)?;
+                let v = encode("snapshot", KEY_CURRENT.as_bytes(), &stored)?;
                 let tx = write_tx(&db)?;
                 {
                     let mut t = tx.open_table(SNAPSHOT).map_err(any)?;
@@ -725,7 +831,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError> {
         let sig = Some(meta.signature());
         let bytes = snapshot.into_inner();
-        let mut new: AppliedState = decode(&bytes)
+        let mut new: AppliedState = decode("snapshot", b"data", &bytes)
             .map_err(|e| sto(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, e))?;
         // The meta is authoritative for what the snapshot covers.
         new.last_applied = meta.last_log_id;
@@ -741,7 +847,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             ErrorSubject::Snapshot(sig),
             ErrorVerb::Write,
             move || {
-                let v = encode(&stored)?;
+                let v = encode("snapshot", KEY_CURRENT.as_bytes(), &stored)?;
                 let tx = write_tx(&db)?;
                 persist_touched(&tx, &to_write, &[], true)?;
                 {
@@ -766,7 +872,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 let tx = db.begin_read().map_err(any)?;
                 let t = tx.open_table(SNAPSHOT).map_err(any)?;
                 match t.get(KEY_CURRENT).map_err(any)? {
-                    Some(v) => Ok(Some(decode(v.value())?)),
+                    Some(v) => Ok(Some(decode("snapshot", KEY_CURRENT.as_bytes(), v.value())?)),
                     None => Ok(None),
                 }
             },
@@ -864,5 +970,81 @@ mod tests {
         // A later raise on top of the installed snapshot still only rises.
         let r = sm2.apply(vec![entry(2, 5, raise(90))]).await.unwrap();
         assert_eq!(r, [Response::Ceiling { ceiling: 100 }]);
+    }
+
+    /// Issue 12 item 4: one bit flipped on disk in a stored ceiling (here 2,706,158 lowered by
+    /// 65,536, as a failing disk might) must stop the node with an error naming the record,
+    /// not start it with a lower ceiling that would grant ids again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flipped_bit_in_a_stored_ceiling_stops_the_node() {
+        const CEILING: u128 = 2_706_158;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_log, mut sm) = open(dir.path()).unwrap();
+            let create = Command::CreateSequence {
+                name: "default".into(),
+                width: 8,
+                start: 1,
+            };
+            let raise = Command::RaiseCeiling {
+                name: "default".into(),
+                ceiling: CEILING,
+            };
+            sm.apply(vec![entry(1, 1, create), entry(1, 2, raise)])
+                .await
+                .unwrap();
+        }
+        // The record as postcard lays it out: width 8, start 1, then the ceiling in LEB128.
+        let mut pattern = vec![8u8, 1];
+        let mut v = CEILING;
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            pattern.push(if v == 0 { byte } else { byte | 0x80 });
+            if v == 0 {
+                break;
+            }
+        }
+        assert_eq!(pattern[2..], [0xee, 0x95, 0xa5, 0x01]);
+        let path = dir.path().join(DB_FILE);
+        let mut file = std::fs::read(&path).unwrap();
+        let mut flipped = 0;
+        for i in 0..file.len().saturating_sub(pattern.len()) {
+            if file[i..i + pattern.len()] == pattern[..] {
+                file[i + 4] &= !0x04; // 0xa5 -> 0xa1: 2,706,158 -> 2,640,622
+                flipped += 1;
+            }
+        }
+        assert!(flipped > 0, "the stored ceiling was not found in the file");
+        std::fs::write(&path, &file).unwrap();
+        let err = match open(dir.path()) {
+            Ok((_log, sm)) => panic!(
+                "opened with ceiling {} after a bit flip",
+                sm.applied().state.sequences["default"].ceiling
+            ),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("sequences/default") && err.contains("corrupt"),
+            "{err}"
+        );
+    }
+
+    /// A value under the wrong key (a flipped bit in a key) or from another table fails too.
+    #[test]
+    fn checksums_bind_the_table_and_the_key() {
+        let v = encode("sequences", b"default", &42u64).unwrap();
+        assert_eq!(decode::<u64>("sequences", b"default", &v).unwrap(), 42);
+        assert!(decode::<u64>("sequences", b"defaulu", &v).is_err());
+        assert!(decode::<u64>("nodes", b"default", &v).is_err());
+        assert!(decode::<u64>("sequences", b"default", &v[..3]).is_err());
+        for bit in 0..v.len() * 8 {
+            let mut bad = v.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode::<u64>("sequences", b"default", &bad).is_err(),
+                "bit {bit}"
+            );
+        }
     }
 }

@@ -35,7 +35,10 @@
 //!   to a leader it does not know or we do not know.
 //! - **Epochs**: a response whose epoch is below the highest epoch seen is
 //!   dropped ([`Disposition::StaleEpoch`]). Only answers from a leader
-//!   (`Done`, `TryLater`) raise the highest epoch; a redirect does not. A
+//!   (`Done`, `TryLater`) to an outstanding request raise the highest epoch;
+//!   a redirect does not, nor does a datagram that answers no outstanding
+//!   request (a spoofed `epoch = 2^64-1` would make every later answer
+//!   stale). A
 //!   server that is not the leader may be in a higher term than any leader
 //!   (a partitioned server's failed elections raise its term), and if its
 //!   redirect counted, every answer of the real, lower-term leader would be
@@ -475,21 +478,24 @@ impl<Q: Clone, P> Requester<Q, P> {
             self.stats.stale_epoch += 1;
             return Disposition::StaleEpoch;
         }
-        if !matches!(response.reply, Reply::Redirect { .. }) {
-            self.highest_epoch = response.epoch;
-        }
-        if source == self.leader {
-            self.silent = 0;
-        }
         let bit = 1u64 << source;
         let Some(at) = self
             .pending
             .iter()
             .position(|p| p.seq == response.reply_to && p.sent_mask & bit != 0)
         else {
+            // Raises nothing: a datagram that answers no request of ours (a
+            // spoofed or replayed one with a huge epoch) must not make every
+            // real answer stale.
             self.stats.unknown_seq += 1;
             return Disposition::UnknownSeq;
         };
+        if !matches!(response.reply, Reply::Redirect { .. }) {
+            self.highest_epoch = response.epoch;
+        }
+        if source == self.leader {
+            self.silent = 0;
+        }
         match response.reply {
             Reply::Done(payload) => {
                 let p = self.pending.remove(at).expect("found above");

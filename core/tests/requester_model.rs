@@ -265,7 +265,9 @@ impl Sim {
         if epoch < self.max_delivered_epoch {
             assert_eq!(d, Disposition::StaleEpoch);
         }
-        if !is_redirect {
+        // ... and only an answer to an outstanding request (not one to a finished or unknown
+        // seq: issue 12, a forged `epoch = 2^64-1` must not make every real answer stale).
+        if !is_redirect && matches!(d, Disposition::Accepted | Disposition::TryLater) {
             self.max_delivered_epoch = self.max_delivered_epoch.max(epoch);
         }
         self.pump();

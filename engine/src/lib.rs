@@ -66,6 +66,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Another socket (another process, or another server in this one) holds the UDP address:
+    /// a second server on one address would split the agents between two clusters.
+    #[error(
+        "UDP address {addr} is already in use (another unid server?); pick another --listen or stop the other process"
+    )]
+    AddrInUse {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
     /// A configuration value is out of its allowed range; the message says which.
     #[error("invalid configuration: {0}")]
     Config(&'static str),

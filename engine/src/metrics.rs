@@ -361,6 +361,26 @@ pub(crate) fn render_server(
         stats.dropped_amplification,
     );
     e.sample(name, &[("reason", "unexpected")], stats.dropped_unexpected);
+    let name = "unid_server_registrations_refused_total";
+    e.family(
+        name,
+        Kind::Counter,
+        "new agent registrations refused, by reason (rate: over the per-IP or total rate; full: node table full)",
+    );
+    e.sample(name, &[("reason", "rate")], stats.refused_registration_rate);
+    e.sample(name, &[("reason", "full")], stats.refused_registration_full);
+    e.single(
+        "unid_server_agents_removed_total",
+        Kind::Counter,
+        "agents whose lease ended removed from the replicated node table",
+        stats.agents_removed,
+    );
+    e.single(
+        "unid_server_admin_refused_total",
+        Kind::Counter,
+        "changes (sequence create, server add or remove) refused: neither loopback nor the secret",
+        stats.refused_admin,
+    );
     e.single(
         "unid_server_reply_cache_hits_total",
         Kind::Counter,
@@ -580,12 +600,30 @@ impl std::fmt::Debug for MetricsServer {
 impl MetricsServer {
     /// Binds `addr` (port 0: any) and serves `render`'s text on `GET /metrics`.
     pub fn start(addr: SocketAddr, render: Render) -> crate::Result<MetricsServer> {
+        Self::start_on(Self::bind(addr)?, render)
+    }
+
+    /// Binds `addr` (port 0: any) for [`Self::start_on`]: lets a server find out that the
+    /// address is taken before it starts anything else.
+    pub fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
+        TcpListener::bind(addr).map_err(|source| crate::Error::Io {
+            op: "bind metrics",
+            addr,
+            source,
+        })
+    }
+
+    /// Serves `render`'s text on `GET /metrics` on a listener from [`Self::bind`].
+    pub fn start_on(listener: TcpListener, render: Render) -> crate::Result<MetricsServer> {
+        let addr = listener.local_addr().map_err(|source| crate::Error::Io {
+            op: "local_addr",
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
         let io = |op, source| crate::Error::Io { op, addr, source };
-        let listener = TcpListener::bind(addr).map_err(|e| io("bind metrics", e))?;
         listener
             .set_nonblocking(true)
             .map_err(|e| io("set_nonblocking", e))?;
-        let addr = listener.local_addr().map_err(|e| io("local_addr", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()

@@ -93,6 +93,8 @@ use crate::now_us;
 use crate::shard::{Handler, ShardConfig, ShardInfo, ShardSender, Shards, StopHandle};
 use crate::udp::SendBatch;
 
+/// The shortest cluster secret a server accepts, in bytes.
+pub const SECRET_BYTES_MIN: usize = 16;
 /// Default UDP (data plane) port.
 pub const DEFAULT_UDP_PORT: u16 = 7400;
 /// Default Raft (TCP) port.
@@ -103,6 +105,16 @@ pub const SOURCES_MAX: usize = 16_384;
 pub const ADMIN_RATE_PER_S: u32 = 50;
 /// Admin answers per second the server gives in all.
 pub const ADMIN_GLOBAL_RATE_PER_S: u32 = 2_000;
+/// New registrations (a `Hello` not seen before) per second one source IP may make (burst:
+/// twice this). Retransmitted `Hello`s are not counted.
+pub const REGISTER_RATE_PER_IP_PER_S: u32 = 50;
+/// New registrations per second the server makes in all (burst: twice this): each is a Raft
+/// write, and a flood of them must not starve the ceiling raises.
+pub const REGISTER_RATE_PER_S: u32 = 500;
+/// Most expired agents removed from the node table per control-loop turn (each a Raft write).
+pub const REMOVALS_PER_TURN_MAX: usize = 64;
+/// Most expired agents waiting for removal from the node table.
+pub const REMOVALS_PENDING_MAX: usize = 65_536;
 /// Most control requests (registrations, creates) queued for the consensus thread.
 pub const CONTROL_QUEUE_MAX: usize = 1_024;
 /// Most raises proposed per control-loop turn.
@@ -138,6 +150,99 @@ pub enum ServerError {
     /// A thread could not be started or died.
     #[error("thread: {0}")]
     Thread(String),
+    /// Another process (another server) holds the data directory's lock: two servers on one
+    /// Raft database would each believe they are the same node.
+    #[error(
+        "data dir {dir} is in use by another unid server ({holder}); stop it or pick another --data-dir"
+    )]
+    DataDirInUse {
+        /// The data directory.
+        dir: PathBuf,
+        /// What the lock file says about its holder (its pid), or that it is unknown.
+        holder: String,
+    },
+    /// The data directory or its lock file could not be created or locked.
+    #[error("data dir {dir}: {source}")]
+    DataDir {
+        /// The data directory.
+        dir: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The lock file in a server's data directory, held (`flock`) while the server runs.
+pub const DATA_DIR_LOCK_FILE: &str = "LOCK";
+
+/// Locks `dir` for this process: creates it and its [`DATA_DIR_LOCK_FILE`], takes an exclusive
+/// `flock` (released when the returned file is closed, also when the process dies) and writes this
+/// process's id into it. A directory locked by another process is [`ServerError::DataDirInUse`].
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let io = |source| ServerError::DataDir {
+        dir: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(DATA_DIR_LOCK_FILE))
+        .map_err(io)?;
+    // `File::try_lock` is newer than this workspace's MSRV (1.85): flock(2) directly.
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock on a file descriptor this function owns (`file` lives across the call);
+    // it touches no memory.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let locked = if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    };
+    match locked {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = match text.trim() {
+                "" => "holder unknown".to_owned(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(ServerError::DataDirInUse {
+                dir: dir.to_owned(),
+                holder,
+            });
+        }
+        Err(e) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+/// Checks that nothing holds the UDP address `addr` (port 0: nothing to check) by binding a
+/// socket without `SO_REUSEPORT` and closing it, so that a server whose address is taken stops
+/// before Raft starts. The shards bind it for good later ([`Shards::start`] refuses it too).
+fn probe_udp(addr: SocketAddr) -> Result<(), ServerError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    match std::net::UdpSocket::bind(addr) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(crate::Error::AddrInUse { addr }.into())
+        }
+        Err(source) => Err(crate::Error::Io {
+            op: "bind",
+            addr,
+            source,
+        }
+        .into()),
+    }
 }
 
 /// One other server of the cluster.
@@ -187,16 +292,21 @@ pub struct ServerConfig {
     /// Serve Prometheus metrics over HTTP here (`GET /metrics`; port 0: any; see
     /// [`ServerHandle::metrics_addr`]).
     pub metrics_addr: Option<SocketAddr>,
+    /// Listen beyond loopback (UDP or Raft) without a cluster secret. Off by default: then
+    /// anyone who reaches the ports could ask for blocks, register agents and, over Raft,
+    /// join the cluster.
+    pub insecure_without_secret: bool,
 }
 
 impl ServerConfig {
-    /// Defaults for server `id` with its data in `data_dir`, on the default ports of all
-    /// interfaces.
+    /// Defaults for server `id` with its data in `data_dir`, on the default ports of
+    /// 127.0.0.1 (listening beyond loopback needs a secret or
+    /// [`Self::insecure_without_secret`]).
     pub fn new(id: NodeId, data_dir: impl Into<PathBuf>) -> ServerConfig {
         ServerConfig {
             id,
-            udp_addr: SocketAddr::from(([0, 0, 0, 0], DEFAULT_UDP_PORT)),
-            raft_addr: SocketAddr::from(([0, 0, 0, 0], DEFAULT_RAFT_PORT)),
+            udp_addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_UDP_PORT)),
+            raft_addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_RAFT_PORT)),
             data_dir: data_dir.into(),
             peers: Vec::new(),
             init: false,
@@ -210,6 +320,7 @@ impl ServerConfig {
             replies_per_agent_max: 64,
             source_rate_per_s: 20_000,
             metrics_addr: None,
+            insecure_without_secret: false,
         }
     }
 
@@ -226,6 +337,33 @@ impl ServerConfig {
         }
         if self.source_rate_per_s == 0 {
             return bad("source_rate_per_s must be at least 1");
+        }
+        if self.shards == 0 || self.shards > crate::shard::SHARDS_MAX {
+            return Err(ServerError::Config(format!(
+                "shards must be in 1 ..= {} (got {})",
+                crate::shard::SHARDS_MAX,
+                self.shards
+            )));
+        }
+        if self
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.len() < SECRET_BYTES_MIN)
+        {
+            return Err(ServerError::Config(format!(
+                "the secret must have at least {SECRET_BYTES_MIN} bytes"
+            )));
+        }
+        let beyond_loopback = |a: SocketAddr| !a.ip().to_canonical().is_loopback();
+        if self.secret.is_none()
+            && !self.insecure_without_secret
+            && (beyond_loopback(self.udp_addr) || beyond_loopback(self.raft_addr))
+        {
+            return Err(ServerError::Config(format!(
+                "listening beyond loopback (UDP {}, Raft {}) needs a cluster secret \
+                 (--secret-file), or --insecure-without-secret to accept anyone who reaches the ports",
+                self.udp_addr, self.raft_addr
+            )));
         }
         if self.peers.len() >= SERVERS_MAX * 4 {
             return bad("too many peers");
@@ -257,6 +395,16 @@ pub struct ServerStats {
     pub dropped_amplification: AtomicU64,
     /// Dropped: a message type a server does not take, or a request for nothing.
     pub dropped_unexpected: AtomicU64,
+    /// Refused (`Unauthorized`): a change (sequence create, server add or remove) from a
+    /// source that is neither loopback nor authenticated by the cluster secret.
+    pub refused_admin: AtomicU64,
+    /// Refused (`RateLimited`): a new registration over its source IP's or the server's
+    /// registration rate ([`REGISTER_RATE_PER_IP_PER_S`], [`REGISTER_RATE_PER_S`]).
+    pub refused_registration_rate: AtomicU64,
+    /// Refused (`RateLimited`): a registration the replicated node table had no room for.
+    pub refused_registration_full: AtomicU64,
+    /// Agents whose lease ended removed from the replicated node table (through Raft).
+    pub agents_removed: AtomicU64,
     /// Blocks granted.
     pub grants: AtomicU64,
     /// Retransmits answered from the reply cache.
@@ -284,6 +432,14 @@ pub struct ServerStatsSnapshot {
     pub dropped_amplification: u64,
     /// See [`ServerStats::dropped_unexpected`].
     pub dropped_unexpected: u64,
+    /// See [`ServerStats::refused_admin`].
+    pub refused_admin: u64,
+    /// See [`ServerStats::refused_registration_rate`].
+    pub refused_registration_rate: u64,
+    /// See [`ServerStats::refused_registration_full`].
+    pub refused_registration_full: u64,
+    /// See [`ServerStats::agents_removed`].
+    pub agents_removed: u64,
     /// See [`ServerStats::grants`].
     pub grants: u64,
     /// See [`ServerStats::replies_cached`].
@@ -308,6 +464,10 @@ impl ServerStats {
             dropped_rate: g(&self.dropped_rate),
             dropped_amplification: g(&self.dropped_amplification),
             dropped_unexpected: g(&self.dropped_unexpected),
+            refused_admin: g(&self.refused_admin),
+            refused_registration_rate: g(&self.refused_registration_rate),
+            refused_registration_full: g(&self.refused_registration_full),
+            agents_removed: g(&self.agents_removed),
             grants: g(&self.grants),
             replies_cached: g(&self.replies_cached),
             not_leader: g(&self.not_leader),
@@ -377,6 +537,14 @@ struct Core {
     sources: HashMap<SocketAddr, Bucket>,
     admin_sources: HashMap<SocketAddr, Bucket>,
     admin_global: Bucket,
+    /// New-registration buckets by source IP, and for the whole server.
+    register_sources: HashMap<std::net::IpAddr, Bucket>,
+    register_global: Bucket,
+    /// Agents forgotten here (lease ended, or unreachable) still to be removed from the
+    /// replicated node table; removed by the leader, [`REMOVALS_PER_TURN_MAX`] per turn.
+    to_remove: Vec<NodeId>,
+    /// When the last "node table full" error was logged (they are logged every 10 s at most).
+    full_logged_us: u64,
     /// Every server: id → UDP address.
     servers: BTreeMap<NodeId, SocketAddr>,
     /// Blocks and ids granted by this server, by sequence (for the metrics; only sequences
@@ -419,6 +587,7 @@ impl Core {
         for id in &gone {
             self.agents.remove(id);
         }
+        self.queue_removal(&gone);
         if !gone.is_empty() {
             let agents = &self.agents;
             self.hellos.retain(|_, id| agents.contains_key(id));
@@ -426,10 +595,52 @@ impl Core {
         gone
     }
 
+    /// Queues agents this server forgot for removal from the node table (a leader's job; a
+    /// follower holds no agents). Beyond [`REMOVALS_PENDING_MAX`] the rest wait for the next
+    /// leader, which takes the table's agents with fresh leases and expires them again.
+    fn queue_removal(&mut self, ids: &[NodeId]) {
+        if self.phase != Phase::Leading {
+            return;
+        }
+        let room = REMOVALS_PENDING_MAX.saturating_sub(self.to_remove.len());
+        self.to_remove.extend(ids.iter().take(room));
+    }
+
+    /// Whether a new registration from `ip` is within the per-IP and total rates.
+    fn registration_allowed(&mut self, ip: std::net::IpAddr, now_us: u64) -> bool {
+        let (rate, total) = (
+            f64::from(REGISTER_RATE_PER_IP_PER_S),
+            f64::from(REGISTER_RATE_PER_S),
+        );
+        let source_ok = if let Some(b) = self.register_sources.get_mut(&ip) {
+            b.take(now_us, rate, 2.0 * rate)
+        } else if self.register_sources.len() < SOURCES_MAX {
+            self.register_sources.insert(
+                ip,
+                Bucket {
+                    tokens: 2.0 * rate - 1.0,
+                    at_us: now_us,
+                },
+            );
+            true
+        } else {
+            false
+        };
+        source_ok && self.register_global.take(now_us, total, 2.0 * total)
+    }
+
     fn expire(&mut self, now_us: u64, lease_us: u64) {
         let before = self.agents.len();
-        self.agents
-            .retain(|_, a| a.last_seen_us.saturating_add(lease_us) > now_us);
+        let expired: Vec<NodeId> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.last_seen_us.saturating_add(lease_us) <= now_us)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &expired {
+            self.agents.remove(id);
+        }
+        self.queue_removal(&expired);
         if self.agents.len() != before {
             let agents = &self.agents;
             self.hellos.retain(|_, id| agents.contains_key(id));
@@ -439,6 +650,8 @@ impl Core {
         self.sources
             .retain(|_, b| now_us.saturating_sub(b.at_us) < 10_000_000);
         self.admin_sources
+            .retain(|_, b| now_us.saturating_sub(b.at_us) < 10_000_000);
+        self.register_sources
             .retain(|_, b| now_us.saturating_sub(b.at_us) < 10_000_000);
     }
 }
@@ -836,6 +1049,11 @@ impl ServerHandler {
                     let d = self.error(term, h.seq, ErrorCode::RateLimited, None, 1_000)?;
                     return self.capped(d, req);
                 }
+                if !core.registration_allowed(from.ip(), now_us) {
+                    bump(&stats.refused_registration_rate);
+                    let d = self.error(term, h.seq, ErrorCode::RateLimited, None, 200)?;
+                    return self.capped(d, req);
+                }
                 let request = Control::Register {
                     from,
                     reply_to: h.seq,
@@ -862,6 +1080,10 @@ impl ServerHandler {
             Message::SequenceCreate { name, width, start } => {
                 if !self.admin_allowed(&mut core, from, now_us) {
                     return None;
+                }
+                if !self.change_allowed(from) {
+                    let d = self.error(term, h.seq, ErrorCode::Unauthorized, None, 0)?;
+                    return self.capped(d, req);
                 }
                 let request = Control::Create {
                     from,
@@ -907,6 +1129,10 @@ impl ServerHandler {
                 if !self.admin_allowed(&mut core, from, now_us) {
                     return None;
                 }
+                if !self.change_allowed(from) {
+                    let d = self.error(term, h.seq, ErrorCode::Unauthorized, None, 0)?;
+                    return self.capped(d, req);
+                }
                 if !leading {
                     return self.not_leader(&core, h.seq, req);
                 }
@@ -941,6 +1167,18 @@ impl ServerHandler {
             bump(&self.shared.stats.dropped_amplification);
             None
         }
+    }
+
+    /// Whether `from` may change the cluster (create a sequence, add or remove a server):
+    /// with a cluster secret every datagram that got here is authenticated; without one, only
+    /// a loopback source may (the kernel drops loopback-sourced packets arriving from a
+    /// network). Counts a refusal.
+    fn change_allowed(&self, from: SocketAddr) -> bool {
+        let ok = self.shared.key.is_some() || from.ip().to_canonical().is_loopback();
+        if !ok {
+            bump(&self.shared.stats.refused_admin);
+        }
+        ok
     }
 
     fn admin_allowed(&self, core: &mut Core, from: SocketAddr, now_us: u64) -> bool {
@@ -1499,7 +1737,15 @@ impl ServerHandle {
 /// Starts a server. Returns once Raft and the shards run (and, with `init`, the cluster was
 /// bootstrapped or found already bootstrapped).
 pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    // Everything that can be refused is checked before Raft starts (issue 12 item 12): the
+    // configuration, the data dir's lock, the UDP and metrics addresses.
     config.validate()?;
+    let data_dir_lock = lock_data_dir(&config.data_dir)?;
+    probe_udp(config.udp_addr)?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(crate::metrics::MetricsServer::bind(addr)?),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("unid-consensus")
@@ -1543,6 +1789,13 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
                 tokens: f64::from(ADMIN_GLOBAL_RATE_PER_S),
                 at_us: now_us(),
             },
+            register_sources: HashMap::new(),
+            register_global: Bucket {
+                tokens: 2.0 * f64::from(REGISTER_RATE_PER_S),
+                at_us: now_us(),
+            },
+            to_remove: Vec::new(),
+            full_logged_us: 0,
             servers: BTreeMap::new(),
             granted: HashMap::new(),
         }),
@@ -1600,11 +1853,11 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
     }
 
-    let metrics = match config.metrics_addr {
-        Some(addr) => {
+    let metrics = match metrics_listener {
+        Some(listener) => {
             let (shared, weak) = (shared.clone(), Arc::downgrade(&consensus));
             let render: crate::metrics::Render = Arc::new(move || render_metrics(&shared, &weak));
-            let m = crate::metrics::MetricsServer::start(addr, render)?;
+            let m = crate::metrics::MetricsServer::start_on(listener, render)?;
             tracing::info!(id = config.id, addr = %m.local_addr(), "metrics on GET /metrics");
             Some(m)
         }
@@ -1627,11 +1880,14 @@ pub fn run(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         write_timeout: Duration::from_millis(config.timing.write_timeout_ms),
         was_member: AtomicBool::new(false),
         membership_busy: tokio::sync::Mutex::new(()),
+        removing: AtomicBool::new(false),
     };
     let thread = std::thread::Builder::new()
         .name(format!("unid-server-{}", config.id))
         .spawn(move || {
             let result = runtime.block_on(control.run(control_rx, stop_rx, shards));
+            // Held until Raft and the shards are stopped.
+            let _locked = &data_dir_lock;
             // Raise and registration tasks still running hold no lock; dropping the runtime
             // cancels them.
             runtime.shutdown_timeout(Duration::from_millis(500));
@@ -1735,6 +1991,8 @@ struct Controller {
     was_member: AtomicBool,
     /// Held while a membership change an operator asked for runs (one at a time).
     membership_busy: tokio::sync::Mutex<()>,
+    /// A task removing expired agents from the node table runs.
+    removing: AtomicBool,
 }
 
 impl Controller {
@@ -1781,6 +2039,7 @@ impl Controller {
                     }
                     let now = now_us();
                     this.shared.core().expire(now, u64::from(this.shared.lease_ms) * 1000);
+                    this.remove_expired(&mut tasks);
                     this.check_quorum(&mut tasks);
                     this.propose_raises(&mut tasks);
                     if now >= server_refresh_us {
@@ -2080,6 +2339,44 @@ impl Controller {
         self.shared.core().servers = servers;
     }
 
+    /// Removes agents this leader forgot from the replicated node table, so that short-lived
+    /// agents do not fill it (each removal is a Raft write; [`REMOVALS_PER_TURN_MAX`] per
+    /// turn, one task at a time). A removed agent that is in fact alive gets `NotRegistered`
+    /// and registers again under a new node id; node ids are never reused.
+    fn remove_expired(self: &Arc<Self>, tasks: &mut Tasks) {
+        if self.removing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let batch: Vec<NodeId> = {
+            let mut core = self.shared.core();
+            if core.phase != Phase::Leading {
+                core.to_remove.clear();
+                Vec::new()
+            } else {
+                let n = core.to_remove.len().min(REMOVALS_PER_TURN_MAX);
+                core.to_remove.drain(..n).collect()
+            }
+        };
+        if batch.is_empty() {
+            self.removing.store(false, Ordering::Release);
+            return;
+        }
+        let this = self.clone();
+        tasks.spawn(async move {
+            for id in batch {
+                match this.consensus.remove_node(id).await {
+                    Ok(true) => bump(&this.shared.stats.agents_removed),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::debug!(id, "removing an expired agent failed: {e}");
+                        break;
+                    }
+                }
+            }
+            this.removing.store(false, Ordering::Release);
+        });
+    }
+
     fn propose_raises(self: &Arc<Self>, tasks: &mut Tasks) {
         let now = now_us();
         let (raises, term) = {
@@ -2213,16 +2510,48 @@ impl Controller {
                         }
                         Ok(_) => None, // Lost leadership meanwhile: the agent retries.
                         Err(e) => {
-                            tracing::debug!(%from, "registration failed: {e}");
+                            let full = matches!(
+                                e,
+                                unid_consensus::Error::Rejected(
+                                    unid_consensus::Rejection::TableFull
+                                )
+                            );
+                            let now = now_us();
+                            if full {
+                                bump(&self.shared.stats.refused_registration_full);
+                                if now.saturating_sub(core.full_logged_us) >= 10_000_000 {
+                                    core.full_logged_us = now;
+                                    tracing::error!(
+                                        %from,
+                                        name,
+                                        refused = self
+                                            .shared
+                                            .stats
+                                            .refused_registration_full
+                                            .load(Ordering::Relaxed),
+                                        "node table full ({} entries): new agents are refused until \
+                                         expired ones are removed (leases end after {} ms)",
+                                        unid_consensus::state::NODES_MAX,
+                                        self.shared.lease_ms
+                                    );
+                                }
+                            } else {
+                                tracing::debug!(%from, "registration failed: {e}");
+                            }
+                            let (code, retry_after_ms) = if full {
+                                (ErrorCode::RateLimited, 1_000)
+                            } else {
+                                (ErrorCode::NotReady, 100)
+                            };
                             self.shared
                                 .encode(
                                     &mut codec,
                                     term,
                                     reply_to,
                                     &Message::Error {
-                                        code: ErrorCode::NotReady,
+                                        code,
                                         sequence: None,
-                                        retry_after_ms: 100,
+                                        retry_after_ms,
                                         text: "",
                                     },
                                 )
@@ -2559,6 +2888,13 @@ mod tests {
                 tokens: 0.0,
                 at_us: 0,
             },
+            register_sources: HashMap::new(),
+            register_global: Bucket {
+                tokens: 0.0,
+                at_us: 0,
+            },
+            to_remove: Vec::new(),
+            full_logged_us: 0,
             servers: BTreeMap::new(),
             granted: HashMap::new(),
         }

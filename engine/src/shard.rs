@@ -347,6 +347,37 @@ struct Started<M> {
     wake: flume::Sender<()>,
 }
 
+/// Binds the first shard's socket so that no other process shares the address.
+///
+/// `SO_REUSEPORT` lets any socket of the same user join a port, and the kernel then splits
+/// the traffic between them by a hash: two unrelated servers on one address would each grant
+/// to some agents (issue 12, item 1). So one shard binds without `SO_REUSEPORT` (nothing can
+/// join it), and several shards first check, with a socket bound without it, that nothing
+/// holds the address, then bind their own with it. Returns the first socket and the options
+/// the other shards bind with. An address held elsewhere is [`Error::AddrInUse`].
+fn bind_exclusive(config: &ShardConfig) -> Result<(UdpSocket, UdpConfig)> {
+    let mut udp = config.udp.clone();
+    let in_use = |e: Error| match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
+            Error::AddrInUse { addr: config.addr }
+        }
+        e => e,
+    };
+    if config.shards == 1 {
+        udp.reuse_port = false;
+        return Ok((UdpSocket::bind(config.addr, &udp).map_err(in_use)?, udp));
+    }
+    if config.addr.port() != 0 {
+        let probe = UdpConfig {
+            reuse_port: false,
+            recv_buffer_bytes: None,
+            send_buffer_bytes: None,
+        };
+        drop(UdpSocket::bind(config.addr, &probe).map_err(in_use)?);
+    }
+    Ok((UdpSocket::bind(config.addr, &udp).map_err(in_use)?, udp))
+}
+
 impl<M: Send + 'static> Shards<M> {
     /// Binds the sockets and starts the shards; returns once every shard is running.
     /// `make_handler` runs on each shard's thread, so the handler need not be `Send`.
@@ -356,11 +387,11 @@ impl<M: Send + 'static> Shards<M> {
         F: Fn(&ShardInfo) -> H + Send + Sync + 'static,
     {
         config.validate()?;
-        let first = UdpSocket::bind(config.addr, &config.udp)?;
+        let (first, udp) = bind_exclusive(&config)?;
         let local_addr = first.local_addr();
         let mut sockets = vec![first];
         for _ in 1..config.shards {
-            sockets.push(UdpSocket::bind(local_addr, &config.udp)?);
+            sockets.push(UdpSocket::bind(local_addr, &udp)?);
         }
         let cpus = match &config.cpus {
             Some(cpus) => cpus.clone(),
@@ -411,7 +442,7 @@ impl<M: Send + 'static> Shards<M> {
                     // The failed executor dropped its socket; the others keep the port, and
                     // SO_REUSEPORT (or, for a single shard, UDP's lack of TIME_WAIT) lets a new
                     // socket bind it again.
-                    let socket = UdpSocket::bind(local_addr, &config.udp)?;
+                    let socket = UdpSocket::bind(local_addr, &udp)?;
                     let unbound = ShardPlacement::Unbound { reason };
                     let started =
                         attempt(unbound.clone(), socket).map_err(|reason| Error::ShardStart {

@@ -512,3 +512,248 @@ fn a_retransmitted_hello_gets_the_same_node_id() {
     assert!(restarted > first, "a new incarnation gets a new id");
     assert_eq!(s.stats().registrations, 2);
 }
+
+/// Issue 12 items 1 and 12: what cannot work is refused before Raft starts (no database is
+/// created, the Raft port stays free), with an error naming what is wrong; a data dir in use
+/// by a running server is refused, naming its holder.
+#[test]
+fn bad_configs_and_taken_resources_are_refused_before_raft_starts() {
+    let root = tempfile::tempdir().unwrap();
+    let base = |name: &str| {
+        let mut c = ServerConfig::new(1, root.path().join(name));
+        c.udp_addr = local(free_port());
+        c.raft_addr = local(free_port());
+        c.init = true;
+        c
+    };
+    let refused_early = |c: ServerConfig, wants: &str| {
+        let (dir, raft) = (c.data_dir.clone(), c.raft_addr);
+        let err = run(c).expect_err(wants).to_string();
+        assert!(err.contains(wants), "{err} (wanted {wants:?})");
+        assert!(
+            !dir.join(unid_consensus::store::DB_FILE).exists(),
+            "Raft started before refusing: {err}"
+        );
+        assert!(
+            std::net::TcpListener::bind(raft).is_ok(),
+            "Raft port still taken after refusing: {err}"
+        );
+    };
+    let mut c = base("shards");
+    c.shards = 0;
+    refused_early(c, "shards");
+    let mut c = base("secret");
+    c.secret = Some(b"short".to_vec());
+    refused_early(c, "at least 16 bytes");
+    let metrics = std::net::TcpListener::bind(local(0)).unwrap();
+    let mut c = base("metrics");
+    c.metrics_addr = Some(metrics.local_addr().unwrap());
+    refused_early(c, "bind metrics");
+    let udp = UdpSocket::bind(local(0)).unwrap();
+    let mut c = base("udp");
+    c.udp_addr = udp.local_addr().unwrap();
+    refused_early(c, &udp.local_addr().unwrap().to_string());
+
+    // A running server's data dir: refused, naming the directory and the holder.
+    let running = run(base("running")).expect("server starts");
+    let mut c = base("running");
+    c.init = false;
+    let err = run(c)
+        .expect_err("a second server on one data dir")
+        .to_string();
+    assert!(
+        err.contains("in use by another unid server")
+            && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    running.shutdown().unwrap();
+    // Released once the server stops.
+    let again = run(base("running")).expect("the data dir is free again");
+    again.shutdown().unwrap();
+}
+
+/// This host's address on a network (not loopback), if it has one: the source address of
+/// the route to a documentation address (`connect` on UDP sends nothing).
+fn network_ip() -> Option<std::net::IpAddr> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("198.51.100.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// Issue 12 item 9: without a secret, a server refuses to listen beyond loopback unless told
+/// it is insecure, and even then takes changes (here a sequence create) only from loopback:
+/// a datagram from the host's network address gets `Unauthorized` and creates nothing.
+#[test]
+fn changes_without_the_secret_come_only_from_loopback() {
+    let root = tempfile::tempdir().unwrap();
+    let mut c = ServerConfig::new(1, root.path().join("s1"));
+    c.udp_addr = SocketAddr::from(([0, 0, 0, 0], free_port()));
+    c.raft_addr = local(free_port());
+    c.init = true;
+    let err = run(c.clone()).expect_err("a wildcard listen without a secret");
+    assert!(err.to_string().contains("needs a cluster secret"), "{err}");
+    let Some(ip) = network_ip() else {
+        eprintln!("SKIPPED the network half: this host has no non-loopback address");
+        return;
+    };
+    c.insecure_without_secret = true;
+    let s = run(c).expect("server starts");
+    let port = s.udp_addr().port();
+    let mut codec = Codec::new();
+    let ask = |codec: &mut Codec, from: std::net::IpAddr, seq: u64, name: &str| {
+        let sock = UdpSocket::bind(SocketAddr::new(from, 0)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut out = [0u8; 1200];
+        let h = Header {
+            sender: 0,
+            seq,
+            reply_to: 0,
+            epoch: 0,
+        };
+        let msg = Message::SequenceCreate {
+            name,
+            width: Width::W8,
+            start: 1,
+        };
+        let n = codec.encode(&h, &msg, None, &mut out).unwrap();
+        let mut buf = [0u8; 1500];
+        for _ in 0..30 {
+            sock.send_to(&out[..n], SocketAddr::new(from, port))
+                .unwrap();
+            if let Ok((m, _)) = sock.recv_from(&mut buf) {
+                match decode(&buf[..m], None).unwrap().message {
+                    Message::Error {
+                        code: ErrorCode::NotReady,
+                        ..
+                    }
+                    | Message::NotLeader { .. } => continue,
+                    Message::Error { code, .. } => return Err(code),
+                    Message::SequenceInfo { .. } => return Ok(()),
+                    other => panic!("unexpected answer {other:?}"),
+                }
+            }
+        }
+        panic!("no answer from {from}");
+    };
+    assert_eq!(
+        ask(&mut codec, ip, 1, "from_network"),
+        Err(ErrorCode::Unauthorized)
+    );
+    assert_eq!(s.stats().refused_admin, 1);
+    assert_eq!(
+        ask(&mut codec, "127.0.0.1".parse().unwrap(), 2, "from_loopback"),
+        Ok(())
+    );
+    // Nothing was created from the network.
+    let mut cl = client(&[local(port)]);
+    let describe = |cl: &mut Client, name: &str| {
+        cl.call(0, &Message::SequenceDescribe { name }, |f, _| {
+            match f.message {
+                Message::SequenceInfo { .. } => Some(Answer::Done(true)),
+                Message::Error {
+                    code: ErrorCode::UnknownSequence,
+                    ..
+                } => Some(Answer::Done(false)),
+                _ => Some(Answer::Retry),
+            }
+        })
+        .unwrap()
+    };
+    assert!(describe(&mut cl, "from_loopback"));
+    assert!(!describe(&mut cl, "from_network"));
+    s.shutdown().unwrap();
+}
+
+/// Issue 12 item 8: agents whose lease ended are removed from the replicated node table
+/// (through Raft), not kept for ever; and a flood of new registrations from one source IP is
+/// held to its rate (`RateLimited`, counted) while retransmits of a registered Hello still
+/// get their Welcome.
+#[test]
+fn expired_agents_leave_the_node_table_and_registration_floods_are_limited() {
+    let root = tempfile::tempdir().unwrap();
+    let mut c = ServerConfig::new(1, root.path().join("s1"));
+    c.udp_addr = local(free_port());
+    c.raft_addr = local(free_port());
+    c.init = true;
+    c.lease_ms = 300;
+    let s = run(c).unwrap();
+    let mut admin = client(&[s.udp_addr()]);
+    create(&mut admin, "lease", Width::W8);
+    let agents_in_table = |s: &ServerHandle| {
+        let node = s.consensus_for_tests().expect("running");
+        node.state()
+            .state
+            .nodes
+            .keys()
+            .filter(|&&id| id >= unid_consensus::state::AGENT_ID_FIRST)
+            .count()
+    };
+    let ids: Vec<u64> = (0..5)
+        .map(|i| {
+            let mut c = Client::new(&[s.udp_addr()], ClientConfig::default()).unwrap();
+            hello(&mut c, &format!("short-lived-{i}"))
+        })
+        .collect();
+    assert_eq!(agents_in_table(&s), 5, "{ids:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agents_in_table(&s) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "expired agents still in the node table: {}",
+            agents_in_table(&s)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.stats().agents_removed, 5);
+
+    // A flood of new Hellos from one IP (fresh source ports and incarnations, as a spoofer
+    // sends them): at most the burst and the rate's worth are registered.
+    let addr = s.udp_addr();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(2)))
+        .unwrap();
+    let mut codec = Codec::new();
+    let mut out = [0u8; 1200];
+    let started = Instant::now();
+    const FLOOD: u64 = 400;
+    for i in 0..FLOOD {
+        let h = Header {
+            sender: 0,
+            seq: i + 1,
+            reply_to: 0,
+            epoch: 0,
+        };
+        let name = format!("flood-{i}");
+        let msg = Message::Hello {
+            role: NodeRole::Agent,
+            incarnation: 1_000 + i,
+            name: &name,
+            listen: None,
+            backup_of: None,
+        };
+        let n = codec.encode(&h, &msg, None, &mut out).unwrap();
+        sock.send_to(&out[..n], addr).unwrap();
+    }
+    let elapsed_s = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = s.stats();
+    let allowed = 2 * unid_engine::server::REGISTER_RATE_PER_IP_PER_S as u64
+        + (elapsed_s.ceil() as u64) * unid_engine::server::REGISTER_RATE_PER_IP_PER_S as u64;
+    assert!(
+        stats.registrations <= 5 + allowed,
+        "{} registrations from one IP in {elapsed_s:.2} s",
+        stats.registrations
+    );
+    assert!(
+        stats.refused_registration_rate >= FLOOD - allowed,
+        "{stats:?}"
+    );
+    assert!(
+        s.metrics_text()
+            .contains("unid_server_registrations_refused_total{reason=\"rate\"}"),
+        "no metric"
+    );
+    s.shutdown().unwrap();
+}

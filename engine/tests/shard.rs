@@ -525,3 +525,40 @@ fn idle_shard_sleeps() {
         stats[0].turns
     );
 }
+
+/// Issue 12 item 1: a second server on a running server's UDP address (one shard or several)
+/// is refused with an error naming the address, and a socket with `SO_REUSEPORT` (what any
+/// other process of the same user could open) cannot join a one-shard server's port.
+#[test]
+fn an_address_already_held_is_refused_naming_it() {
+    for shards in [1, 2] {
+        let running = Shards::start(config(shards), |_| Echo).unwrap();
+        let addr = running.local_addr();
+        for second in [1, 2] {
+            let err = Shards::start(ShardConfig::new(second, addr), |_| Echo)
+                .err()
+                .unwrap_or_else(|| panic!("a {second}-shard server joined a {shards}-shard one"));
+            assert!(
+                matches!(err, unid_engine::Error::AddrInUse { addr: a } if a == addr),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        }
+        if shards == 1 {
+            let joiner = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::DGRAM,
+                Some(socket2::Protocol::UDP),
+            )
+            .unwrap();
+            joiner.set_reuse_port(true).unwrap();
+            assert!(
+                joiner.bind(&addr.into()).is_err(),
+                "a SO_REUSEPORT socket joined a one-shard server's port"
+            );
+        }
+        // Still serving its own clients.
+        echo_round_trip(addr, &[client()], 10, 4);
+        running.shutdown().unwrap();
+    }
+}

@@ -84,6 +84,7 @@ fn open(cfg: &ConsumerConfig) -> Result<unid::Unid, unid::Error> {
         socket_fallback: true,
         wait: Duration::from_secs(1),
         backup_ring_dir: None,
+        agent_uid: None,
     };
     unid::Unid::open_with(&cfg.sequence, o)
 }

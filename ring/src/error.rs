@@ -112,6 +112,15 @@ pub enum RingError {
         /// Ring width in bytes.
         width: u8,
     },
+    /// The ring folder or file could have been made or changed by someone other than the agent:
+    /// a symlink, a foreign owner, or writable by others (see `ring/README.md`, threat model).
+    #[error("refusing ring {path}: {reason}")]
+    Insecure {
+        /// The folder or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The ring published its last possible block (2^44 - 2): create a new ring.
     #[error("ring exhausted its 2^44 block indices; create a new ring")]
     Exhausted,

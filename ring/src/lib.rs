@@ -27,6 +27,8 @@ mod sync;
 #[cfg(not(loom))]
 mod error;
 #[cfg(not(loom))]
+pub mod secure;
+#[cfg(not(loom))]
 mod shm;
 
 #[cfg(not(loom))]
@@ -145,6 +147,7 @@ mod ring {
                 });
             }
             let path = ring_path(dir, name)?;
+            crate::secure::secure_dir_for_agent(dir, opts.group, opts.mode == 0o660)?;
             // One agent per ring: refuse to replace a ring another live agent still serves.
             if let Ok(existing) = Consumer::open(dir, name) {
                 let pid = existing
@@ -157,7 +160,6 @@ mod ring {
                     return Err(RingError::InUse { path, pid });
                 }
             }
-            std::fs::create_dir_all(dir).map_err(io_err("create_dir", dir))?;
             let tmp = dir.join(format!(
                 ".{name}.tmp.{}.{}",
                 std::process::id(),
@@ -298,6 +300,12 @@ mod ring {
         pub spin_attempts: u32,
         /// Longest single futex sleep, bounding how late a dead agent is noticed. Default 50 ms.
         pub sleep_slice_ms: u64,
+        /// Refuse ([`RingError::Insecure`]) a ring folder or file not owned by a trusted uid
+        /// (this process's euid, root, or `agent_uid`) or writable by others, a symlinked
+        /// folder or file, or an untrusted folder above it. Default true.
+        pub check_owner: bool,
+        /// The agent's uid when it runs as another user than this process (and not as root).
+        pub agent_uid: Option<u32>,
     }
 
     impl Default for ConsumerOptions {
@@ -307,7 +315,19 @@ mod ring {
                 check_pid: true,
                 spin_attempts: 64,
                 sleep_slice_ms: 50,
+                check_owner: true,
+                agent_uid: None,
             }
+        }
+    }
+
+    impl ConsumerOptions {
+        /// The uids trusted to own the ring folder and file: this process's euid, root, and
+        /// `agent_uid` if set.
+        pub fn owners(&self) -> Vec<u32> {
+            let mut v = vec![crate::secure::euid(), 0];
+            v.extend(self.agent_uid);
+            v
         }
     }
 
@@ -332,12 +352,27 @@ mod ring {
             opts: ConsumerOptions,
         ) -> Result<Consumer, RingError> {
             let path = ring_path(dir, name)?;
+            let owners = opts.owners();
+            if opts.check_owner {
+                match crate::secure::check_dir(dir, &owners) {
+                    Err(RingError::Io { source, .. })
+                        if source.kind() == io::ErrorKind::NotFound =>
+                    {
+                        return Err(RingError::NotFound { path });
+                    }
+                    other => other?,
+                }
+            }
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
-                .custom_flags(libc::O_CLOEXEC)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(|e| match e.kind() {
+                    _ if e.raw_os_error() == Some(libc::ELOOP) => RingError::Insecure {
+                        path: path.clone(),
+                        reason: "the ring file is a symlink".to_owned(),
+                    },
                     io::ErrorKind::NotFound => RingError::NotFound { path: path.clone() },
                     io::ErrorKind::PermissionDenied => {
                         RingError::PermissionDenied { path: path.clone() }
@@ -360,7 +395,11 @@ mod ring {
                 path: path.clone(),
                 reason,
             };
-            let len = file.metadata().map_err(io_err("fstat", &path))?.len();
+            let meta = file.metadata().map_err(io_err("fstat", &path))?;
+            if opts.check_owner {
+                crate::secure::check_file(&path, &meta, &opts.owners())?;
+            }
+            let len = meta.len();
             if len < 8 {
                 return Err(RingError::BadMagic {
                     path: path.clone(),

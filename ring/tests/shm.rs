@@ -755,3 +755,84 @@ fn c_program_reads_layout_and_takes_an_id() {
         drop(p);
     }
 }
+
+/// Issue 12 item 2: a ring folder made by someone else (world-writable, a foreign owner, a
+/// symlink) is refused by the agent and by consumers, and so is a foreign ring file.
+#[test]
+fn squatted_folder_and_foreign_files_are_refused() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let insecure = |r: Result<(), RingError>| matches!(r, Err(RingError::Insecure { .. }));
+    let create = |d: &Path| Producer::create(d, "s", &opts(8, 4)).map(drop);
+    let open = |d: &Path| Consumer::open(d, "s").map(drop);
+
+    // A folder the agent creates itself: 0700 (0750 with a group).
+    let dir = TestDir::new("mine");
+    let mut p = Producer::create(dir.path(), "s", &opts(8, 4)).unwrap();
+    let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700);
+    p.push(1, 10).unwrap();
+    open(dir.path()).unwrap();
+    // The same folder made writable by others: both sides refuse it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    assert!(insecure(open(dir.path())));
+    assert!(insecure(create(dir.path())));
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    // A ring file writable by others.
+    let ring = dir.path().join("s");
+    std::fs::set_permissions(&ring, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert!(insecure(open(dir.path())));
+    std::fs::set_permissions(&ring, std::fs::Permissions::from_mode(0o600)).unwrap();
+    open(dir.path()).unwrap();
+
+    // A squatted folder: a symlink to a folder someone prepared.
+    let elsewhere = TestDir::new("elsewhere");
+    let _q = Producer::create(elsewhere.path(), "s", &opts(8, 4)).unwrap();
+    let link = TestDir::new("link");
+    symlink(elsewhere.path(), link.path()).unwrap();
+    assert!(insecure(open(link.path())));
+    assert!(insecure(create(link.path())));
+    let _ = std::fs::remove_file(link.path());
+    // A symlinked ring file in a good folder.
+    let good = TestDir::new("good");
+    let _r = Producer::create(good.path(), "t", &opts(8, 4)).unwrap();
+    symlink(elsewhere.path().join("s"), good.path().join("s")).unwrap();
+    assert!(insecure(open(good.path())));
+
+    // A foreign owner (root only: chown needs it).
+    if unid_ring::secure::euid() != 0 {
+        eprintln!("not root: skipping the foreign-owner half of this test");
+        return;
+    }
+    let other = 65534;
+    let squat = TestDir::new("squat");
+    std::fs::create_dir(squat.path()).unwrap();
+    std::os::unix::fs::chown(squat.path(), Some(other), Some(other)).unwrap();
+    std::fs::set_permissions(squat.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(
+        insecure(create(squat.path())),
+        "agent took a foreign folder"
+    );
+    // A forged ring the squatter put there (made by us, then given away).
+    std::os::unix::fs::chown(squat.path(), Some(0), Some(0)).unwrap();
+    let forged = Producer::create(squat.path(), "s", &opts(8, 4)).unwrap();
+    drop(forged);
+    std::os::unix::fs::chown(squat.path(), Some(other), Some(other)).unwrap();
+    std::os::unix::fs::chown(squat.path().join("s"), Some(other), Some(other)).unwrap();
+    assert!(
+        insecure(open(squat.path())),
+        "root consumer mapped a foreign folder"
+    );
+    // A consumer told the agent runs as that uid accepts it.
+    let trusting = ConsumerOptions {
+        agent_uid: Some(other),
+        ..ConsumerOptions::default()
+    };
+    Consumer::open_with(squat.path(), "s", trusting.clone()).unwrap();
+    // A foreign file in our own folder.
+    std::os::unix::fs::chown(squat.path(), Some(0), Some(0)).unwrap();
+    assert!(
+        insecure(open(squat.path())),
+        "root consumer mapped a foreign file"
+    );
+    Consumer::open_with(squat.path(), "s", trusting).unwrap();
+}

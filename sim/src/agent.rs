@@ -15,7 +15,9 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
-use unid_core::{Event, Reply, Requester, RequesterConfig, Response, Sizer, SizingConfig};
+use unid_core::{
+    Disposition, Event, Reply, Requester, RequesterConfig, Response, Sizer, SizingConfig,
+};
 use unid_proto::{Id, NodeId, SeqNo, Width};
 
 use crate::clock::Clock;
@@ -268,10 +270,11 @@ impl Agent {
             if d.epoch < self.link_epoch {
                 return;
             }
-            if !matches!(d.msg, Msg::NotLeader { .. }) {
-                self.link_epoch = d.epoch;
-            }
         }
+        // As the driver: only a leader's answer that the requester took (not a redirect, not
+        // a datagram answering nothing) raises the driver's epoch.
+        let from_leader = !matches!(d.msg, Msg::NotLeader { .. });
+        let epoch = d.epoch;
         let reply = match d.msg {
             Msg::Welcome { node_id } => Reply::Done(Answer::Welcome { node_id }),
             Msg::BlockGrant {
@@ -297,7 +300,13 @@ impl Agent {
             epoch: d.epoch,
             reply,
         };
-        let _ = self.requester.handle_response(now, d.from, response);
+        let disposition = self.requester.handle_response(now, d.from, response);
+        if self.spec.driver_epoch_filter
+            && from_leader
+            && matches!(disposition, Disposition::Accepted | Disposition::TryLater)
+        {
+            self.link_epoch = self.link_epoch.max(epoch);
+        }
         self.step(now);
     }
 

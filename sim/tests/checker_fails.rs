@@ -52,8 +52,13 @@ fn the_real_glue_passes_the_same_seeds() {
 /// grants ids that were already granted (`unique`).
 #[test]
 fn the_end_to_end_invariants_alone_catch_granting_before_commit() {
+    // Which seeds expose it depends on the history (changed by any change to the code the
+    // simulator runs, e.g. the store's record sizes): look further, stop at the first.
     let mut found = Vec::new();
-    for seed in 0..8 {
+    for seed in 0..64 {
+        if found.iter().any(|&(_, inv)| inv == "unique") {
+            break;
+        }
         let config = SimConfig {
             bug: Bug::GrantBeforeCommit,
             skip_invariants: vec!["ceilings"],
@@ -64,6 +69,7 @@ fn the_end_to_end_invariants_alone_catch_granting_before_commit() {
             found.push((seed, v.invariant));
         }
     }
+    eprintln!("violations by seed: {found:?}");
     assert!(
         found.iter().any(|(_, inv)| *inv == "unique"),
         "no duplicate id detected: {found:?}"

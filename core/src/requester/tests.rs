@@ -311,6 +311,26 @@ fn a_redirect_from_a_higher_term_does_not_make_the_leader_stale() {
     assert_eq!(r.highest_epoch(), 4);
 }
 
+/// Issue 12 item 5: a datagram that answers no outstanding request (spoofed,
+/// replayed, or a late duplicate) carrying `epoch = 2^64-1` must not raise the
+/// highest epoch, or every real answer after it would be dropped as stale.
+#[test]
+fn an_answer_to_no_request_raises_no_epoch() {
+    let mut r = requester(config(), 2);
+    let a = r.send(0, "a").unwrap();
+    while r.poll_transmit(0).is_some() {}
+    assert_eq!(
+        r.handle_response(1, addr(1), done(a + 1000, u64::MAX, 1)),
+        Disposition::UnknownSeq
+    );
+    assert_eq!(r.highest_epoch(), 0);
+    assert_eq!(
+        r.handle_response(2, addr(1), done(a, 3, 2)),
+        Disposition::Accepted
+    );
+    assert_eq!(r.highest_epoch(), 3);
+}
+
 #[test]
 fn follows_a_redirect_to_the_named_leader_with_the_same_seq() {
     let mut r = requester(config(), 3);
