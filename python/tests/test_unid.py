@@ -104,7 +104,8 @@ def test_16_byte_ids_are_python_ints(agents):
 def test_error_types_and_messages(agents):
     for cls in (
         unid.AgentNotRunning, unid.UnknownSequence, unid.Exhausted, unid.NotReady,
-        unid.PermissionDenied, unid.InvalidName, unid.BadCount, unid.TooWide,
+        unid.PermissionDenied, unid.Insecure, unid.Corrupt, unid.InvalidName, unid.BadCount,
+        unid.TooWide,
         unid.RingError, unid.ProtocolError, unid.SocketError,
     ):
         assert issubclass(cls, unid.Error) and issubclass(cls, Exception)
