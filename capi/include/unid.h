@@ -75,6 +75,14 @@
 // Another error of the client (a kind newer than this list); the message says what.
 #define UNID_OTHER 13
 
+// A ring folder, ring file or socket is not owned by a trusted user (this process's, root,
+// or `UNID_AGENT_UID`).
+#define UNID_INSECURE 14
+
+// The ring handed out ids this handle must not return (a rewound or tampered ring); none was
+// returned.
+#define UNID_CORRUPT 15
+
 // A handle on one sequence (opaque).
 typedef struct unid_t unid_t;
 

@@ -45,6 +45,12 @@ pub const UNID_INVALID_ARGUMENT: c_int = 11;
 pub const UNID_INTERNAL: c_int = 12;
 /// Another error of the client (a kind newer than this list); the message says what.
 pub const UNID_OTHER: c_int = 13;
+/// A ring folder, ring file or socket is not owned by a trusted user (this process's, root,
+/// or `UNID_AGENT_UID`).
+pub const UNID_INSECURE: c_int = 14;
+/// The ring handed out ids this handle must not return (a rewound or tampered ring); none was
+/// returned.
+pub const UNID_CORRUPT: c_int = 15;
 
 /// An id: the low and high 64 bits of its value (`hi` is 0 for sequences of up to 8 bytes).
 #[repr(C)]
@@ -111,6 +117,8 @@ fn fail_unid(e: Error) -> c_int {
         Error::Exhausted { .. } => UNID_EXHAUSTED,
         Error::NotReady { .. } => UNID_NOT_READY,
         Error::PermissionDenied { .. } => UNID_PERMISSION_DENIED,
+        Error::Insecure { .. } => UNID_INSECURE,
+        Error::Corrupt { .. } => UNID_CORRUPT,
         Error::InvalidName { .. } => UNID_INVALID_NAME,
         Error::BadCount { .. } => UNID_BAD_COUNT,
         Error::Ring(_) => UNID_RING,

@@ -64,6 +64,18 @@ create_exception!(
 );
 create_exception!(
     unid,
+    Insecure,
+    Error,
+    "A ring folder, ring file or socket is not owned by a trusted user (this one, root, the agent's)."
+);
+create_exception!(
+    unid,
+    Corrupt,
+    Error,
+    "The ring handed out ids this handle must not return (a rewound or tampered ring); none was returned."
+);
+create_exception!(
+    unid,
     InvalidName,
     Error,
     "Not a valid sequence name: 1-64 of [A-Za-z0-9_.-], starting with a letter or digit."
@@ -195,6 +207,8 @@ impl From<Failure> for PyErr {
             unid::Error::Exhausted { .. } => Exhausted::new_err(text),
             unid::Error::NotReady { .. } => NotReady::new_err(text),
             unid::Error::PermissionDenied { .. } => PermissionDenied::new_err(text),
+            unid::Error::Insecure { .. } => Insecure::new_err(text),
+            unid::Error::Corrupt { .. } => Corrupt::new_err(text),
             unid::Error::InvalidName { .. } => InvalidName::new_err(text),
             unid::Error::BadCount { .. } => BadCount::new_err(text),
             unid::Error::TooWide { .. } => TooWide::new_err(text),
@@ -404,10 +418,12 @@ impl PyUnid {
 
 /// Opens `sequence`: maps the local agent's ring, or (unless `socket_fallback=False`) checks
 /// that the agent's socket answers. Keyword arguments override the defaults, which come from
-/// `UNID_RING_DIR`, `UNID_SOCKET` and `UNID_BACKUP_RING_DIR` (else `/dev/shm/unid`,
-/// `127.0.0.1:7411`, the pair file); `wait` is in seconds (default 2).
+/// `UNID_RING_DIR`, `UNID_SOCKET`, `UNID_BACKUP_RING_DIR` and `UNID_AGENT_UID` (else
+/// `/dev/shm/unid`, `127.0.0.1:7411`, the pair file, none); `wait` is in seconds (default 2);
+/// `agent_uid` is the agent's user when it is neither this process's nor root.
 #[pyfunction]
-#[pyo3(signature = (sequence, *, ring_dir=None, socket=None, backup_ring_dir=None, wait=None, socket_fallback=true))]
+#[allow(clippy::too_many_arguments)] // Python's keyword arguments, each optional
+#[pyo3(signature = (sequence, *, ring_dir=None, socket=None, backup_ring_dir=None, wait=None, socket_fallback=true, agent_uid=None))]
 fn open(
     py: Python<'_>,
     sequence: &str,
@@ -416,6 +432,7 @@ fn open(
     backup_ring_dir: Option<PathBuf>,
     wait: Option<f64>,
     socket_fallback: bool,
+    agent_uid: Option<u32>,
 ) -> PyResult<PyUnid> {
     let mut options = unid::Options::default();
     if let Some(d) = ring_dir {
@@ -436,6 +453,9 @@ fn open(
             .map_err(|_| PyValueError::new_err(format!("wait must be seconds >= 0, not {w}")))?;
     }
     options.socket_fallback = socket_fallback;
+    if agent_uid.is_some() {
+        options.agent_uid = agent_uid;
+    }
     let generation = FORK_GENERATION.load(Ordering::SeqCst);
     let opts = options.clone();
     let seq = sequence.to_owned();
@@ -469,6 +489,8 @@ fn _unid(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Exhausted", py.get_type::<Exhausted>())?;
     m.add("NotReady", py.get_type::<NotReady>())?;
     m.add("PermissionDenied", py.get_type::<PermissionDenied>())?;
+    m.add("Insecure", py.get_type::<Insecure>())?;
+    m.add("Corrupt", py.get_type::<Corrupt>())?;
     m.add("InvalidName", py.get_type::<InvalidName>())?;
     m.add("BadCount", py.get_type::<BadCount>())?;
     m.add("TooWide", py.get_type::<TooWide>())?;

@@ -104,7 +104,8 @@ def test_16_byte_ids_are_python_ints(agents):
 def test_error_types_and_messages(agents):
     for cls in (
         unid.AgentNotRunning, unid.UnknownSequence, unid.Exhausted, unid.NotReady,
-        unid.PermissionDenied, unid.InvalidName, unid.BadCount, unid.TooWide,
+        unid.PermissionDenied, unid.Insecure, unid.Corrupt, unid.InvalidName, unid.BadCount,
+        unid.TooWide,
         unid.RingError, unid.ProtocolError, unid.SocketError,
     ):
         assert issubclass(cls, unid.Error) and issubclass(cls, Exception)
@@ -153,6 +154,28 @@ def test_exhausting_a_2_byte_sequence_raises_exhausted(agents):
     # Final: asking again says the same.
     with pytest.raises(unid.Exhausted):
         h.next()
+
+    # Each call now waits `wait` (0.5 s) on the empty ring before the agent says why; the GIL
+    # is released meanwhile, so this thread keeps running Python.
+    def spin(seconds):
+        n, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            n += 1
+        return n
+
+    alone = spin(0.2) / 0.2  # ticks per second with nothing else running
+    errors = []
+    waiter = threading.Thread(target=lambda: errors.append(pytest.raises(unid.Exhausted, h.next)))
+    t0 = time.monotonic()
+    waiter.start()
+    ticks = 0
+    while waiter.is_alive():
+        ticks += 1
+        time.monotonic()
+    elapsed = time.monotonic() - t0
+    waiter.join()
+    assert len(errors) == 1 and elapsed >= 0.4, (errors, elapsed)
+    assert ticks >= 0.2 * alone * elapsed, f"{ticks} ticks in {elapsed:.2f} s, {alone:.0f}/s alone"
 
 
 # --- processes and threads --------------------------------------------------
