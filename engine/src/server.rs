@@ -1309,10 +1309,16 @@ impl ServerHandler {
         }
         // A seq that already got a lasting answer (no longer cached) or is older than the
         // window is a replay: answering it anew would grant a block per replay (issue 12).
+        // It is also what a real agent's retransmission looks like once its reply (lost on
+        // the way) left the reply cache: so it gets a small `BadRequest` (never a block), on
+        // which the agent gives the request up and asks anew with a new seq; a silent drop
+        // would leave that agent waiting for ever (loadgen's checker: "got neither a grant
+        // nor an error").
         if core.windows.get(&h.sender).is_some_and(|w| !w.check(h.seq)) {
             bump(&shared.stats.dropped_replay);
-            tracing::debug!(%from, sender = h.sender, seq = h.seq, "dropped a replayed BlockRequest");
-            return None;
+            tracing::debug!(%from, sender = h.sender, seq = h.seq, "refused a replayed (or forgotten) BlockRequest");
+            let d = self.error(term, h.seq, ErrorCode::BadRequest, Some(sequence), 0)?;
+            return self.capped(d, req);
         }
         let not_ready = |this: &mut Self, core: &Core| {
             this.not_ready_or_away(core, h.seq, Some(sequence), cap, now_us)

@@ -658,9 +658,15 @@ impl Glue {
             Lookup::Invalid => return None,
             Lookup::Miss | Lookup::Forgotten => {}
         }
-        // The engine's replay check: a seq that already got a lasting answer is dropped.
+        // The engine's replay check: a seq that already got a lasting answer is refused
+        // (`BadRequest`: the agent asks anew with a new seq), never granted again.
         if core.windows.get(&d.sender).is_some_and(|w| !w.check(d.seq)) {
-            return None;
+            return Some((
+                term,
+                Msg::Error {
+                    code: Code::BadRequest,
+                },
+            ));
         }
         let not_ready = self.not_ready_or_away(term, now_us);
         let Ok(name) = SequenceName::new(sequence) else {
