@@ -3,7 +3,8 @@
 #   - the alert rules load (`promtool check rules`) and pass their unit tests
 #     (`promtool test rules ops/prometheus/unid-alerts.test.yml`);
 #   - the Grafana dashboard is valid JSON, and every PromQL query in it parses (each one,
-#     with the dashboard's variables filled in, becomes a recording rule that promtool checks).
+#     with the dashboard's variables filled in, becomes a recording rule that promtool checks);
+#   - every rule's `runbook` annotation names a section of docs/operations.md.
 # That the metric names are real is checked by `cargo test -p unid-cli --test ops_metrics`.
 # Needs promtool (Debian package `prometheus`) and python3. With CI=1 (or CI=true) as root it
 # installs `prometheus` when promtool is missing; elsewhere it says how and fails.
@@ -55,4 +56,22 @@ with open(sys.argv[2], "w") as out:
 print(f"check-ops: {len(exprs)} dashboard queries")
 PY
 promtool check rules "$tmp/dashboard-rules.yml"
+
+# Every `runbook` annotation names a heading of docs/operations.md (GitHub's anchors).
+python3 - "$rules" docs/operations.md <<'PY'
+import re, sys
+anchors = set()
+for line in open(sys.argv[2]):
+    m = re.match(r"#+ (.*)", line)
+    if m:
+        a = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        anchors.add(a)
+refs = re.findall(r'runbook: "operations\.md#([^"]+)"', open(sys.argv[1]).read())
+if len(refs) < 20:
+    sys.exit(f"only {len(refs)} runbook annotations in {sys.argv[1]}")
+missing = sorted(set(refs) - anchors)
+if missing:
+    sys.exit(f"{sys.argv[1]}: runbook sections missing from {sys.argv[2]}: {missing}")
+print(f"check-ops: {len(refs)} runbook links resolve")
+PY
 echo "check-ops: ok"

@@ -105,7 +105,7 @@ fi
 # Whether 127.0.0.1:PORT/metrics has the line LINE (no curl needed).
 metrics_have() {
   local body
-  body=$(exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3) 2>/dev/null \
+  body=$({ exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3; } 2>/dev/null) \
     || return 1
   printf '%s\n' "$body" | tr -d '\r' | grep -qx "$2"
 }
@@ -120,9 +120,11 @@ installed_checks() {
   [ "$(stat -c '%a %U %G' /dev/shm/unid)" = "750 unid unid-clients" ] \
     || die "/dev/shm/unid is $(stat -c '%a %U %G' /dev/shm/unid 2>&1)"
 
+  chmod 0755 "$tmp" # the unid user must reach its data dir inside (logs only besides)
   data="$tmp/state"
   install -d -o unid -g unid -m 0700 "$data"
-  as_unid() { setpriv --reuid=unid --regid="$1" --init-groups -- "${@:2}"; }
+  # exec: the background job's pid ($!) is the process itself, so cleanup can stop it.
+  as_unid() { exec setpriv --reuid=unid --regid="$1" --init-groups -- "${@:2}"; }
   as_unid unid unid server --config /etc/unid/server.toml --id 1 --init --data-dir "$data" \
     --listen 127.0.0.1:18900 --raft 127.0.0.1:18901 --metrics 127.0.0.1:18902 \
     > "$tmp/server.log" 2>&1 &
@@ -134,7 +136,7 @@ installed_checks() {
   metrics_have 18902 'unid_server_granting 1' \
     || { cat "$tmp/server.log" >&2; die "the packaged server never granted"; }
   unid sequence create pkgcheck --width 8 --server 127.0.0.1:18900 >/dev/null
-  as_unid unid-clients unid agent --config /etc/unid/agent.toml --server 127.0.0.1:18900 \
+  as_unid unid-clients unid agent --config /etc/unid/agent.toml --server 127.0.0.1:18900 --sequence pkgcheck \
     --socket 127.0.0.1:18903 > "$tmp/agent.log" 2>&1 &
   echo $! > "$tmp/agent.pid"
   for _ in $(seq 100); do [ -e /dev/shm/unid/pkgcheck ] && break; sleep 0.1; done
