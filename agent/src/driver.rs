@@ -1001,6 +1001,12 @@ impl Driver {
             (Req::Block { index, .. }, Answer::Error { code }) => {
                 let s = &mut self.seqs[index];
                 let state = match code {
+                    // That seq was answered already and the answer was lost (and left the
+                    // server's cache): ask again, at once, under a new seq.
+                    ErrorCode::Replayed => {
+                        tracing::debug!(sequence = %s.name, "block request answered Replayed: asking again");
+                        return;
+                    }
                     ErrorCode::UnknownSequence => SequenceState::UnknownSequence,
                     ErrorCode::Exhausted => SequenceState::Exhausted,
                     other => {

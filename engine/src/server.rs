@@ -262,9 +262,10 @@ pub struct ServerStats {
     pub dropped_amplification: AtomicU64,
     /// Dropped: a message type a server does not take, or a request for nothing.
     pub dropped_unexpected: AtomicU64,
-    /// Dropped as replays: a `BlockRequest` whose seq was already handled (and is no longer
-    /// cached) or is older than the agent's replay window, or a `Hello` not newer than the
-    /// last one registered under its name (see [`ReplayWindow`]).
+    /// Replays refused: a `BlockRequest` whose seq was already handled (and is no longer
+    /// cached) or is older than the agent's replay window (answered `Error{Replayed}`), or
+    /// a `Hello` not newer than the last one registered under its name (answered
+    /// `Error{BadRequest}`); see [`ReplayWindow`].
     pub dropped_replay: AtomicU64,
     /// Dropped: carrying another cluster's id.
     pub dropped_cluster: AtomicU64,
@@ -1070,11 +1071,14 @@ impl ServerHandler {
             Lookup::Miss | Lookup::Forgotten => {}
         }
         // A seq that already got a lasting answer (no longer cached) or is older than the
-        // window is a replay: answering it anew would grant a block per replay (issue 12).
+        // window is a replay, or a retransmission whose answer was lost and then evicted:
+        // answering it anew would grant a block per replay (issue 12). `Replayed` tells a
+        // real agent to ask again under a new seq, and gives a replayer nothing.
         if core.windows.get(&h.sender).is_some_and(|w| !w.check(h.seq)) {
             bump(&shared.stats.dropped_replay);
-            tracing::debug!(%from, sender = h.sender, seq = h.seq, "dropped a replayed BlockRequest");
-            return None;
+            tracing::debug!(%from, sender = h.sender, seq = h.seq, "replayed BlockRequest: no block");
+            let d = self.error(term, h.seq, ErrorCode::Replayed, Some(sequence), 0)?;
+            return self.capped(d, req);
         }
         let not_ready = |this: &mut Self, core: &Core| {
             this.not_ready_or_away(core, h.seq, Some(sequence), cap, now_us)
