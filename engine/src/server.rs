@@ -901,16 +901,6 @@ impl ServerHandler {
                 match shared.control_tx.try_send(request) {
                     Ok(()) => {
                         core.hellos_pending.insert(key);
-                        if core.hello_seen.len() >= HELLO_NAMES_MAX
-                            && !core.hello_seen.contains_key(name)
-                        {
-                            tracing::warn!(
-                                "{HELLO_NAMES_MAX} agent names remembered: replay memory starts again"
-                            );
-                            core.hello_seen.clear();
-                        }
-                        core.hello_seen
-                            .insert(name.to_owned(), (incarnation, h.seq));
                         None
                     }
                     Err(_) => {
@@ -2328,6 +2318,19 @@ impl Controller {
                                 },
                             );
                             core.hellos.insert((from, incarnation), node_id);
+                            // Remembered once registered (not when asked: a registration
+                            // that fails must not turn the agent's retransmissions into
+                            // "replays").
+                            if core.hello_seen.len() >= HELLO_NAMES_MAX
+                                && !core.hello_seen.contains_key(&name)
+                            {
+                                tracing::warn!(
+                                    "{HELLO_NAMES_MAX} agent names remembered: replay memory starts again"
+                                );
+                                core.hello_seen.clear();
+                            }
+                            let seen = core.hello_seen.entry(name.clone()).or_insert((0, 0));
+                            *seen = (*seen).max((incarnation, reply_to));
                             let servers = core.server_list();
                             let lease_ms = self.shared.lease_ms;
                             encode_with_servers(
