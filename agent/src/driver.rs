@@ -23,8 +23,6 @@ use crate::{AgentConfig, Connection, Error, Metrics, SequenceState, Shared};
 /// How long to wait before asking again for a sequence the cluster does not
 /// know, or after a ring error, in microseconds.
 const RETRY_SLOW_US: u64 = 2_000_000;
-/// Wait before asking anew after a block request was refused as stale (its reply was lost).
-const RETRY_STALE_US: u64 = 20_000;
 /// How often the status snapshot is refreshed, in microseconds.
 const STATUS_EVERY_US: u64 = 20_000;
 /// Ping interval when the server gave no lease, in milliseconds.
@@ -1003,15 +1001,14 @@ impl Driver {
             (Req::Block { index, .. }, Answer::Error { code }) => {
                 let s = &mut self.seqs[index];
                 let state = match code {
-                    ErrorCode::UnknownSequence => SequenceState::UnknownSequence,
-                    ErrorCode::Exhausted => SequenceState::Exhausted,
-                    ErrorCode::BadRequest => {
-                        // The server refused the seq as a replay: this request's reply was
-                        // lost and has left its reply cache. Ask anew (a new seq) soon.
-                        tracing::debug!(sequence = %s.name, "block request refused as stale; asking anew");
-                        s.retry_at_us = now + RETRY_STALE_US;
+                    // That seq was answered already and the answer was lost (and left the
+                    // server's cache): ask again, at once, under a new seq.
+                    ErrorCode::Replayed => {
+                        tracing::debug!(sequence = %s.name, "block request answered Replayed: asking again");
                         return;
                     }
+                    ErrorCode::UnknownSequence => SequenceState::UnknownSequence,
+                    ErrorCode::Exhausted => SequenceState::Exhausted,
                     other => {
                         tracing::warn!(sequence = %s.name, "block request refused: {other:?}");
                         s.retry_at_us = now + RETRY_SLOW_US;

@@ -410,9 +410,10 @@ pub struct ServerStats {
     pub refused_registration_full: AtomicU64,
     /// Agents whose lease ended removed from the replicated node table (through Raft).
     pub agents_removed: AtomicU64,
-    /// Dropped as replays: a `BlockRequest` whose seq was already handled (and is no longer
-    /// cached) or is older than the agent's replay window, or a `Hello` not newer than the
-    /// last one registered under its name (see [`ReplayWindow`]).
+    /// Replays refused: a `BlockRequest` whose seq was already handled (and is no longer
+    /// cached) or is older than the agent's replay window (answered `Error{Replayed}`), or
+    /// a `Hello` not newer than the last one registered under its name (answered
+    /// `Error{BadRequest}`); see [`ReplayWindow`].
     pub dropped_replay: AtomicU64,
     /// Dropped: carrying another cluster's id.
     pub dropped_cluster: AtomicU64,
@@ -1118,16 +1119,6 @@ impl ServerHandler {
                 match shared.control_tx.try_send(request) {
                     Ok(()) => {
                         core.hellos_pending.insert(key);
-                        if core.hello_seen.len() >= HELLO_NAMES_MAX
-                            && !core.hello_seen.contains_key(name)
-                        {
-                            tracing::warn!(
-                                "{HELLO_NAMES_MAX} agent names remembered: replay memory starts again"
-                            );
-                            core.hello_seen.clear();
-                        }
-                        core.hello_seen
-                            .insert(name.to_owned(), (incarnation, h.seq));
                         None
                     }
                     Err(_) => {
@@ -1308,16 +1299,13 @@ impl ServerHandler {
             Lookup::Miss | Lookup::Forgotten => {}
         }
         // A seq that already got a lasting answer (no longer cached) or is older than the
-        // window is a replay: answering it anew would grant a block per replay (issue 12).
-        // It is also what a real agent's retransmission looks like once its reply (lost on
-        // the way) left the reply cache: so it gets a small `BadRequest` (never a block), on
-        // which the agent gives the request up and asks anew with a new seq; a silent drop
-        // would leave that agent waiting for ever (loadgen's checker: "got neither a grant
-        // nor an error").
+        // window is a replay, or a retransmission whose answer was lost and then evicted:
+        // answering it anew would grant a block per replay (issue 12). `Replayed` tells a
+        // real agent to ask again under a new seq, and gives a replayer nothing.
         if core.windows.get(&h.sender).is_some_and(|w| !w.check(h.seq)) {
             bump(&shared.stats.dropped_replay);
-            tracing::debug!(%from, sender = h.sender, seq = h.seq, "refused a replayed (or forgotten) BlockRequest");
-            let d = self.error(term, h.seq, ErrorCode::BadRequest, Some(sequence), 0)?;
+            tracing::debug!(%from, sender = h.sender, seq = h.seq, "replayed BlockRequest: no block");
+            let d = self.error(term, h.seq, ErrorCode::Replayed, Some(sequence), 0)?;
             return self.capped(d, req);
         }
         let not_ready = |this: &mut Self, core: &Core| {
@@ -2627,6 +2615,19 @@ impl Controller {
                                 },
                             );
                             core.hellos.insert((from, incarnation), node_id);
+                            // Remembered once registered (not when asked: a registration
+                            // that fails must not turn the agent's retransmissions into
+                            // "replays").
+                            if core.hello_seen.len() >= HELLO_NAMES_MAX
+                                && !core.hello_seen.contains_key(&name)
+                            {
+                                tracing::warn!(
+                                    "{HELLO_NAMES_MAX} agent names remembered: replay memory starts again"
+                                );
+                                core.hello_seen.clear();
+                            }
+                            let seen = core.hello_seen.entry(name.clone()).or_insert((0, 0));
+                            *seen = (*seen).max((incarnation, reply_to));
                             let servers = core.server_list();
                             let lease_ms = self.shared.lease_ms;
                             encode_with_servers(

@@ -870,18 +870,17 @@ fn replayed_authenticated_datagrams_are_dropped_and_counted() {
     let mut buf = [0u8; 1500];
     for r in &requests[..6] {
         attacker.send_to(r, addr).unwrap();
-        // Answered `BadRequest` (what a real agent whose reply was lost and forgotten needs
-        // to ask anew), never with a block.
-        let (n, _) = attacker.recv_from(&mut buf).expect("an answer");
+        // Answered `Replayed` (the real agent would ask again under a new seq): no block.
+        let (n, _) = attacker.recv_from(&mut buf).expect("an answer to a replay");
         assert!(
             matches!(
                 decode(&buf[..n], Some(&key)).unwrap().message,
                 Message::Error {
-                    code: ErrorCode::BadRequest,
+                    code: ErrorCode::Replayed,
                     ..
                 }
             ),
-            "a replay was answered with more than BadRequest"
+            "a replay got something else than Replayed"
         );
     }
     for _ in 0..5 {

@@ -277,6 +277,10 @@ pub enum ErrorCode {
     NotRegistered = 8,
     /// The server failed internally.
     Internal = 9,
+    /// The request's seq was answered already and that answer is no longer
+    /// cached: send it again under a new seq (a copy of an answered request
+    /// never gets a second block; see [`ReplayWindow`](crate::ReplayWindow)).
+    Replayed = 10,
 }
 
 macro_rules! wire_enum {
@@ -313,7 +317,8 @@ wire_enum!(
         Unauthorized,
         AlreadyExists,
         NotRegistered,
-        Internal
+        Internal,
+        Replayed
     ]
 );
 

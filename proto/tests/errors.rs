@@ -492,7 +492,7 @@ fn bad_name() {
 
 #[test]
 fn bad_enum() {
-    for code in [0u8, 10, 255] {
+    for code in [0u8, 11, 255] {
         let d = raw_datagram(MessageType::Error.as_u8(), |fbb| {
             let root = fb::Error::create(
                 fbb,

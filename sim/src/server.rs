@@ -659,7 +659,8 @@ impl Glue {
             Lookup::Miss | Lookup::Forgotten => {}
         }
         // The engine's replay check: a seq that already got a lasting answer is refused
-        // (`BadRequest`: the agent asks anew with a new seq), never granted again.
+        // (the engine answers `Replayed`, here `BadRequest`: the agent asks anew with a new
+        // seq), never granted again.
         if core.windows.get(&d.sender).is_some_and(|w| !w.check(d.seq)) {
             return Some((
                 term,

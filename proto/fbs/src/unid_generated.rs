@@ -348,13 +348,13 @@ pub mod unid {
             since = "2.0.0",
             note = "Use associated constants instead. This will no longer be generated in 2021."
         )]
-        pub const ENUM_MAX_ERROR_CODE: u8 = 9;
+        pub const ENUM_MAX_ERROR_CODE: u8 = 10;
         #[deprecated(
             since = "2.0.0",
             note = "Use associated constants instead. This will no longer be generated in 2021."
         )]
         #[allow(non_camel_case_types)]
-        pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 10] = [
+        pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 11] = [
             ErrorCode::Unspecified,
             ErrorCode::UnknownSequence,
             ErrorCode::Exhausted,
@@ -365,6 +365,7 @@ pub mod unid {
             ErrorCode::AlreadyExists,
             ErrorCode::NotRegistered,
             ErrorCode::Internal,
+            ErrorCode::Replayed,
         ];
 
         /// Why a request failed.
@@ -396,9 +397,14 @@ pub mod unid {
             pub const NotRegistered: Self = Self(8);
             /// The server failed internally; retry later.
             pub const Internal: Self = Self(9);
+            /// The request's seq was answered already and that answer has left the
+            /// server's reply cache: send the request again under a new seq. (A copy
+            /// of an answered request is a retransmission or a replay; neither may get
+            /// a second block.)
+            pub const Replayed: Self = Self(10);
 
             pub const ENUM_MIN: u8 = 0;
-            pub const ENUM_MAX: u8 = 9;
+            pub const ENUM_MAX: u8 = 10;
             pub const ENUM_VALUES: &'static [Self] = &[
                 Self::Unspecified,
                 Self::UnknownSequence,
@@ -410,6 +416,7 @@ pub mod unid {
                 Self::AlreadyExists,
                 Self::NotRegistered,
                 Self::Internal,
+                Self::Replayed,
             ];
             /// Returns the variant's name or "" if unknown.
             pub fn variant_name(self) -> Option<&'static str> {
@@ -424,6 +431,7 @@ pub mod unid {
                     Self::AlreadyExists => Some("AlreadyExists"),
                     Self::NotRegistered => Some("NotRegistered"),
                     Self::Internal => Some("Internal"),
+                    Self::Replayed => Some("Replayed"),
                     _ => None,
                 }
             }
