@@ -24,7 +24,7 @@ fn three_servers_redirect_fail_over_after_kill9_and_rejoin() {
     let mut agent = Agent::new();
     let hello = Message::Hello {
         role: NodeRole::Agent,
-        incarnation: 1,
+        incarnation: agent.incarnation,
         name: "test-agent-with-a-long-enough-name",
         listen: None,
         backup_of: None,
@@ -41,7 +41,7 @@ fn three_servers_redirect_fail_over_after_kill9_and_rejoin() {
     // is no larger than the Hello).
     let short = Message::Hello {
         role: NodeRole::Agent,
-        incarnation: 1,
+        incarnation: agent.incarnation,
         name: "a",
         listen: None,
         backup_of: None,

@@ -191,6 +191,9 @@ fn owned(m: &Message<'_>) -> Reply {
 pub struct Agent {
     pub sock: UdpSocket,
     pub seq: u64,
+    /// This agent's incarnation (a real agent takes a new one per start): servers refuse a
+    /// `Hello` not newer than the last registered under its name as a replay.
+    pub incarnation: u64,
     pub node_id: NodeId,
     codec: Codec,
 }
@@ -198,9 +201,14 @@ pub struct Agent {
 impl Agent {
     pub fn new() -> Agent {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
         Agent {
             sock,
             seq: 0,
+            incarnation,
             node_id: 0,
             codec: Codec::new(),
         }
@@ -267,7 +275,7 @@ impl Agent {
         while Instant::now() < deadline {
             let hello = Message::Hello {
                 role: NodeRole::Agent,
-                incarnation: 1,
+                incarnation: self.incarnation,
                 name: "test-agent-with-a-long-enough-name",
                 listen: None,
                 backup_of: None,
@@ -401,7 +409,7 @@ pub fn grant_following(
             Some(Reply::Error(ErrorCode::NotRegistered)) => {
                 let hello = Message::Hello {
                     role: NodeRole::Agent,
-                    incarnation: 1,
+                    incarnation: agent.incarnation,
                     name: "test-agent-with-a-long-enough-name",
                     listen: None,
                     backup_of: None,
