@@ -42,6 +42,9 @@ pub struct ConsumerConfig {
     pub ring_dir: std::path::PathBuf,
     /// The agent's socket (the client's fallback).
     pub socket: std::net::SocketAddr,
+    /// The uid the agent runs as, when not loadgen's: the client trusts its rings, folder
+    /// and socket only when owned by its own user, root or this uid.
+    pub agent_uid: Option<u32>,
     /// Ids per second (0: as fast as it can).
     pub rate_per_s: f64,
     /// Width of a time bucket of the series, in ms.
@@ -84,7 +87,7 @@ fn open(cfg: &ConsumerConfig) -> Result<unid::Unid, unid::Error> {
         socket_fallback: true,
         wait: Duration::from_secs(1),
         backup_ring_dir: None,
-        agent_uid: None,
+        agent_uid: cfg.agent_uid,
     };
     unid::Unid::open_with(&cfg.sequence, o)
 }

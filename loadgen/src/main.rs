@@ -460,6 +460,7 @@ fn run() -> anyhow::Result<bool> {
                     sequence: args.sequence.clone(),
                     ring_dir: a.ring_dir.clone(),
                     socket: a.socket,
+                    agent_uid: a.uid,
                     rate_per_s: args.consumer_rate,
                     bucket_ms,
                 };
