@@ -18,6 +18,15 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// A one-server cluster's config: server 1 in `dir`, on free 127.0.0.1 ports, bootstrapping.
+fn single(dir: std::path::PathBuf) -> ServerConfig {
+    let mut c = ServerConfig::new(1, dir);
+    c.udp_addr = local(free_port());
+    c.raft_addr = local(free_port());
+    c.init = true;
+    c
+}
+
 /// Starts `n` servers in this process (the first bootstraps the cluster).
 fn cluster(root: &std::path::Path, n: u64) -> Vec<Option<ServerHandle>> {
     let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
@@ -396,10 +405,7 @@ fn a_source_over_its_rate_is_limited() {
 #[test]
 fn a_silent_agent_is_forgotten_and_pings_keep_it() {
     let root = tempfile::tempdir().unwrap();
-    let mut c = ServerConfig::new(1, root.path().join("s1"));
-    c.udp_addr = local(free_port());
-    c.raft_addr = local(free_port());
-    c.init = true;
+    let mut c = single(root.path().join("s1"));
     c.lease_ms = 300;
     let s = run(c).unwrap();
     let mut client = client(&[s.udp_addr()]);
@@ -519,13 +525,7 @@ fn a_retransmitted_hello_gets_the_same_node_id() {
 #[test]
 fn bad_configs_and_taken_resources_are_refused_before_raft_starts() {
     let root = tempfile::tempdir().unwrap();
-    let base = |name: &str| {
-        let mut c = ServerConfig::new(1, root.path().join(name));
-        c.udp_addr = local(free_port());
-        c.raft_addr = local(free_port());
-        c.init = true;
-        c
-    };
+    let base = |name: &str| single(root.path().join(name));
     let refused_early = |c: ServerConfig, wants: &str| {
         let (dir, raft) = (c.data_dir.clone(), c.raft_addr);
         let err = run(c).expect_err(wants).to_string();
@@ -673,10 +673,7 @@ fn changes_without_the_secret_come_only_from_loopback() {
 #[test]
 fn expired_agents_leave_the_node_table_and_registration_floods_are_limited() {
     let root = tempfile::tempdir().unwrap();
-    let mut c = ServerConfig::new(1, root.path().join("s1"));
-    c.udp_addr = local(free_port());
-    c.raft_addr = local(free_port());
-    c.init = true;
+    let mut c = single(root.path().join("s1"));
     c.lease_ms = 300;
     let s = run(c).unwrap();
     let mut admin = client(&[s.udp_addr()]);
@@ -705,6 +702,10 @@ fn expired_agents_leave_the_node_table_and_registration_floods_are_limited() {
             agents_in_table(&s)
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // The removing task counts each removal after its commit is applied: wait for the count.
+    while s.stats().agents_removed < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(s.stats().agents_removed, 5);
 
