@@ -384,6 +384,8 @@ impl Agent {
             name: &name,
             listen: None,
             backup_of: None,
+            versions: unid_proto::VERSIONS,
+            software: unid_proto::SOFTWARE,
         };
         self.send(self.hello_seq, &msg);
     }

@@ -98,6 +98,8 @@ pub struct SpawnOptions {
     pub uid_base: Option<u32>,
     /// Each server's wall clock comes from a libfaketime file (see [`Cluster::jump_clock`]).
     pub faketime: bool,
+    /// More arguments for every `unid server` (e.g. `--election-ms 40-70`).
+    pub server_args: Vec<String>,
 }
 
 /// One spawned server.
@@ -122,6 +124,7 @@ pub struct Cluster {
     pub servers: Vec<Server>,
     unid_bin: PathBuf,
     peers: Vec<String>,
+    server_args: Vec<String>,
 }
 
 impl Cluster {
@@ -175,6 +178,7 @@ impl Cluster {
             servers,
             unid_bin: unid_bin.to_owned(),
             peers,
+            server_args: opts.server_args.clone(),
         };
         for id in 1..=n as u64 {
             cluster.start(id, id == 1)?;
@@ -203,6 +207,7 @@ impl Cluster {
     pub fn start(&mut self, id: u64, init: bool) -> anyhow::Result<()> {
         let bin = self.unid_bin.clone();
         let peers = self.peers.clone();
+        let extra = self.server_args.clone();
         let s = self.server(id)?;
         if s.child.is_some() {
             bail!("server {id} already runs");
@@ -225,6 +230,7 @@ impl Cluster {
         for p in &peers {
             cmd.args(["--peer", p]);
         }
+        cmd.args(&extra);
         if init {
             cmd.arg("--init");
         }
@@ -307,6 +313,32 @@ impl Cluster {
             }
         }
         out
+    }
+
+    /// Server `id`'s process id, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        let s = self.servers.iter().find(|s| s.id == id)?;
+        s.child.as_ref().map(|c| c.id())
+    }
+
+    /// Bytes in server `id`'s data dir (its redb file: the Raft log and the state).
+    pub fn data_bytes(&self, id: u64) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            let Ok(rd) = std::fs::read_dir(p) else {
+                return 0;
+            };
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        self.servers
+            .iter()
+            .find(|s| s.id == id)
+            .map_or(0, |s| walk(&s.dir))
     }
 
     /// The last `lines` lines of server `id`'s log.

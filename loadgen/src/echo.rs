@@ -9,15 +9,15 @@
 //! `recv_from` on it, one `decode` and one `encode` per datagram (a `Hello` gets a `Welcome`, a
 //! `BlockRequest` a `BlockGrant` of the next ids from one shared counter, so the checker still
 //! passes; a `StatusRequest` and a `SequenceCreate` get what loadgen's start-up waits for), one
-//! `send_to`. No consensus, no allocator, no reply cache, no rate limit. It uses
-//! one syscall per datagram each way (std sockets: loadgen holds no `unsafe`), where the
-//! server batches with `recvmmsg`/`sendmmsg`.
+//! `send_to`. No consensus, no allocator, no reply cache, no rate limit. It batches as the
+//! server's shards do: `recvmmsg` of up to 64 datagrams, then one `sendmmsg` of the answers
+//! ([`crate::sys`]), so grants ÷ echoes compares like with like. Its threads' CPU time is read
+//! from `/proc/self/task/TID/stat` ([`EchoPeer::cpu_ns`]), as the server's from `/proc/PID/stat`.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use unid_proto::{
@@ -31,8 +31,8 @@ pub const ECHO_THREADS_MAX: usize = 64;
 /// (`unid_engine::udp`; the kernel caps them at `net.core.rmem_max`/`wmem_max`).
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
-/// How long a peer thread blocks in `recv_from` before it checks whether to stop.
-const POLL: Duration = Duration::from_millis(50);
+/// How long a peer thread waits in `poll` before it checks whether to stop.
+const POLL_MS: i32 = 50;
 
 /// A running echo peer; stopped (threads joined) on drop.
 pub struct EchoPeer {
@@ -40,38 +40,77 @@ pub struct EchoPeer {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     echoed: Arc<AtomicU64>,
+    tids: Arc<Mutex<Vec<i32>>>,
+    /// recvmmsg calls that returned datagrams, and sendmmsg calls.
+    calls: Arc<[AtomicU64; 2]>,
 }
 
 impl EchoPeer {
     /// Binds 127.0.0.1 on a free port and starts `threads` threads answering on it, granting
-    /// ids of `width`.
-    pub fn start(threads: usize, width: Width) -> anyhow::Result<EchoPeer> {
+    /// ids of `width`, pinned to CPU `cpu` if given.
+    pub fn start(threads: usize, width: Width, cpu: Option<usize>) -> anyhow::Result<EchoPeer> {
         anyhow::ensure!(
             (1..=ECHO_THREADS_MAX).contains(&threads),
             "--echo-threads must be in 1..={ECHO_THREADS_MAX}"
         );
         let sock = socket()?;
-        sock.set_read_timeout(Some(POLL))
-            .context("set the echo peer's read timeout")?;
+        sock.set_nonblocking(true)
+            .context("make the echo peer's socket nonblocking")?;
         let addr = sock.local_addr().context("the echo peer's address")?;
         let stop = Arc::new(AtomicBool::new(false));
         let echoed = Arc::new(AtomicU64::new(0));
         // Ids handed out in the grants, shared so each agent's blocks increase.
         let next_id = Arc::new(AtomicU64::new(1));
+        let tids = Arc::new(Mutex::new(Vec::new()));
+        let calls: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let mut handles = Vec::with_capacity(threads);
         for _ in 0..threads {
             let sock = sock.try_clone().context("clone the echo peer's socket")?;
             let (stop, echoed, next_id) = (stop.clone(), echoed.clone(), next_id.clone());
+            let (tids, calls) = (tids.clone(), calls.clone());
+            let started = Arc::new(AtomicI32::new(0));
+            let s2 = started.clone();
             handles.push(std::thread::spawn(move || {
-                serve(&sock, width, &stop, &echoed, &next_id)
+                if let Some(c) = cpu {
+                    let _ = crate::sys::pin(0, c);
+                }
+                tids.lock().expect("tids").push(crate::sys::gettid());
+                s2.store(1, Ordering::Release);
+                serve(&sock, width, &stop, &echoed, &next_id, &calls)
             }));
+            while started.load(Ordering::Acquire) == 0 {
+                std::thread::yield_now();
+            }
         }
         Ok(EchoPeer {
             addr,
             stop,
             threads: handles,
             echoed,
+            tids,
+            calls,
         })
+    }
+
+    /// CPU time (user + system) its threads used so far, in ns (clock-tick resolution).
+    pub fn cpu_ns(&self) -> u64 {
+        let tids = self.tids.lock().expect("tids").clone();
+        tids.iter()
+            .filter_map(|t| crate::sys::cpu_ns(&format!("/proc/self/task/{t}/stat")))
+            .sum()
+    }
+
+    /// Datagrams answered so far.
+    pub fn answered(&self) -> u64 {
+        self.echoed.load(Ordering::Relaxed)
+    }
+
+    /// `recvmmsg` calls that returned datagrams, and `sendmmsg` calls, so far.
+    pub fn calls(&self) -> (u64, u64) {
+        (
+            self.calls[0].load(Ordering::Relaxed),
+            self.calls[1].load(Ordering::Relaxed),
+        )
     }
 
     /// Its address.
@@ -115,61 +154,70 @@ fn serve(
     stop: &AtomicBool,
     echoed: &AtomicU64,
     next_id: &AtomicU64,
+    calls: &[AtomicU64; 2],
 ) {
     let mut codec = Codec::new();
-    let mut buf = [0u8; 2048];
+    let mut bufs = crate::sys::RecvBufs::default();
+    let mut queue = crate::sys::SendQueue::default();
     let mut out = [0u8; DATAGRAM_BYTES_MAX];
     while !stop.load(Ordering::Relaxed) {
-        let Ok((n, from)) = sock.recv_from(&mut buf) else {
-            continue; // the poll timeout
-        };
-        let Ok(frame) = decode(&buf[..n], None) else {
+        let n = crate::sys::recv_batch(sock, &mut bufs).unwrap_or(0);
+        if n == 0 {
+            crate::sys::poll_readable(std::slice::from_ref(sock), POLL_MS);
             continue;
-        };
-        let header = Header {
-            sender: 1,
-            seq: frame.header.seq,
-            reply_to: frame.header.seq,
-            epoch: 1,
-        };
-        let reply = match frame.message {
-            Message::Hello { .. } => Message::Welcome {
-                node_id: 1 + (u64::from(from.port()) << 16),
-                lease_ms: 60_000,
-                servers: List::empty(),
-                truncated: false,
-            },
-            Message::BlockRequest { sequence, count } => {
-                let first = next_id.fetch_add(count, Ordering::Relaxed);
-                let Some(block) = Block::new(u128::from(first), count, width) else {
-                    continue; // past the width's limit: a run of 2-byte ids is soon over
-                };
-                Message::BlockGrant {
-                    sequence,
-                    width,
-                    block,
-                }
-            }
-            // The control path, so that loadgen's start-up finds a "leader" and the sequence.
-            Message::StatusRequest { .. } => Message::StatusReply {
-                leader_id: 1,
-                term: 1,
-                servers: List::empty(),
-                sequences: List::empty(),
-                more: false,
-            },
-            Message::SequenceCreate { name, .. } => Message::Error {
-                code: ErrorCode::AlreadyExists,
-                sequence: Some(name),
-                retry_after_ms: 0,
-                text: "",
-            },
-            _ => continue,
-        };
-        if let Ok(len) = codec.encode(&header, &reply, None, &mut out)
-            && sock.send_to(&out[..len], from).is_ok()
-        {
-            echoed.fetch_add(1, Ordering::Relaxed);
         }
+        calls[0].fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            let (data, from) = bufs.get(i);
+            let Ok(frame) = decode(data, None) else {
+                continue;
+            };
+            let header = Header {
+                sender: 1,
+                seq: frame.header.seq,
+                reply_to: frame.header.seq,
+                epoch: 1,
+            };
+            let reply = match frame.message {
+                Message::Hello { .. } => Message::Welcome {
+                    node_id: 1 + (u64::from(from.port()) << 16),
+                    lease_ms: 60_000,
+                    servers: List::empty(),
+                    truncated: false,
+                },
+                Message::BlockRequest { sequence, count } => {
+                    let first = next_id.fetch_add(count, Ordering::Relaxed);
+                    let Some(block) = Block::new(u128::from(first), count, width) else {
+                        continue; // past the width's limit: a run of 2-byte ids is soon over
+                    };
+                    Message::BlockGrant {
+                        sequence,
+                        width,
+                        block,
+                    }
+                }
+                // The control path, so that loadgen's start-up finds a "leader" and the sequence.
+                Message::StatusRequest { .. } => Message::StatusReply {
+                    leader_id: 1,
+                    term: 1,
+                    servers: List::empty(),
+                    sequences: List::empty(),
+                    more: false,
+                },
+                Message::SequenceCreate { name, .. } => Message::Error {
+                    code: ErrorCode::AlreadyExists,
+                    sequence: Some(name),
+                    retry_after_ms: 0,
+                    text: "",
+                },
+                _ => continue,
+            };
+            if let Ok(len) = codec.encode(&header, &reply, None, &mut out) {
+                queue.push(from, &out[..len]);
+            }
+        }
+        let (c, sent) = queue.flush(sock);
+        calls[1].fetch_add(c, Ordering::Relaxed);
+        echoed.fetch_add(sent, Ordering::Relaxed);
     }
 }

@@ -3,16 +3,19 @@
 //! and a seeded nemesis (kills, partitions, clock jumps). See `loadgen --help`.
 
 mod agent;
+mod batched;
 mod cluster;
 mod consumer;
 mod echo;
 mod fleet;
+mod mux;
 mod nemesis;
 mod partition;
 mod plot;
 mod proxy;
 mod report;
 mod series;
+mod sys;
 mod wire;
 
 use std::collections::HashSet;
@@ -34,6 +37,8 @@ use nemesis::Kind;
 const AGENTS_MAX: usize = 512;
 /// Most requests in flight per agent.
 const WINDOW_MAX: usize = 1024;
+/// `--server-cpu` pins the server threads whose names start so (its UDP shards).
+const SHARD_THREAD_PREFIX: &str = "unid-shard";
 /// Most ring consumers per real agent.
 const CONSUMERS_PER_AGENT_MAX: usize = 8;
 
@@ -156,6 +161,42 @@ struct Args {
     /// Threads of the echo peer.
     #[arg(long, default_value_t = 2)]
     echo_threads: usize,
+    /// Many agents multiplexed over a few sockets per thread with batched I/O
+    /// (`recvmmsg`/`sendmmsg`), each its own registered node (up to 100,000): `--agents`,
+    /// `--window`, `--rate`, `--count`, `--duration-s` keep their meaning; no faults, no real
+    /// agents. Its own report (throughput, latency, fairness, the server's CPU per grant,
+    /// RSS and data per agent).
+    #[arg(long)]
+    batched: bool,
+    /// `--batched`: agent threads.
+    #[arg(long, default_value_t = 1)]
+    mux_threads: usize,
+    /// `--batched`: sockets per agent thread (each on its own 127.0.1.x address).
+    #[arg(long, default_value_t = 8)]
+    sockets_per_thread: usize,
+    /// `--batched`: most requests in flight over all agents.
+    #[arg(long, default_value_t = 512)]
+    inflight_max: usize,
+    /// `--batched`: measuring starts this long after every agent registered.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_s: f64,
+    /// `--batched`: `Hello`s per second in all (retries too; each agent retries after 1 s).
+    #[arg(long, default_value_t = 300.0)]
+    hello_rate: f64,
+    /// `--batched`: how long the agents may take to register.
+    #[arg(long, default_value_t = 120.0)]
+    register_timeout_s: f64,
+    /// One more argument for every spawned `unid server` (repeat), e.g.
+    /// `--server-arg=--election-ms --server-arg=40-70`.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    server_arg: Vec<String>,
+    /// Pin loadgen's agent threads (`--batched`) to this CPU.
+    #[arg(long)]
+    client_cpu: Option<usize>,
+    /// Pin the spawned servers' UDP shards (threads `unid-shard*`; Raft threads are not
+    /// pinned) or the echo peer's threads to this CPU.
+    #[arg(long)]
+    server_cpu: Option<usize>,
 }
 
 fn main() {
@@ -173,7 +214,23 @@ fn validate(a: &Args) -> anyhow::Result<Width> {
     let Some(width) = Width::from_bytes(a.width) else {
         bail!("--width must be 2, 4, 8 or 16, not {}", a.width);
     };
-    if a.agents > AGENTS_MAX || (a.agents == 0 && a.real_agents == 0) {
+    if a.batched {
+        if a.agents == 0 || a.agents > mux::MUX_AGENTS_MAX {
+            bail!("--batched: --agents must be in 1..={}", mux::MUX_AGENTS_MAX);
+        }
+        if a.real_agents > 0 || a.proxy || a.drop + a.duplicate + a.reorder + a.corrupt > 0.0 {
+            bail!("--batched takes no real agents, proxy or datagram faults");
+        }
+        if a.nemesis.iter().any(|k| *k != Kind::None) {
+            bail!("--batched takes no nemesis");
+        }
+        if !(a.warmup_s >= 0.0 && a.warmup_s <= 600.0) || a.inflight_max == 0 {
+            bail!("--warmup-s must be in [0, 600] and --inflight-max at least 1");
+        }
+        if !(a.hello_rate > 0.0 && a.hello_rate.is_finite()) {
+            bail!("--hello-rate must be a positive number");
+        }
+    } else if a.agents > AGENTS_MAX || (a.agents == 0 && a.real_agents == 0) {
         bail!("--agents must be in 1..={AGENTS_MAX} (0 only with --real-agents)");
     }
     if a.real_agents > fleet::REAL_AGENTS_MAX {
@@ -323,13 +380,18 @@ fn run() -> anyhow::Result<bool> {
             let opts = cluster::SpawnOptions {
                 uid_base,
                 faketime: server_clocks,
+                server_args: args.server_arg.clone(),
             };
             Some(Cluster::spawn(bin, tmp.path(), n, &opts, &mut given)?)
         }
         None => None,
     };
     let echo = match args.echo_peer {
-        true => Some(echo::EchoPeer::start(args.echo_threads, width)?),
+        true => Some(echo::EchoPeer::start(
+            args.echo_threads,
+            width,
+            args.server_cpu,
+        )?),
         false => None,
     };
     let servers = match (&cluster, &echo) {
@@ -361,6 +423,43 @@ fn run() -> anyhow::Result<bool> {
         Duration::from_secs(20),
     )?;
 
+    if let (Some(cpu), Some(c)) = (args.server_cpu, &cluster) {
+        for s in &c.servers {
+            if let Some(pid) = c.pid(s.id) {
+                // The UDP shards only: with its Raft threads on the same core, 1,000 agents
+                // registering at once starved Raft (ceiling raises timed out after 2 s).
+                let n = sys::pin_threads(pid, SHARD_THREAD_PREFIX, cpu)
+                    .with_context(|| format!("pin server {}'s shards to CPU {cpu}", s.id))?;
+                anyhow::ensure!(
+                    n > 0,
+                    "server {} has no thread named {SHARD_THREAD_PREFIX}*",
+                    s.id
+                );
+            }
+        }
+    }
+    if args.batched {
+        let interrupted = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, interrupted.clone())
+                .context("install a signal handler")?;
+        }
+        let peer = match (&cluster, &echo) {
+            (_, Some(e)) => batched::Peer::Echo(e),
+            (Some(c), None) => batched::Peer::Cluster(c, status.leader_id),
+            (None, None) => batched::Peer::External,
+        };
+        let (report, passed) = batched::run(&args, servers.clone(), peer, &command, &interrupted)?;
+        println!("{report}");
+        if let Some(path) = &args.report {
+            std::fs::write(path, &report).with_context(|| format!("write {}", path.display()))?;
+            eprintln!("loadgen: report written to {}", path.display());
+        }
+        if !passed {
+            eprintln!("loadgen: CHECK FAILED (see the report's checks)");
+        }
+        return Ok(passed);
+    }
     let start = Instant::now();
     let stop_issuing_at = start + Duration::from_secs_f64(args.duration_s);
     // Buckets of the time series: 100 ms, wider for long runs (at most ~6000 per run).

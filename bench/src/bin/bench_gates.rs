@@ -1,6 +1,7 @@
 //! CI gates on same-run ratios (never absolute times) for the in-process paths, in ids per
 //! second: the ring's single take (`Consumer::try_take`) and the `unid` client's `next()`
-//! against `Uuid::now_v7()`, and the client's batch take (`take_range(64)`) against
+//! against `Uuid::now_v7()`, the client's `next()` against the ring's own take (what the client
+//! adds on top of the ring), and the client's batch take (`take_range(64)`) against
 //! `AtomicU64::fetch_add`.
 //!
 //! Every figure is measured by `unid_bench::closed_loop` (one thread, untimed closed loop) in
@@ -39,6 +40,10 @@ struct Args {
     /// Gate: the client's `next()` ids/s at least this many times `Uuid::now_v7()`'s.
     #[arg(long, default_value_t = 3.0)]
     min_client_next_vs_uuid: f64,
+    /// Gate: the client's `next()` ids/s at least this fraction of the ring's own
+    /// `try_take()`'s (the target is 0.8: `next()` costing at most 1.25x a take).
+    #[arg(long, default_value_t = 0.8)]
+    min_client_next_vs_ring: f64,
     /// Gate: ring `take_range(64)` ids/s at least this fraction of `fetch_add`'s.
     #[arg(long, default_value_t = 0.5)]
     min_batch_vs_fetch_add: f64,
@@ -144,6 +149,13 @@ fn main() -> anyhow::Result<()> {
             3,
             1,
             a.min_client_next_vs_uuid,
+        ),
+        (
+            "client_next_vs_ring_take",
+            "client next() ids/s ÷ ring try_take() ids/s",
+            3,
+            2,
+            a.min_client_next_vs_ring,
         ),
         (
             "ring_batch_vs_fetch_add",
