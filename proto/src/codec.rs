@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! off   size field
-//! 0     2    magic 0x55 0x4E ("UN")
-//! 2     1    protocol version = 2
+//! 0     2    magic 0x55 0x4E ("UN")          (stable in every version)
+//! 2     1    protocol version = 2           (stable in every version)
 //! 3     1    message type (MessageType)
 //! 4     2    flags: bit 0 AUTH = a 16-byte tag follows the CRC; other bits must be 0
 //! 6     2    payload length n
@@ -25,6 +25,17 @@
 //! Receivers decide what a foreign id means (servers and agents drop it).
 //!
 //! The datagram is exactly that long and at most [`DATAGRAM_BYTES_MAX`].
+//!
+//! # Versions
+//!
+//! Bytes 0-2 (magic and version) keep this layout in every protocol version, so that any
+//! receiver can tell a unid datagram of a version it does not speak ([`peek_version`]) from
+//! garbage. The rest of the header may change with the version. A node speaks a range of
+//! versions ([`VERSIONS`] for this crate) and says so in [`Message::Hello`]; a server that
+//! speaks none of them, or that receives a datagram whose header version it does not speak,
+//! answers [`Message::VersionMismatch`], always framed as version 2 as laid out above: every
+//! later version must keep decoding that one message in this framing, so that an agent of
+//! any version reads why it is refused.
 //!
 //! # Authentication rule
 //!
@@ -49,15 +60,23 @@ use unid_proto_fbs as fb;
 use crate::auth::{AuthKey, TAG_BYTES};
 use crate::message::{
     ErrorCode, FieldError, List, ListItem, Message, MessageType, NODE_TABLE_PAGE_MAX, NodeRole,
-    SEQUENCE_LIST_MAX, SERVERS_MAX, STATUS_SEQUENCES_MAX, Server, WireVec, endpoint_from_fb,
-    endpoint_to_fb, u128_from_fb, u128_to_fb, width_from_wire,
+    SEQUENCE_LIST_MAX, SERVERS_MAX, STATUS_SEQUENCES_MAX, Server, Versions, WireVec,
+    endpoint_from_fb, endpoint_to_fb, u128_from_fb, u128_to_fb, width_from_wire,
 };
 use crate::types::{Block, ClusterId, Epoch, NodeId, SeqNo};
 
 /// The two magic bytes that start every datagram: "UN".
 pub const MAGIC: [u8; 2] = *b"UN";
-/// The protocol version this crate speaks.
+/// The protocol version this crate speaks (and puts in every header it encodes).
 pub const VERSION: u8 = 2;
+/// Every protocol version this crate speaks: today only [`VERSION`].
+pub const VERSIONS: Versions = Versions::only(VERSION);
+/// What a [`Message::Hello`] without `versions` (sent by unid 0.1.0, before the field
+/// existed) speaks: version 2, the only one those builds know.
+pub const HELLO_VERSIONS_ABSENT: Versions = Versions::only(2);
+/// This build's software string, as [`Message::Hello`] and [`Message::VersionMismatch`]
+/// carry it.
+pub const SOFTWARE: &str = concat!("unid ", env!("CARGO_PKG_VERSION"));
 /// Bytes of the fixed header before the payload.
 pub const HEADER_BYTES: usize = 48;
 /// Bytes of the CRC32 after the payload.
@@ -249,6 +268,16 @@ fn read_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The protocol version in a datagram's header, if it starts with [`MAGIC`] (bytes 0-2 are
+/// laid out alike in every version): tells a unid datagram of another version, worth an
+/// answer, from garbage. Checks nothing else.
+pub fn peek_version(datagram: &[u8]) -> Option<u8> {
+    match datagram {
+        [m0, m1, version, ..] if [*m0, *m1] == MAGIC => Some(*version),
+        _ => None,
+    }
+}
+
 /// Reads and checks the header: length bounds, magic, version, type, flags,
 /// total length and seq. Does not check the CRC, the tag or the payload, so
 /// it is cheap enough to route or count datagrams before [`decode`]; never
@@ -384,6 +413,11 @@ fn decode_payload(t: MessageType, p: &[u8]) -> Result<Message<'_>, DecodeError> 
                     .map(|e| endpoint_from_fb(e, "hello listen"))
                     .transpose()?,
                 backup_of: m.backup_of(),
+                versions: m.versions().map_or(HELLO_VERSIONS_ABSENT, |v| Versions {
+                    min: v.min(),
+                    max: v.max(),
+                }),
+                software: m.software().unwrap_or(""),
             }
         }
         T::Welcome => {
@@ -547,6 +581,18 @@ fn decode_payload(t: MessageType, p: &[u8]) -> Result<Message<'_>, DecodeError> 
                 truncated: m.truncated(),
             }
         }
+        T::VersionMismatch => {
+            let m = root::<fb::VersionMismatch>(p)?;
+            let v = |v: &fb::Versions| Versions {
+                min: v.min(),
+                max: v.max(),
+            };
+            Message::VersionMismatch {
+                versions: v(m.versions()),
+                offered: v(m.offered()),
+                software: m.software().unwrap_or(""),
+            }
+        }
     };
     Ok(m)
 }
@@ -697,9 +743,13 @@ fn build_payload(fbb: &mut FlatBufferBuilder<'static>, message: &Message<'_>) {
             name,
             listen,
             backup_of,
+            versions,
+            software,
         } => {
             let name = fbb.create_string(name);
+            let software = (!software.is_empty()).then(|| fbb.create_string(software));
             let listen = opt_endpoint(listen);
+            let versions = fb::Versions::new(versions.min, versions.max);
             let root = fb::Hello::create(
                 fbb,
                 &fb::HelloArgs {
@@ -708,6 +758,8 @@ fn build_payload(fbb: &mut FlatBufferBuilder<'static>, message: &Message<'_>) {
                     name: Some(name),
                     listen: listen.as_ref(),
                     backup_of,
+                    versions: Some(&versions),
+                    software,
                 },
             );
             fbb.finish_minimal(root);
@@ -964,6 +1016,24 @@ fn build_payload(fbb: &mut FlatBufferBuilder<'static>, message: &Message<'_>) {
         Message::Membership { voters, truncated } => {
             let voters = servers_vector(fbb, &voters);
             let root = fb::Membership::create(fbb, &fb::MembershipArgs { voters, truncated });
+            fbb.finish_minimal(root);
+        }
+        Message::VersionMismatch {
+            versions,
+            offered,
+            software,
+        } => {
+            let software = (!software.is_empty()).then(|| fbb.create_string(software));
+            let versions = fb::Versions::new(versions.min, versions.max);
+            let offered = fb::Versions::new(offered.min, offered.max);
+            let root = fb::VersionMismatch::create(
+                fbb,
+                &fb::VersionMismatchArgs {
+                    versions: Some(&versions),
+                    offered: Some(&offered),
+                    software,
+                },
+            );
             fbb.finish_minimal(root);
         }
     }

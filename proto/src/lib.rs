@@ -43,11 +43,12 @@ pub mod replay;
 
 pub use codec::{
     Codec, DATAGRAM_BYTES_MAX, DATAGRAM_BYTES_MIN, DecodeError, EncodeError, FLAG_AUTH, Frame,
-    HEADER_BYTES, Header, PAYLOAD_BYTES_MAX, PeekedHeader, decode, peek_header,
+    HEADER_BYTES, HELLO_VERSIONS_ABSENT, Header, PAYLOAD_BYTES_MAX, PeekedHeader, SOFTWARE,
+    VERSION, VERSIONS, decode, peek_header, peek_version,
 };
 pub use message::{
     ERROR_TEXT_BYTES_MAX, ErrorCode, FieldError, Health, List, ListItem, ListIter, Message,
     MessageType, NODE_TABLE_PAGE_MAX, Node, NodeRole, RaftRole, SEQUENCE_LIST_MAX, SERVERS_MAX,
-    STATUS_SEQUENCES_MAX, SequenceStatus, Server, ServerStatus,
+    SOFTWARE_BYTES_MAX, STATUS_SEQUENCES_MAX, SequenceStatus, Server, ServerStatus, Versions,
 };
 pub use replay::{REPLAY_WINDOW_BITS, ReplayWindow};

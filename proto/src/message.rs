@@ -32,6 +32,45 @@ pub const STATUS_SEQUENCES_MAX: usize = 8;
 /// Longest [`Message::Error`] text, in bytes.
 pub const ERROR_TEXT_BYTES_MAX: usize = 128;
 
+/// Longest software string ([`Message::Hello`], [`Message::VersionMismatch`]), in bytes.
+pub const SOFTWARE_BYTES_MAX: usize = 64;
+
+/// A range of protocol versions a node speaks: every version from `min` to `max`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Versions {
+    /// The oldest version spoken (at least 1).
+    pub min: u8,
+    /// The newest version spoken (at least `min`).
+    pub max: u8,
+}
+
+impl Versions {
+    /// The one version `v`.
+    pub const fn only(v: u8) -> Versions {
+        Versions { min: v, max: v }
+    }
+
+    /// Whether `v` is in the range.
+    pub const fn contains(&self, v: u8) -> bool {
+        self.min <= v && v <= self.max
+    }
+
+    /// Whether the two ranges share a version.
+    pub const fn overlaps(&self, other: &Versions) -> bool {
+        self.min <= other.max && other.min <= self.max
+    }
+}
+
+impl core::fmt::Display for Versions {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}..={}", self.min, self.max)
+        }
+    }
+}
+
 /// The stable number of each message type, carried in byte 3 of the header.
 ///
 /// Numbers are never reused; `0` is never a message type.
@@ -80,11 +119,13 @@ pub enum MessageType {
     RemoveServer = 20,
     /// [`Message::Membership`].
     Membership = 21,
+    /// [`Message::VersionMismatch`].
+    VersionMismatch = 22,
 }
 
 impl MessageType {
     /// Every message type, in number order.
-    pub const ALL: [MessageType; 21] = [
+    pub const ALL: [MessageType; 22] = [
         MessageType::Ping,
         MessageType::Pong,
         MessageType::Hello,
@@ -106,6 +147,7 @@ impl MessageType {
         MessageType::AddServer,
         MessageType::RemoveServer,
         MessageType::Membership,
+        MessageType::VersionMismatch,
     ];
 
     /// The message type with this number, or `None`.
@@ -211,6 +253,25 @@ pub enum FieldError {
     #[error("error text is {len} bytes, more than the {ERROR_TEXT_BYTES_MAX} allowed")]
     TextTooLong {
         /// The length found.
+        len: usize,
+    },
+    /// A version range has `min` 0 or above `max`.
+    #[error("{field}: versions {min}..={max} are not a range of versions from 1")]
+    BadVersions {
+        /// The field.
+        field: &'static str,
+        /// The range's start found.
+        min: u8,
+        /// The range's end found.
+        max: u8,
+    },
+    /// A software string is longer than [`SOFTWARE_BYTES_MAX`] or has a byte that is not
+    /// printable ASCII.
+    #[error("{field}: {len} bytes, not at most {SOFTWARE_BYTES_MAX} bytes of printable ASCII")]
+    BadSoftware {
+        /// The field.
+        field: &'static str,
+        /// Its length.
         len: usize,
     },
 }
@@ -781,7 +842,8 @@ pub enum Message<'a> {
         /// registered).
         lease_ms: u32,
     },
-    /// A node announces itself. Answered by [`Message::Welcome`].
+    /// A node announces itself. Answered by [`Message::Welcome`] (or
+    /// [`Message::VersionMismatch`] by a server that speaks none of its `versions`).
     Hello {
         /// What the sender is.
         role: NodeRole,
@@ -793,6 +855,12 @@ pub enum Message<'a> {
         listen: Option<SocketAddr>,
         /// The agent it stands in for, if a backup (never `Some(0)`).
         backup_of: Option<NodeId>,
+        /// The protocol versions it speaks; a Hello without the field (unid 0.1.0)
+        /// decodes as [`crate::HELLO_VERSIONS_ABSENT`].
+        versions: Versions,
+        /// Its software and version, e.g. `"unid 0.1.0"` (empty if not sent; at most
+        /// [`SOFTWARE_BYTES_MAX`] bytes of printable ASCII).
+        software: &'a str,
     },
     /// The sender of a [`Message::Hello`] is registered.
     Welcome {
@@ -951,6 +1019,17 @@ pub enum Message<'a> {
         /// More voters exist than `voters` holds.
         truncated: bool,
     },
+    /// A server cannot serve the sender: its [`Message::Hello`] offered no version the
+    /// server speaks, or its datagram's header carried one (then `reply_to` is 0). Always
+    /// framed as protocol version 2, which every later version keeps able to decode.
+    VersionMismatch {
+        /// The versions the server speaks.
+        versions: Versions,
+        /// What the sender offered, as the server read it.
+        offered: Versions,
+        /// The server's software and version (may be empty).
+        software: &'a str,
+    },
 }
 
 impl Message<'_> {
@@ -978,6 +1057,7 @@ impl Message<'_> {
             Message::AddServer { .. } => MessageType::AddServer,
             Message::RemoveServer { .. } => MessageType::RemoveServer,
             Message::Membership { .. } => MessageType::Membership,
+            Message::VersionMismatch { .. } => MessageType::VersionMismatch,
         }
     }
 
@@ -1000,9 +1080,13 @@ impl Message<'_> {
                 name,
                 listen,
                 backup_of,
+                versions,
+                software,
                 ..
             } => {
                 check_name("hello name", name)?;
+                check_versions("hello versions", versions)?;
+                check_software("hello software", software)?;
                 if let Some(addr) = listen {
                     check_addr("hello listen", &addr)?;
                 }
@@ -1136,6 +1220,36 @@ impl Message<'_> {
             }
             Message::RemoveServer { id } => check_node_id("remove server id", id),
             Message::Membership { voters, .. } => servers(&voters),
+            Message::VersionMismatch {
+                versions,
+                offered,
+                software,
+            } => {
+                check_versions("version mismatch versions", versions)?;
+                check_versions("version mismatch offered", offered)?;
+                check_software("version mismatch software", software)
+            }
         }
     }
+}
+
+fn check_versions(field: &'static str, v: Versions) -> Result<(), FieldError> {
+    if v.min == 0 || v.min > v.max {
+        return Err(FieldError::BadVersions {
+            field,
+            min: v.min,
+            max: v.max,
+        });
+    }
+    Ok(())
+}
+
+fn check_software(field: &'static str, s: &str) -> Result<(), FieldError> {
+    if s.len() > SOFTWARE_BYTES_MAX || !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(FieldError::BadSoftware {
+            field,
+            len: s.len(),
+        });
+    }
+    Ok(())
 }

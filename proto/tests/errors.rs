@@ -157,7 +157,7 @@ fn the_cluster_id_is_carried_and_covered() {
 
 #[test]
 fn unknown_type() {
-    for t in [0u8, 22, 200, 255] {
+    for t in [0u8, 23, 200, 255] {
         let d = frame_raw(t, 0, 1, &[], None);
         assert_eq!(
             decode(&d, None),
@@ -618,7 +618,9 @@ fn bad_address() {
             incarnation: 1,
             name: "h",
             listen: Some("10.0.0.1:0".parse().unwrap()),
-            backup_of: None
+            backup_of: None,
+            versions: unid_proto::VERSIONS,
+            software: unid_proto::SOFTWARE,
         }),
         EncodeError::Field(FieldError::BadAddress { .. })
     ));

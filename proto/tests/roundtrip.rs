@@ -141,7 +141,7 @@ proptest! {
         listen in proptest::option::of(addr()),
         backup_of in proptest::option::of(node_id()),
     ) {
-        roundtrip(h, &Message::Hello { role, incarnation, name: &name, listen, backup_of });
+        roundtrip(h, &Message::Hello { role, incarnation, name: &name, listen, backup_of, versions: unid_proto::VERSIONS, software: unid_proto::SOFTWARE });
     }
 
     #[test]
@@ -466,6 +466,7 @@ fn message_type_numbers_are_stable() {
         (MessageType::AddServer, 19),
         (MessageType::RemoveServer, 20),
         (MessageType::Membership, 21),
+        (MessageType::VersionMismatch, 22),
     ];
     assert_eq!(expected.len(), MessageType::ALL.len());
     for (t, n) in expected {
@@ -473,7 +474,7 @@ fn message_type_numbers_are_stable() {
         assert_eq!(MessageType::from_u8(n), Some(t));
     }
     assert_eq!(MessageType::from_u8(0), None);
-    assert_eq!(MessageType::from_u8(22), None);
+    assert_eq!(MessageType::from_u8(23), None);
     assert_eq!(MessageType::from_u8(255), None);
 }
 
@@ -558,6 +559,8 @@ fn write_fuzz_seeds() {
             name: "host-1",
             listen: Some(servers[1].addr),
             backup_of: Some(9),
+            versions: unid_proto::VERSIONS,
+            software: unid_proto::SOFTWARE,
         },
         Message::Welcome {
             node_id: 9,

@@ -775,6 +775,143 @@ pub mod unid {
             }
         }
 
+        /// The protocol versions a node speaks: every version from `min` to `max`
+        /// (1 <= min <= max).
+        // struct Versions, aligned to 1
+        #[repr(transparent)]
+        #[derive(Clone, Copy, PartialEq)]
+        pub struct Versions(pub [u8; 2]);
+        impl Default for Versions {
+            fn default() -> Self {
+                Self([0; 2])
+            }
+        }
+        impl ::core::fmt::Debug for Versions {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+                f.debug_struct("Versions")
+                    .field("min", &self.min())
+                    .field("max", &self.max())
+                    .finish()
+            }
+        }
+
+        impl ::flatbuffers::SimpleToVerifyInSlice for Versions {}
+        impl<'a> ::flatbuffers::Follow<'a> for Versions {
+            type Inner = &'a Versions;
+            #[inline]
+            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+                unsafe { <&'a Versions>::follow(buf, loc) }
+            }
+        }
+        impl<'a> ::flatbuffers::Follow<'a> for &'a Versions {
+            type Inner = &'a Versions;
+            #[inline]
+            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+                unsafe { ::flatbuffers::follow_cast_ref::<Versions>(buf, loc) }
+            }
+        }
+        impl<'b> ::flatbuffers::Push for Versions {
+            type Output = Versions;
+            #[inline]
+            unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+                let src = unsafe {
+                    ::core::slice::from_raw_parts(
+                        self as *const Versions as *const u8,
+                        <Self as ::flatbuffers::Push>::size(),
+                    )
+                };
+                dst.copy_from_slice(src);
+            }
+            #[inline]
+            fn alignment() -> ::flatbuffers::PushAlignment {
+                ::flatbuffers::PushAlignment::new(1)
+            }
+        }
+
+        impl<'a> ::flatbuffers::Verifiable for Versions {
+            #[inline]
+            fn run_verifier(
+                v: &mut ::flatbuffers::Verifier,
+                pos: usize,
+            ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+                v.in_buffer::<Self>(pos)
+            }
+        }
+
+        impl<'a> Versions {
+            #[allow(clippy::too_many_arguments)]
+            pub fn new(min: u8, max: u8) -> Self {
+                let mut s = Self([0; 2]);
+                s.set_min(min);
+                s.set_max(max);
+                s
+            }
+
+            /// The oldest version spoken.
+            pub fn min(&self) -> u8 {
+                let mut mem =
+                    ::core::mem::MaybeUninit::<<u8 as ::flatbuffers::EndianScalar>::Scalar>::uninit(
+                    );
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[0..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_min(&mut self, x: u8) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[0..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            /// The newest version spoken.
+            pub fn max(&self) -> u8 {
+                let mut mem =
+                    ::core::mem::MaybeUninit::<<u8 as ::flatbuffers::EndianScalar>::Scalar>::uninit(
+                    );
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[1..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_max(&mut self, x: u8) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[1..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+        }
+
         /// A server, as lists of servers carry it.
         // struct ServerEntry, aligned to 8
         #[repr(transparent)]
@@ -1525,6 +1662,8 @@ pub mod unid {
             pub const VT_NAME: ::flatbuffers::VOffsetT = 8;
             pub const VT_LISTEN: ::flatbuffers::VOffsetT = 10;
             pub const VT_BACKUP_OF: ::flatbuffers::VOffsetT = 12;
+            pub const VT_VERSIONS: ::flatbuffers::VOffsetT = 14;
+            pub const VT_SOFTWARE: ::flatbuffers::VOffsetT = 16;
 
             #[inline]
             pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1545,6 +1684,12 @@ pub mod unid {
                     builder.add_backup_of(x);
                 }
                 builder.add_incarnation(args.incarnation);
+                if let Some(x) = args.software {
+                    builder.add_software(x);
+                }
+                if let Some(x) = args.versions {
+                    builder.add_versions(x);
+                }
                 if let Some(x) = args.listen {
                     builder.add_listen(x);
                 }
@@ -1610,6 +1755,27 @@ pub mod unid {
                 // which contains a valid value in this slot
                 unsafe { self._tab.get::<u64>(Hello::VT_BACKUP_OF, None) }
             }
+            /// The protocol versions the sender speaks. Absent (a Hello of unid 0.1.0,
+            /// before this field) means 2..2, the only version those speak.
+            #[inline]
+            pub fn versions(&self) -> Option<&'a Versions> {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe { self._tab.get::<Versions>(Hello::VT_VERSIONS, None) }
+            }
+            /// The sender's software and version, e.g. "unid 0.1.0" (at most
+            /// SOFTWARE_BYTES_MAX = 64 bytes of printable ASCII), for logs and status.
+            #[inline]
+            pub fn software(&self) -> Option<&'a str> {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe {
+                    self._tab
+                        .get::<::flatbuffers::ForwardsUOffset<&str>>(Hello::VT_SOFTWARE, None)
+                }
+            }
         }
 
         impl ::flatbuffers::Verifiable for Hello<'_> {
@@ -1628,6 +1794,12 @@ pub mod unid {
                     )?
                     .visit_field::<Endpoint>("listen", Self::VT_LISTEN, false)?
                     .visit_field::<u64>("backup_of", Self::VT_BACKUP_OF, false)?
+                    .visit_field::<Versions>("versions", Self::VT_VERSIONS, false)?
+                    .visit_field::<::flatbuffers::ForwardsUOffset<&str>>(
+                        "software",
+                        Self::VT_SOFTWARE,
+                        false,
+                    )?
                     .finish();
                 Ok(())
             }
@@ -1638,6 +1810,8 @@ pub mod unid {
             pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
             pub listen: Option<&'a Endpoint>,
             pub backup_of: Option<u64>,
+            pub versions: Option<&'a Versions>,
+            pub software: Option<::flatbuffers::WIPOffset<&'a str>>,
         }
         impl<'a> Default for HelloArgs<'a> {
             #[inline]
@@ -1648,6 +1822,8 @@ pub mod unid {
                     name: None, // required field
                     listen: None,
                     backup_of: None,
+                    versions: None,
+                    software: None,
                 }
             }
         }
@@ -1683,6 +1859,16 @@ pub mod unid {
                     .push_slot_always::<u64>(Hello::VT_BACKUP_OF, backup_of);
             }
             #[inline]
+            pub fn add_versions(&mut self, versions: &Versions) {
+                self.fbb_
+                    .push_slot_always::<&Versions>(Hello::VT_VERSIONS, versions);
+            }
+            #[inline]
+            pub fn add_software(&mut self, software: ::flatbuffers::WIPOffset<&'b str>) {
+                self.fbb_
+                    .push_slot_always::<::flatbuffers::WIPOffset<_>>(Hello::VT_SOFTWARE, software);
+            }
+            #[inline]
             pub fn new(
                 _fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
             ) -> HelloBuilder<'a, 'b, A> {
@@ -1708,6 +1894,8 @@ pub mod unid {
                 ds.field("name", &self.name());
                 ds.field("listen", &self.listen());
                 ds.field("backup_of", &self.backup_of());
+                ds.field("versions", &self.versions());
+                ds.field("software", &self.software());
                 ds.finish()
             }
         }
@@ -4781,6 +4969,185 @@ pub mod unid {
                 let mut ds = f.debug_struct("Membership");
                 ds.field("voters", &self.voters());
                 ds.field("truncated", &self.truncated());
+                ds.finish()
+            }
+        }
+        pub enum VersionMismatchOffset {}
+        #[derive(Copy, Clone, PartialEq)]
+
+        /// Type 22. A server cannot serve the sender: the Hello's versions do not
+        /// include one the server speaks, or the datagram's header carried a version
+        /// the server does not speak (then `reply_to` is 0: the rest of that header
+        /// could not be read). Always framed as protocol version 2.
+        pub struct VersionMismatch<'a> {
+            pub _tab: ::flatbuffers::Table<'a>,
+        }
+
+        impl<'a> ::flatbuffers::Follow<'a> for VersionMismatch<'a> {
+            type Inner = VersionMismatch<'a>;
+            #[inline]
+            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+                Self {
+                    _tab: unsafe { ::flatbuffers::Table::new(buf, loc) },
+                }
+            }
+        }
+
+        impl<'a> VersionMismatch<'a> {
+            pub const VT_VERSIONS: ::flatbuffers::VOffsetT = 4;
+            pub const VT_OFFERED: ::flatbuffers::VOffsetT = 6;
+            pub const VT_SOFTWARE: ::flatbuffers::VOffsetT = 8;
+
+            #[inline]
+            pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+                VersionMismatch { _tab: table }
+            }
+            #[allow(unused_mut)]
+            pub fn create<
+                'bldr: 'args,
+                'args: 'mut_bldr,
+                'mut_bldr,
+                A: ::flatbuffers::Allocator + 'bldr,
+            >(
+                _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+                args: &'args VersionMismatchArgs<'args>,
+            ) -> ::flatbuffers::WIPOffset<VersionMismatch<'bldr>> {
+                let mut builder = VersionMismatchBuilder::new(_fbb);
+                if let Some(x) = args.software {
+                    builder.add_software(x);
+                }
+                if let Some(x) = args.offered {
+                    builder.add_offered(x);
+                }
+                if let Some(x) = args.versions {
+                    builder.add_versions(x);
+                }
+                builder.finish()
+            }
+
+            /// The versions the server speaks.
+            #[inline]
+            pub fn versions(&self) -> &'a Versions {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe {
+                    self._tab
+                        .get::<Versions>(VersionMismatch::VT_VERSIONS, None)
+                        .unwrap()
+                }
+            }
+            /// What the sender offered, as the server read it: the Hello's versions,
+            /// or the header's version as both min and max.
+            #[inline]
+            pub fn offered(&self) -> &'a Versions {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe {
+                    self._tab
+                        .get::<Versions>(VersionMismatch::VT_OFFERED, None)
+                        .unwrap()
+                }
+            }
+            /// The server's software and version (same rules as Hello.software).
+            #[inline]
+            pub fn software(&self) -> Option<&'a str> {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe {
+                    self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(
+                        VersionMismatch::VT_SOFTWARE,
+                        None,
+                    )
+                }
+            }
+        }
+
+        impl ::flatbuffers::Verifiable for VersionMismatch<'_> {
+            #[inline]
+            fn run_verifier(
+                v: &mut ::flatbuffers::Verifier,
+                pos: usize,
+            ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+                v.visit_table(pos)?
+                    .visit_field::<Versions>("versions", Self::VT_VERSIONS, true)?
+                    .visit_field::<Versions>("offered", Self::VT_OFFERED, true)?
+                    .visit_field::<::flatbuffers::ForwardsUOffset<&str>>(
+                        "software",
+                        Self::VT_SOFTWARE,
+                        false,
+                    )?
+                    .finish();
+                Ok(())
+            }
+        }
+        pub struct VersionMismatchArgs<'a> {
+            pub versions: Option<&'a Versions>,
+            pub offered: Option<&'a Versions>,
+            pub software: Option<::flatbuffers::WIPOffset<&'a str>>,
+        }
+        impl<'a> Default for VersionMismatchArgs<'a> {
+            #[inline]
+            fn default() -> Self {
+                VersionMismatchArgs {
+                    versions: None, // required field
+                    offered: None,  // required field
+                    software: None,
+                }
+            }
+        }
+
+        pub struct VersionMismatchBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+            fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+            start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+        }
+        impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> VersionMismatchBuilder<'a, 'b, A> {
+            #[inline]
+            pub fn add_versions(&mut self, versions: &Versions) {
+                self.fbb_
+                    .push_slot_always::<&Versions>(VersionMismatch::VT_VERSIONS, versions);
+            }
+            #[inline]
+            pub fn add_offered(&mut self, offered: &Versions) {
+                self.fbb_
+                    .push_slot_always::<&Versions>(VersionMismatch::VT_OFFERED, offered);
+            }
+            #[inline]
+            pub fn add_software(&mut self, software: ::flatbuffers::WIPOffset<&'b str>) {
+                self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(
+                    VersionMismatch::VT_SOFTWARE,
+                    software,
+                );
+            }
+            #[inline]
+            pub fn new(
+                _fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+            ) -> VersionMismatchBuilder<'a, 'b, A> {
+                let start = _fbb.start_table();
+                VersionMismatchBuilder {
+                    fbb_: _fbb,
+                    start_: start,
+                }
+            }
+            #[inline]
+            pub fn finish(self) -> ::flatbuffers::WIPOffset<VersionMismatch<'a>> {
+                let o = self.fbb_.end_table(self.start_);
+                self.fbb_
+                    .required(o, VersionMismatch::VT_VERSIONS, "versions");
+                self.fbb_
+                    .required(o, VersionMismatch::VT_OFFERED, "offered");
+                ::flatbuffers::WIPOffset::new(o.value())
+            }
+        }
+
+        impl ::core::fmt::Debug for VersionMismatch<'_> {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                let mut ds = f.debug_struct("VersionMismatch");
+                ds.field("versions", &self.versions());
+                ds.field("offered", &self.offered());
+                ds.field("software", &self.software());
                 ds.finish()
             }
         }
