@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fails if unid-proto or unid-core depends (normal or build dependencies,
+# Fails if unid-proto, unid-core or unid-machine depends (normal or build dependencies,
 # directly or not) on glommio, openraft, tokio or libc: those crates stay
 # free of runtimes, consensus and the C library (see DEVELOPERS.md).
 set -euo pipefail
@@ -8,7 +8,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 forbidden='^(glommio|openraft|tokio|libc)$'
 status=0
-for pkg in unid-proto unid-core; do
+for pkg in unid-proto unid-core unid-machine; do
     if ! tree=$(cargo tree -p "$pkg" -e normal,build --prefix none --format '{p}' 2>&1); then
         echo "check-deps: cargo tree -p $pkg failed:" >&2
         echo "$tree" >&2

@@ -32,14 +32,17 @@ for (( j = 0; j < JOBS; j++ )); do
 done
 status=0
 for p in "${pids[@]}"; do wait "$p" || status=1; done
-clean=0; failed=0; shared=0
+clean=0; failed=0; shared=0; two=""
 for f in "$OUT"/*.log; do
   grep -E "FAILED|replay:" "$f" || true
   line=$(grep -E "^[0-9]+ seeds:" "$f" || true)
   c=$(sed -E 's/.* ([0-9]+) clean.*/\1/' <<<"$line"); clean=$(( clean + ${c:-0} ))
   x=$(sed -E 's/.* ([0-9]+) failed.*/\1/' <<<"$line"); failed=$(( failed + ${x:-0} ))
-  s=$(grep -E "^seeds where openraft" "$f" | sed -E 's/.*: ([0-9]+)$/\1/' || true)
+  # "seeds where openraft elected two leaders ... granting): N ([a, b, ...])"
+  s=$(grep -E "^seeds where openraft" "$f" | sed -E 's/.*\): ([0-9]+).*$/\1/' || true)
   shared=$(( shared + ${s:-0} ))
+  t=$(grep -E "^seeds where openraft" "$f" | sed -nE 's/.*\(\[(.*)\]\)$/\1/p' || true)
+  [ -z "$t" ] || two+="${two:+,} $t"
 done
-echo "seeds $FIRST..$LAST: $clean clean, $failed failed; $shared with two leaders elected in one term (allowed by openraft, never both granting)"
+echo "seeds $FIRST..$LAST: $clean clean, $failed failed; $shared with two leaders elected in one term (allowed by openraft, never both granting):${two}"
 exit $status

@@ -15,13 +15,20 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Threads
+//! # Structure
 //!
-//! - the **driver** (`driver.rs`): one connected UDP socket per server
-//!   (`net.rs`: the kernel's ICMP reports are the fast failure signal),
-//!   driving `unid_core::Requester` (retransmit, backoff, redirects,
-//!   rotation) and one `unid_core::Sizer` per sequence, owning every
-//!   ring `Producer`, and the primary/backup link if paired (`pair.rs`);
+//! The decisions are one sans-IO state machine, [`machine::Machine`]
+//! (registration, leaders and epochs through `unid_core::Requester`, block
+//! bookkeeping and refills through `unid_core::Sizer`, server paths,
+//! pairing): datagrams, send errors, ring consumption and time go in,
+//! encoded datagrams and ring writes come out. The agent's threads do the I/O
+//! around it, and a simulator can drive the same machine.
+//!
+//! - the **driver** (`driver.rs`): the I/O loop: one connected UDP socket per
+//!   server (`net.rs`: the kernel's ICMP reports are the fast failure
+//!   signal), the ring producers (`rings.rs`), the pair link's sockets
+//!   (`pair.rs`), the clock and the status snapshot, all fed into the
+//!   machine;
 //! - the **socket server** (`socket.rs`): an accept loop plus one thread per
 //!   connection (at most `socket_connections_max`), taking ids from the same
 //!   rings as an ordinary consumer, so an id is handed out once whichever way
@@ -46,12 +53,14 @@
 #![forbid(unsafe_code)]
 
 mod driver;
+pub mod machine;
 mod net;
 pub mod pair;
+mod rings;
 mod socket;
 pub mod testing;
 
-pub use net::{PathLoss, PathState, ServerPath};
+pub use machine::{Incompatibility, PathLoss, PathState, ServerPath};
 pub use pair::{PairConfig, PairRole, PairStatus, PeerLoss, PeerState};
 
 use std::net::SocketAddr;
@@ -202,7 +211,29 @@ impl AgentConfig {
         }
     }
 
-    /// Checks every bound.
+    /// What the agent's state machine needs of this configuration, for the agent
+    /// started with `incarnation` (wall-clock µs at start; the first `Hello` carries it).
+    pub fn machine_config(&self, incarnation: u64) -> machine::MachineConfig {
+        machine::MachineConfig {
+            servers: self.servers.clone(),
+            sequences: self.sequences.clone(),
+            name: self.name.clone(),
+            incarnation,
+            key: self.key.clone(),
+            cluster: self.cluster,
+            sizing: self.sizing.clone(),
+            blocks_ahead: self.blocks_ahead,
+            requester: self.requester.clone(),
+            pair: self.pair.clone().map(|config| machine::PairSetup {
+                listen: config.listen,
+                config,
+                ring_dir: self.ring_dir.clone(),
+            }),
+        }
+    }
+
+    /// Checks every bound (the state machine's first: servers, sequences, name,
+    /// blocks_ahead, cluster, sizing, requester; then the rings', sockets' and pair's).
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |field, reason: &str| {
             Err(Error::InvalidConfig {
@@ -210,37 +241,7 @@ impl AgentConfig {
                 reason: reason.to_owned(),
             })
         };
-        if self.servers.is_empty() || self.servers.len() > self.requester.servers_max {
-            return bad("servers", "must hold 1 to requester.servers_max addresses");
-        }
-        if self
-            .servers
-            .iter()
-            .enumerate()
-            .any(|(i, a)| self.servers[..i].contains(a))
-        {
-            return bad("servers", "must not repeat an address");
-        }
-        if self.sequences.is_empty() || self.sequences.len() > SEQUENCES_MAX {
-            return bad("sequences", "must hold 1 to 64 names");
-        }
-        if self.requester.requests_max < self.sequences.len() + 2 {
-            return bad(
-                "requester.requests_max",
-                "must be at least the number of sequences + 2 (Hello, Ping)",
-            );
-        }
-        if self
-            .sequences
-            .iter()
-            .enumerate()
-            .any(|(i, s)| self.sequences[..i].contains(s))
-        {
-            return bad("sequences", "must not repeat a name");
-        }
-        if let Err(e) = SequenceName::check(&self.name) {
-            return bad("name", &e.to_string());
-        }
+        self.machine_config(1).validate()?;
         if !self.ring_capacity.is_power_of_two() || !(2..=1 << 24).contains(&self.ring_capacity) {
             return bad("ring_capacity", "must be a power of two in 2..=2^24");
         }
@@ -256,28 +257,10 @@ impl AgentConfig {
         if !(1..=3_600_000).contains(&self.socket_idle_ms) {
             return bad("socket_idle_ms", "must be in 1..=3600000");
         }
-        if !(1..=16).contains(&self.blocks_ahead) {
-            return bad("blocks_ahead", "must be in 1..=16");
-        }
         if !(1..=100).contains(&self.poll_interval_ms) {
             return bad("poll_interval_ms", "must be in 1..=100");
         }
-        if self.cluster == Some(0) {
-            return Err(Error::InvalidConfig {
-                field: "cluster",
-                reason: "a cluster id is never 0 (leave it unset to learn it)".to_owned(),
-            });
-        }
-        if let Err(e) = self.sizing.validate() {
-            return bad("sizing", &e.to_string());
-        }
-        if let Err(e) = self.requester.validate() {
-            return bad("requester", &e.to_string());
-        }
-        if let Some(p) = &self.pair {
-            if let Err(e) = p.validate() {
-                return bad("pair", &e);
-            }
+        if self.pair.is_some() {
             let dir = self.ring_dir.as_os_str().len();
             if dir > pair::RING_DIR_BYTES_MAX || self.ring_dir.to_string_lossy().contains('\n') {
                 return bad(
@@ -364,6 +347,9 @@ pub struct Status {
     /// No route to any server (this host's network is gone): serving from
     /// the rings only until it returns.
     pub network_down: bool,
+    /// The last server that could not serve this agent's protocol versions (and what to
+    /// upgrade), until a server welcomes it.
+    pub incompatible: Option<Incompatibility>,
 }
 
 /// Counters, readable at any time with [`AgentHandle::metrics`].
@@ -389,6 +375,8 @@ pub struct Metrics {
     /// Datagrams dropped because they carry another cluster's id than the
     /// one this agent pinned (logged).
     pub other_cluster_dropped: AtomicU64,
+    /// Refusals for lack of a common protocol version.
+    pub version_refusals: AtomicU64,
     /// Datagrams dropped as replays: a `LeaderChange` whose seq was acted on
     /// already or is older than the window of its server's datagrams.
     pub replays_dropped: AtomicU64,
@@ -448,7 +436,7 @@ impl Metrics {
     pub fn prometheus(&self, status: &Status) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let counters: [(&str, &AtomicU64, &str); 31] = [
+        let counters: [(&str, &AtomicU64, &str); 32] = [
             ("grants_total", &self.grants, "block grants accepted"),
             (
                 "ids_granted_total",
@@ -481,6 +469,11 @@ impl Metrics {
                 "other_cluster_dropped_total",
                 &self.other_cluster_dropped,
                 "datagrams dropped for carrying another cluster's id",
+            ),
+            (
+                "version_refusals_total",
+                &self.version_refusals,
+                "servers' refusals for lack of a common protocol version (VersionMismatch)",
             ),
             (
                 "replays_dropped_total",
@@ -598,6 +591,12 @@ impl Metrics {
         let connected = u8::from(status.connection == Connection::Connected);
         let _ = writeln!(out, "# TYPE unid_agent_connected gauge");
         let _ = writeln!(out, "unid_agent_connected {connected}");
+        let _ = writeln!(out, "# TYPE unid_agent_version_incompatible gauge");
+        let _ = writeln!(
+            out,
+            "unid_agent_version_incompatible {}",
+            u8::from(status.incompatible.is_some())
+        );
         let _ = writeln!(out, "# TYPE unid_agent_network_up gauge");
         let _ = writeln!(
             out,
@@ -808,6 +807,7 @@ pub fn run(config: AgentConfig) -> Result<AgentHandle, Error> {
         pair: None,
         servers: Vec::new(),
         network_down: false,
+        incompatible: None,
     };
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),

@@ -7,46 +7,17 @@
 //!
 //! These errors are the *fast* signal that a server or the path to it is
 //! gone (the requester then rotates away from it and retransmits at once);
-//! requests going unanswered are the slow one. Each server's path state is
-//! logged once per change, counted, and shown in the status.
+//! requests going unanswered are the slow one. The machine keeps each
+//! server's path state (`machine/paths.rs`).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
+use crate::PathLoss;
+
 /// The most server sockets kept (servers learned beyond are dropped first
 /// when they are no longer among the requester's).
 pub(crate) const SOCKETS_MAX: usize = 128;
-
-/// Why a path to a server counts as down.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PathLoss {
-    /// The server's host answered "port unreachable": no server process.
-    Refused,
-    /// Host unreachable (ICMP, or no neighbour answers ARP).
-    HostUnreachable,
-    /// Network unreachable: no route (interface down, route removed).
-    NetworkUnreachable,
-}
-
-/// One server's path as the agent sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PathState {
-    /// Nothing heard from it yet, and no error.
-    Unknown,
-    /// It answered since the last error.
-    Up,
-    /// The last thing the kernel said about it was an error.
-    Down(PathLoss),
-}
-
-/// A server and its path state, for [`crate::Status`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ServerPath {
-    /// The server.
-    pub addr: SocketAddr,
-    /// Its path.
-    pub state: PathState,
-}
 
 /// The loss an I/O error means, if it is one of the path errors.
 pub(crate) fn classify(e: &std::io::Error) -> Option<PathLoss> {
@@ -61,7 +32,6 @@ pub(crate) fn classify(e: &std::io::Error) -> Option<PathLoss> {
 struct Entry {
     addr: SocketAddr,
     socket: UdpSocket,
-    state: PathState,
 }
 
 /// What a receive produced.
@@ -115,11 +85,7 @@ impl Net {
         let socket = UdpSocket::bind(bind)?;
         socket.connect(addr)?;
         socket.set_nonblocking(true)?;
-        self.entries.push(Entry {
-            addr,
-            socket,
-            state: PathState::Unknown,
-        });
+        self.entries.push(Entry { addr, socket });
         Ok(self.entries.len() - 1)
     }
 
@@ -201,41 +167,6 @@ impl Net {
                 f(r, &buf[..len]);
             }
         }
-    }
-
-    /// Records `addr`'s path state; returns the previous one if it changed.
-    pub(crate) fn set_state(&mut self, addr: SocketAddr, state: PathState) -> Option<PathState> {
-        let e = self.entries.iter_mut().find(|e| e.addr == addr)?;
-        if e.state == state {
-            return None;
-        }
-        Some(std::mem::replace(&mut e.state, state))
-    }
-
-    /// Every server's path.
-    pub(crate) fn paths(&self) -> Vec<ServerPath> {
-        self.entries
-            .iter()
-            .map(|e| ServerPath {
-                addr: e.addr,
-                state: e.state,
-            })
-            .collect()
-    }
-
-    /// Whether every path among `servers` is down for lack of a route (the
-    /// network on this side is gone), and there is at least one.
-    pub(crate) fn no_route(&self, servers: &[SocketAddr]) -> bool {
-        let mut any = false;
-        for e in self.entries.iter().filter(|e| servers.contains(&e.addr)) {
-            match e.state {
-                PathState::Down(PathLoss::NetworkUnreachable | PathLoss::HostUnreachable) => {
-                    any = true
-                }
-                _ => return false,
-            }
-        }
-        any
     }
 }
 

@@ -5,6 +5,14 @@
 //! names with `_` instead of `-`, `server` and `sequence` as lists); a flag
 //! wins over the file. SIGINT or SIGTERM stops the agent: its rings are
 //! closed (applications drain what is in them, then get "agent not running").
+//!
+//! Under systemd (`Type=notify`, `NOTIFY_SOCKET` set) it sends `READY=1` once its sockets are
+//! bound and every ring is settled (serving, or the cluster answered that the sequence is
+//! unknown or exhausted, or the ring could not be made), or after [`READY_WAIT`] at the
+//! latest: an agent whose cluster is down still starts, serves its socket and keeps asking,
+//! and its `STATUS=` line says so. `STATUS=` follows the rings and the connection afterwards;
+//! `STOPPING=1` when a signal stops it; `WATCHDOG=1` from its main loop if the unit has
+//! `WatchdogSec=`.
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
@@ -14,7 +22,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use unid_agent::{AgentConfig, SERVER_PORT_DEFAULT, SOCKET_ADDR_DEFAULT};
+use unid_agent::{AgentConfig, SERVER_PORT_DEFAULT, SOCKET_ADDR_DEFAULT, SequenceState, Status};
+
+/// Longest wait for the rings before `READY=1` is sent anyway (systemd's `TimeoutStartSec=`
+/// defaults to 90 s; an agent must not fail to start because the cluster is down).
+pub const READY_WAIT: Duration = Duration::from_secs(5);
 
 /// Options of `unid agent`.
 #[derive(clap::Args, Debug, Default)]
@@ -250,9 +262,50 @@ fn build(args: Args) -> anyhow::Result<AgentConfig> {
     Ok(config)
 }
 
-/// Runs `unid agent` until SIGINT or SIGTERM.
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Whether every ring is settled: serving, or waiting on something only the cluster's
+/// operator can change. A ring still `Waiting` has had no answer yet.
+fn rings_settled(status: &Status) -> bool {
+    status
+        .sequences
+        .iter()
+        .all(|s| s.state != SequenceState::Waiting)
+}
+
+/// The `STATUS=` line: rings serving out of configured, and the connection.
+fn status_line(status: &Status) -> String {
+    let serving = status
+        .sequences
+        .iter()
+        .filter(|s| s.state == SequenceState::Serving)
+        .count();
+    let connection = match status.connection {
+        unid_agent::Connection::Registering => "registering with the cluster",
+        unid_agent::Connection::Connected => "connected",
+        unid_agent::Connection::Unreachable if serving > 0 => {
+            "cluster unreachable, serving from the rings"
+        }
+        unid_agent::Connection::Unreachable => "cluster unreachable",
+        unid_agent::Connection::Stopped => "stopped",
+    };
+    let mut line = format!(
+        "{serving} of {} rings serving; {connection}",
+        status.sequences.len()
+    );
+    for s in &status.sequences {
+        match &s.state {
+            SequenceState::Serving | SequenceState::Waiting => {}
+            SequenceState::UnknownSequence => line.push_str(&format!("; {}: unknown", s.name)),
+            SequenceState::Exhausted => line.push_str(&format!("; {}: exhausted", s.name)),
+            SequenceState::RingError(e) => line.push_str(&format!("; {}: {e}", s.name)),
+        }
+    }
+    line
+}
+
+/// Runs `unid agent` until SIGINT or SIGTERM; `notifier` reports readiness to systemd.
+pub fn run(args: Args, notifier: unid_engine::sd_notify::Notifier) -> anyhow::Result<()> {
     crate::logs::init("info");
+    crate::notify::log_start(&notifier);
     let config = build(args)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -260,12 +313,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .context("installing the signal handler")?;
     }
     let agent = unid_agent::run(config).context("starting the agent")?;
+    let started = std::time::Instant::now();
+    let mut ready = false;
+    let mut last_line = String::new();
+    let watchdog = notifier.watchdog_interval();
+    let mut next_watchdog = started;
     while !stop.load(Ordering::Relaxed) {
         if !agent.is_running() {
             bail!("the agent's threads stopped unexpectedly");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        if notifier.enabled() {
+            let status = agent.status();
+            let line = status_line(&status);
+            if !ready && (rings_settled(&status) || started.elapsed() >= READY_WAIT) {
+                crate::notify::report(notifier.ready(&line));
+                ready = true;
+            } else if ready && line != last_line {
+                crate::notify::report(notifier.status(&line));
+            }
+            if ready {
+                last_line = line;
+            }
+            // From this loop, which also checks the agent's threads: a stuck agent stops
+            // pinging and systemd restarts it.
+            if let Some(every) = watchdog
+                && std::time::Instant::now() >= next_watchdog
+            {
+                crate::notify::report(notifier.watchdog());
+                next_watchdog = std::time::Instant::now() + every;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    crate::notify::report(notifier.stopping("stopping: closing the rings"));
     agent.stop();
     Ok(())
 }

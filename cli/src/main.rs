@@ -7,6 +7,7 @@ mod config;
 mod dev;
 mod logs;
 mod next;
+mod notify;
 mod sequence;
 mod server;
 mod status;
@@ -42,10 +43,13 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // First, while the process has one thread: takes NOTIFY_SOCKET (systemd's Type=notify)
+    // out of the environment, so that no child process (`unid dev`'s) inherits it.
+    let notifier = unid_engine::sd_notify::Notifier::from_env();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Server(args) => server::run(args),
-        Command::Agent(args) => agent::run(args),
+        Command::Server(args) => server::run(args, notifier),
+        Command::Agent(args) => agent::run(args, notifier),
         Command::Next(args) => next::run(args),
         Command::Sequence(cmd) => sequence::run(cmd),
         Command::Status(args) => status::run(args),

@@ -5,6 +5,11 @@
 //! file. SIGTERM or SIGINT stops the server gracefully: as leader it tells agents and the other
 //! servers where the next leader is (`LeaderChange`) and hands leadership off. A second signal
 //! exits at once.
+//!
+//! Under systemd (`Type=notify`, `NOTIFY_SOCKET` set) it sends `READY=1` once its UDP port is
+//! bound and answering (Raft started, the cluster bootstrapped with `--init`), `STOPPING=1`
+//! when a graceful stop begins, and `WATCHDOG=1` every half `WATCHDOG_USEC` if the unit has
+//! `WatchdogSec=` (see `crate::notify`).
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
@@ -45,9 +50,25 @@ pub struct Args {
     /// UDP shards (threads with their own socket) [default: 1].
     #[arg(long)]
     shards: Option<usize>,
+    /// How the shards wait for datagrams [default: auto]: `io-uring` (glommio executors),
+    /// `threads` (plain threads in ppoll; for containers whose seccomp profile refuses
+    /// io_uring, or kernel.io_uring_disabled), `auto` (io-uring if it works here, else threads,
+    /// with a warning saying why).
+    #[arg(long, value_name = "PLANE", value_parser = clap::builder::PossibleValuesParser::new(["auto", "io-uring", "threads"]))]
+    data_plane: Option<String>,
     /// Agent lease in milliseconds [default: 10000].
     #[arg(long)]
     lease_ms: Option<u32>,
+    /// Raft heartbeat interval in ms [default: 20]. Shorter detects a dead leader sooner
+    /// and sends more heartbeats (each follower gets one per interval).
+    #[arg(long, value_name = "MS")]
+    heartbeat_ms: Option<u64>,
+    /// Raft election timeout, randomized in MIN-MAX ms [default: 60-100]. MAX is also the
+    /// leader lease (openraft 0.9): a new leader is elected about MAX + a draw in MIN-MAX
+    /// after the old one died; shorter means faster failover and more risk of an election
+    /// nobody needed when a busy machine delays heartbeats.
+    #[arg(long, value_name = "MIN-MAX")]
+    election_ms: Option<String>,
     /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`) [default: off].
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -70,9 +91,27 @@ struct FileConfig {
     init: Option<bool>,
     secret_file: Option<PathBuf>,
     shards: Option<usize>,
+    data_plane: Option<String>,
     lease_ms: Option<u32>,
+    heartbeat_ms: Option<u64>,
+    election_ms: Option<String>,
     metrics: Option<SocketAddr>,
     insecure_without_secret: Option<bool>,
+}
+
+/// `MIN-MAX` (milliseconds, MIN < MAX) of `--election-ms`.
+fn parse_election(range: &str) -> anyhow::Result<(u64, u64)> {
+    let bad =
+        || anyhow::anyhow!("--election-ms {range:?}: give MIN-MAX in ms, MIN < MAX, e.g. 60-100");
+    let (a, b) = range.split_once('-').ok_or_else(bad)?;
+    let (min, max): (u64, u64) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if min == 0 || min >= max {
+        return Err(bad());
+    }
+    Ok((min, max))
 }
 
 /// Whether `addr` (from this server's own `--peer` entry) can be the address it binds as
@@ -154,8 +193,29 @@ fn build(args: Args) -> anyhow::Result<ServerConfig> {
     if let Some(shards) = args.shards.or(file.shards) {
         config.shards = shards;
     }
+    if let Some(plane) = args.data_plane.or(file.data_plane) {
+        config.data_plane = plane
+            .parse()
+            .map_err(|_| anyhow::anyhow!("data_plane {plane:?}: give auto, io-uring or threads"))?;
+    }
     if let Some(lease_ms) = args.lease_ms.or(file.lease_ms) {
         config.lease_ms = lease_ms;
+    }
+    if let Some(ms) = args.heartbeat_ms.or(file.heartbeat_ms) {
+        config.timing.heartbeat_ms = ms;
+    }
+    if let Some(range) = args.election_ms.or(file.election_ms) {
+        let (min, max) = parse_election(&range)?;
+        config.timing.election_min_ms = min;
+        config.timing.election_max_ms = max;
+    }
+    let t = &config.timing;
+    if t.heartbeat_ms == 0 || 2 * t.heartbeat_ms > t.election_min_ms {
+        bail!(
+            "--heartbeat-ms {} must be at least 1 and at most half the election minimum {} ms",
+            t.heartbeat_ms,
+            t.election_min_ms
+        );
     }
     config.metrics_addr = args.metrics.or(file.metrics);
     config.insecure_without_secret =
@@ -196,15 +256,17 @@ fn build(args: Args) -> anyhow::Result<ServerConfig> {
     Ok(config)
 }
 
-/// Runs `unid server`.
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Runs `unid server`; `notifier` reports readiness and stopping to systemd.
+pub fn run(args: Args, notifier: unid_engine::sd_notify::Notifier) -> anyhow::Result<()> {
     let config = build(args)?;
     crate::logs::init("info,openraft=warn");
+    crate::notify::log_start(&notifier);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let id = config.id;
     let handle = unid_engine::server::run(config).context("starting the server")?;
     let stopper = handle.stopper();
+    let signal_notifier = notifier.clone();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -216,6 +278,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let mut signals = signals.forever();
             if let Some(sig) = signals.next() {
                 tracing::info!(id, signal = sig, "signal received: stopping gracefully");
+                crate::notify::report(
+                    signal_notifier.stopping("stopping: handing leadership over, then exiting"),
+                );
                 stopper.stop();
             }
             if let Some(sig) = signals.next() {
@@ -231,6 +296,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         metrics = ?handle.metrics_addr(),
         "server running"
     );
+    crate::notify::report(notifier.ready(&format!(
+        "serving: udp {}, raft {}",
+        handle.udp_addr(),
+        handle.raft_addr()
+    )));
+    crate::notify::spawn_watchdog(&notifier, || true)?;
     handle.wait().context("server")?;
     Ok(())
 }
@@ -282,6 +353,47 @@ mod tests {
         assert!(err.contains("ID=RAFT_ADDR=UDP_ADDR"), "{err}");
         let cli = Cli::parse_from(["x"]);
         assert!(format!("{:#}", build(cli.args).unwrap_err()).contains("--id"));
+    }
+
+    #[test]
+    fn election_timing_flags_are_parsed_and_checked() {
+        let cli = Cli::parse_from(["x", "--id", "1"]);
+        let c = build(cli.args).unwrap();
+        let d = unid_engine::server::ServerConfig::new(1, "x").timing;
+        assert_eq!(
+            (
+                c.timing.heartbeat_ms,
+                c.timing.election_min_ms,
+                c.timing.election_max_ms
+            ),
+            (d.heartbeat_ms, d.election_min_ms, d.election_max_ms)
+        );
+        let cli = Cli::parse_from([
+            "x",
+            "--id",
+            "1",
+            "--heartbeat-ms",
+            "10",
+            "--election-ms",
+            "40-70",
+        ]);
+        let c = build(cli.args).unwrap();
+        assert_eq!(
+            (
+                c.timing.heartbeat_ms,
+                c.timing.election_min_ms,
+                c.timing.election_max_ms
+            ),
+            (10, 40, 70)
+        );
+        for bad in [
+            ["--election-ms", "70-40"],
+            ["--election-ms", "x"],
+            ["--heartbeat-ms", "50"],
+        ] {
+            let cli = Cli::parse_from(["x", "--id", "1", bad[0], bad[1]]);
+            assert!(build(cli.args).is_err(), "{bad:?} accepted");
+        }
     }
 
     /// Issue 12 item 12: mistakes that used to start a server that could never work.

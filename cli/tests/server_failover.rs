@@ -28,6 +28,8 @@ fn three_servers_redirect_fail_over_after_kill9_and_rejoin() {
         name: "test-agent-with-a-long-enough-name",
         listen: None,
         backup_of: None,
+        versions: unid_proto::VERSIONS,
+        software: unid_proto::SOFTWARE,
     };
     let r = agent.call(follower, &hello, Duration::from_secs(2));
     assert_eq!(
@@ -45,6 +47,8 @@ fn three_servers_redirect_fail_over_after_kill9_and_rejoin() {
         name: "a",
         listen: None,
         backup_of: None,
+        versions: unid_proto::VERSIONS,
+        software: unid_proto::SOFTWARE,
     };
     let r = Agent::new().call(follower, &short, Duration::from_secs(2));
     assert_eq!(

@@ -530,10 +530,82 @@ impl Unid {
     /// The next id: from the ring (waiting up to `options.wait` if it is
     /// empty), else from the agent's socket.
     #[allow(clippy::should_implement_trait)] // fallible; `Iterator` would hide errors
+    #[inline]
     pub fn next(&mut self) -> Result<Id, Error> {
+        // Fast path: one ring (no pair), nothing spare or buffered from the socket: one take
+        // from the ring and the checks of `take_range`, no clock, no allocation, no copy of a
+        // large result. Anything else (an empty, closed or dead ring, a pair, the socket)
+        // goes the general way, which takes nothing more than this did not.
+        if let Source::Ring(c) = &self.source
+            && let Some(width) = self.width
+            && c.width() == width.bytes()
+            && self.spare.is_none()
+            && self.buffered.is_empty()
+            && self.pair.is_none()
+            && let Ok(r) = c.try_take_range(1)
+        {
+            // `width.limit()` without its branches: 2^(8 * bytes) - 1.
+            let limit = u128::MAX >> (128 - 8 * u32::from(width.bytes()));
+            debug_assert_eq!(limit, width.limit());
+            // The checks of `accept` for a run asked of at most one id.
+            if r.count == 1 && r.first < limit && self.last.is_none_or(|l| r.first > l) {
+                self.last = Some(r.first);
+                return Ok(Id {
+                    value: r.first,
+                    width,
+                });
+            }
+            return Err(self.corrupt(r.first, r.count));
+        }
+        self.next_general()
+    }
+
+    /// [`Unid::next`] the general way (through [`Unid::take_range`]).
+    #[inline(never)]
+    fn next_general(&mut self) -> Result<Id, Error> {
         let (first, count) = self.take_range(1)?;
         debug_assert_eq!(count, 1);
         Ok(first)
+    }
+
+    /// Checks a run taken for a request of at most `max` ids and makes it this handle's
+    /// last: ids from one handle increase (the ring only moves forward, a restarted agent's
+    /// blocks lie above every earlier one, a paired handle discards what is not above the
+    /// last id). A ring written outside the protocol (a rewound head, a lowered block)
+    /// breaks that: checked here, never trusted, never a panic.
+    #[inline]
+    fn accept(
+        &mut self,
+        first: u128,
+        count: u64,
+        max: u64,
+        width: Width,
+    ) -> Result<(Id, u64), Error> {
+        let end = first.checked_add(u128::from(count));
+        let fits = end.is_some_and(|e| width.contains(e - 1));
+        if count == 0 || count > max || !fits || self.last.is_some_and(|l| first <= l) {
+            return Err(self.corrupt(first, count));
+        }
+        self.last = Some(first + u128::from(count) - 1);
+        self.width = Some(width);
+        Ok((
+            Id {
+                value: first,
+                width,
+            },
+            count,
+        ))
+    }
+
+    /// The run `first`+`count` may not be returned (see [`Unid::accept`]).
+    #[cold]
+    fn corrupt(&self, first: u128, count: u64) -> Error {
+        Error::Corrupt {
+            sequence: self.sequence.clone(),
+            first,
+            count,
+            last: self.last,
+        }
     }
 
     /// `n` ids (1..=[`TAKE_IDS_MAX`]), increasing. Consecutive runs come
@@ -558,30 +630,7 @@ impl Unid {
     pub fn take_range(&mut self, max: u64) -> Result<(Id, u64), Error> {
         let max = max.clamp(1, socket::SOCKET_IDS_MAX);
         let (first, count, width) = self.take_raw(max)?;
-        // Ids from one handle increase: the ring only moves forward, a
-        // restarted agent's blocks lie above every earlier one, and a
-        // paired handle discards what is not above the last id. A ring
-        // written outside the protocol (a rewound head, a lowered block)
-        // breaks that: checked here, never trusted, never a panic.
-        let end = first.checked_add(u128::from(count));
-        let fits = end.is_some_and(|e| width.contains(e - 1));
-        if count == 0 || count > max || !fits || self.last.is_some_and(|l| first <= l) {
-            return Err(Error::Corrupt {
-                sequence: self.sequence.clone(),
-                first,
-                count,
-                last: self.last,
-            });
-        }
-        self.last = Some(first + u128::from(count) - 1);
-        self.width = Some(width);
-        Ok((
-            Id {
-                value: first,
-                width,
-            },
-            count,
-        ))
+        self.accept(first, count, max, width)
     }
 
     fn take_raw(&mut self, max: u64) -> Result<(u128, u64, Width), Error> {

@@ -103,6 +103,44 @@ fn ring_ids_typed_by_width_and_closed_ring_reported() {
     assert!(matches!(u.take(0), Err(Error::BadCount { asked: 0 })));
 }
 
+/// `next()` (its fast path over one ring) and `take_range()` (the general way)
+/// interleaved: every id once, increasing, across blocks, a block cut by a
+/// `take_range` and a restarted agent's new ring file; a 2-byte ring hands
+/// out its last id below the reserved all-ones value and nothing above.
+#[test]
+fn next_and_take_range_interleave_across_blocks_and_a_restarted_agent() {
+    let d = Dir::new("interleave");
+    let mut p =
+        unid_ring::Producer::create(&d.0, "mix", &unid_ring::ProducerOptions::new(2)).unwrap();
+    p.push(10, 3).unwrap();
+    p.push(20, 5).unwrap();
+    let mut u = Unid::open_with("mix", options(&d, dead_socket())).unwrap();
+    let mut got = vec![u.next().unwrap().get()];
+    let (first, count) = u.take_range(4).unwrap(); // the rest of the first block only
+    assert_eq!((first.get(), count), (11, 2));
+    got.extend((0..count).map(|i| first.get() + u128::from(i)));
+    got.push(u.next().unwrap().get());
+    let (first, count) = u.take_range(2).unwrap();
+    got.extend((0..count).map(|i| first.get() + u128::from(i)));
+    got.push(u.next().unwrap().get());
+    assert_eq!(got, vec![10, 11, 12, 20, 21, 22, 23]);
+    // The agent restarts: the old ring is closed, a new file holds higher ids.
+    drop(p);
+    let mut p =
+        unid_ring::Producer::create(&d.0, "mix", &unid_ring::ProducerOptions::new(2)).unwrap();
+    p.push(65_530, 5).unwrap(); // 65_530..=65_534: the last ids a 2-byte sequence has
+    let id = u.next().unwrap();
+    assert_eq!(
+        (id.get(), id.width()),
+        (24, Width::W2),
+        "the old ring's last id first"
+    );
+    let rest: Vec<u128> = (0..5).map(|_| u.next().unwrap().get()).collect();
+    assert_eq!(rest, (65_530..=65_534).collect::<Vec<_>>());
+    let e = u.next().unwrap_err();
+    assert!(matches!(e, Error::NotReady { .. }), "{e}");
+}
+
 #[test]
 fn wide_ids_do_not_narrow() {
     let d = Dir::new("wide");

@@ -135,7 +135,9 @@ pub mod error;
 pub mod frame;
 pub mod network;
 pub mod node;
-pub mod state;
+/// The replicated state lives in `unid-core` (pure, shared with the server state machine
+/// of `unid-machine`); re-exported here under its old path.
+pub use unid_core::state;
 pub mod store;
 pub mod types;
 

@@ -68,6 +68,7 @@ pub mod rate;
 pub mod requester;
 pub mod sequence;
 pub mod sizing;
+pub mod state;
 
 pub use allocator::{
     AllocatorConfig, AllocatorStats, CommittedCeiling, LeaderAllocator, Raise, SequenceView,

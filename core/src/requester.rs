@@ -377,6 +377,23 @@ impl<Q: Clone, P> Requester<Q, P> {
         })
     }
 
+    /// A requester for `servers` (the first is the leader guess) that continues this one:
+    /// the same configuration, seqs above every seq this one handed out, and this one's
+    /// highest epoch, so the epoch filter survives a leader switch (the rule stays here,
+    /// not in a caller's copy). Nothing outstanding moves over: the caller sends again what
+    /// it still needs, under new seqs (answers to the old ones are then dropped as unknown).
+    pub fn continue_with(
+        &self,
+        servers: &[SocketAddr],
+        now_us: u64,
+    ) -> Result<Requester<Q, P>, Error> {
+        let first_seq = self.next_seq.ok_or(Error::SeqNoExhausted)?;
+        let mut next = Requester::new(self.config.clone(), servers, first_seq, now_us)?;
+        next.highest_epoch = self.highest_epoch;
+        next.now_us = next.now_us.max(self.now_us);
+        Ok(next)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &RequesterConfig {
         &self.config

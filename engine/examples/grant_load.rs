@@ -96,6 +96,8 @@ fn agent(
         name: &name,
         listen: None,
         backup_of: None,
+        versions: unid_proto::VERSIONS,
+        software: unid_proto::SOFTWARE,
     };
     let node = client
         .call(0, &hello, |f, _| match f.message {

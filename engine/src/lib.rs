@@ -2,7 +2,7 @@
 //!
 //! Two layers, following quinn's split between `quinn-udp` (syscalls) and the protocol (no I/O):
 //!
-//! - [`udp`] is the only place with socket syscalls and `unsafe`: a nonblocking socket
+//! - [`udp`] is the only place with socket syscalls and `unsafe` (besides one in [`sd_notify`]): a nonblocking socket
 //!   (`SO_REUSEPORT`, sized buffers, `IP_RECVERR`/`IPV6_RECVERR`) with [`udp::UdpSocket::recv_batch`]
 //!   (`recvmmsg`), [`udp::UdpSocket::send_batch`] (`sendmmsg`) and
 //!   [`udp::UdpSocket::drain_errors`] (the socket error queue, turned into typed
@@ -14,8 +14,12 @@
 //! - [`server`] is the unid server process: shards whose handler grants blocks from
 //!   `unid-core`'s allocator, and a control task on a tokio thread driving `unid-consensus`
 //!   (leader tracking, ceiling raises, registrations, graceful handoff, fail-stop).
+//! - [`plane`] chooses the data plane: glommio/io_uring, or plain threads waiting in `ppoll(2)`
+//!   where io_uring is refused (containers' seccomp profiles, `kernel.io_uring_disabled`).
 //! - [`metrics`] formats Prometheus text metrics and serves them over HTTP (`--metrics`).
 //! - [`client`] is a small blocking UDP client of servers, for operator tools and tests.
+//! - [`sd_notify`] is systemd's readiness protocol (`Type=notify`) for the `unid` binary; here
+//!   because removing `NOTIFY_SOCKET` from the environment is an `unsafe` call.
 //!
 //! # Why `recvmmsg` after io_uring readiness, not one io_uring op per datagram
 //! glommio's `UdpSocket` offers one receive or send per datagram — first tried as a plain
@@ -45,8 +49,11 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 pub mod client;
+pub mod driver;
 pub mod metrics;
+pub mod plane;
 pub mod ports;
+pub mod sd_notify;
 pub mod server;
 pub mod shard;
 pub mod udp;
@@ -96,6 +103,16 @@ pub enum Error {
         /// Index of the shard.
         shard: usize,
         /// glommio's or the OS's explanation.
+        reason: String,
+    },
+    /// io_uring was asked for ([`plane::DataPlane::IoUring`]) but does not work here (a
+    /// seccomp filter such as Docker's default, or `kernel.io_uring_disabled`); `reason` is the
+    /// probe's finding.
+    #[error(
+        "io_uring is unavailable ({reason}); use the threads data plane (--data-plane threads or auto) or allow io_uring"
+    )]
+    IoUringUnavailable {
+        /// Which io_uring call failed and how.
         reason: String,
     },
     /// A shard thread panicked or its executor failed while running.

@@ -132,14 +132,14 @@ impl Exposition {
         self.family(name, Kind::Histogram, help);
         let bucket = format!("{name}_bucket");
         let mut cumulative = 0u64;
-        for (i, &bound_us) in h.bounds_us.iter().enumerate() {
-            cumulative += h.buckets[i].load(Ordering::Relaxed);
+        for (i, &bound_us) in h.bounds_us().iter().enumerate() {
+            cumulative += h.bucket(i);
             let le = format!("{}", bound_us as f64 / 1e6);
             self.sample(&bucket, &[("le", &le)], cumulative);
         }
-        cumulative += h.buckets[h.bounds_us.len()].load(Ordering::Relaxed);
+        cumulative += h.bucket(h.bounds_us().len());
         self.sample(&bucket, &[("le", "+Inf")], cumulative);
-        let sum_s = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let sum_s = h.sum_us() as f64 / 1e6;
         self.sample(&format!("{name}_sum"), &[], sum_s);
         self.sample(&format!("{name}_count"), &[], cumulative)
     }
@@ -158,127 +158,24 @@ fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
-/// A histogram of durations with fixed bucket bounds, in microseconds; lock-free.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds_us: &'static [u64],
-    /// One per bound, plus the overflow bucket.
-    buckets: Vec<AtomicU64>,
-    sum_us: AtomicU64,
-}
-
-/// Bucket bounds for Raft commit latencies: 1 ms to 5 s.
-pub const COMMIT_BOUNDS_US: &[u64] = &[
-    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 5_000_000,
-];
-
-impl Histogram {
-    /// An empty histogram with these (increasing) upper bounds.
-    pub fn new(bounds_us: &'static [u64]) -> Histogram {
-        debug_assert!(bounds_us.windows(2).all(|w| w[0] < w[1]));
-        Histogram {
-            bounds_us,
-            buckets: (0..=bounds_us.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_us: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one observation.
-    pub fn observe_us(&self, us: u64) {
-        let i = self.bounds_us.partition_point(|&b| b < us);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
-    }
-}
+pub use unid_machine::server::{
+    COMMIT_BOUNDS_US, Counters as ServerCounters, DropKind, Gauges as ServerGauges, Histogram,
+    METRICS_SEQUENCES_MAX, SequenceGauges,
+};
 
 // ---------------------------------------------------------------- server metrics ---
 
-/// Counters of the server that [`crate::server::ServerStats`] does not have. Atomics only.
-#[derive(Debug)]
-pub(crate) struct ServerCounters {
-    /// Datagrams dropped because they failed to decode, by [`DropKind`].
-    pub(crate) decode_dropped: [AtomicU64; 4],
-    /// `Error` answers encoded, by [`unid_proto::ErrorCode`] wire number (index 0: unknown).
-    pub(crate) errors_sent: [AtomicU64; 16],
+/// The server's counters of its sockets (the machine's are in [`ServerCounters`]). Atomics.
+#[derive(Debug, Default)]
+pub(crate) struct IoCounters {
     /// Datagrams queued for sending (answers and notices).
     pub(crate) datagrams_out: AtomicU64,
     /// Undeliverable datagrams by [`crate::udp::PeerErrorKind`] (refused, host unreachable,
     /// net unreachable, message too long, other).
     pub(crate) send_errors: [AtomicU64; 5],
-    /// Times the known leader changed (to another known leader).
-    pub(crate) leader_changes: AtomicU64,
-    /// Times this server became leader.
-    pub(crate) leaderships: AtomicU64,
-    /// Times this leader went [`crate::server::QUORUM_LOST_MS`] without a quorum confirming
-    /// its leadership.
-    pub(crate) quorum_lost: AtomicU64,
-    /// Latency of committed ceiling raises.
-    pub(crate) raise_latency: Histogram,
 }
 
-impl Default for ServerCounters {
-    fn default() -> Self {
-        ServerCounters {
-            decode_dropped: Default::default(),
-            errors_sent: Default::default(),
-            datagrams_out: AtomicU64::new(0),
-            send_errors: Default::default(),
-            leader_changes: AtomicU64::new(0),
-            leaderships: AtomicU64::new(0),
-            quorum_lost: AtomicU64::new(0),
-            raise_latency: Histogram::new(COMMIT_BOUNDS_US),
-        }
-    }
-}
-
-/// Why a datagram failed to decode, grouped for the metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum DropKind {
-    /// The CRC32 did not match.
-    BadCrc = 0,
-    /// Authentication failed: tag missing, wrong, or unexpected.
-    Auth = 1,
-    /// Shorter than its header says, or than the smallest datagram.
-    Truncated = 2,
-    /// Anything else (magic, version, type, flags, FlatBuffers, fields).
-    Malformed = 3,
-}
-
-impl DropKind {
-    const ALL: [(DropKind, &'static str); 4] = [
-        (DropKind::BadCrc, "bad_crc"),
-        (DropKind::Auth, "auth"),
-        (DropKind::Truncated, "truncated"),
-        (DropKind::Malformed, "malformed"),
-    ];
-
-    pub(crate) fn of(e: &unid_proto::DecodeError) -> DropKind {
-        use unid_proto::DecodeError as D;
-        match e {
-            D::BadCrc { .. } => DropKind::BadCrc,
-            D::MissingTag | D::BadTag | D::UnexpectedTag => DropKind::Auth,
-            D::TooShort { .. } => DropKind::Truncated,
-            D::LengthMismatch { expected, actual } if actual < expected => DropKind::Truncated,
-            _ => DropKind::Malformed,
-        }
-    }
-}
-
-impl ServerCounters {
-    pub(crate) fn decode_failed(&self, e: &unid_proto::DecodeError) {
-        self.decode_dropped[DropKind::of(e) as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn error_sent(&self, code: unid_proto::ErrorCode) {
-        let i = (code as usize).min(self.errors_sent.len() - 1);
-        self.errors_sent[i].fetch_add(1, Ordering::Relaxed);
-    }
-
+impl IoCounters {
     pub(crate) fn send_failed(&self, kind: crate::udp::PeerErrorKind) {
         use crate::udp::PeerErrorKind as K;
         let i = match kind {
@@ -292,43 +189,24 @@ impl ServerCounters {
     }
 }
 
-/// One sequence's figures, gathered under the server's lock.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct SequenceGauges {
-    pub(crate) name: String,
-    /// Blocks granted by this server (since it started).
-    pub(crate) grants: u64,
-    /// Ids in those blocks.
-    pub(crate) ids: u128,
-    /// The committed ceiling (exclusive).
-    pub(crate) ceiling: u128,
-    /// Ids left before the width's limit.
-    pub(crate) ids_left: u128,
-}
-
-/// The server's state figures, gathered under its lock and formatted after.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct ServerGauges {
-    pub(crate) term: u64,
-    pub(crate) is_leader: bool,
-    pub(crate) granting: bool,
-    pub(crate) agents: usize,
-    pub(crate) sequences: Vec<SequenceGauges>,
-}
-
-/// Most sequences listed in the metrics (the rest are left out, counted in
-/// `unid_server_sequences_omitted`).
-pub const METRICS_SEQUENCES_MAX: usize = 1_000;
-
 /// The server's metrics in the text format.
 pub(crate) fn render_server(
     stats: &crate::server::ServerStatsSnapshot,
     c: &ServerCounters,
+    io: &IoCounters,
     g: &ServerGauges,
-    sequences_omitted: usize,
+    plane: crate::plane::DataPlane,
 ) -> String {
+    let sequences_omitted = g.sequences_omitted;
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mut e = Exposition::new();
+    let name = "unid_server_data_plane";
+    e.family(
+        name,
+        Kind::Gauge,
+        "1 for the data plane the shards run on (io-uring: glommio; threads: ppoll fallback)",
+    )
+    .sample(name, &[("plane", plane.name())], 1);
     e.single(
         "unid_server_datagrams_in_total",
         Kind::Counter,
@@ -339,7 +217,7 @@ pub(crate) fn render_server(
         "unid_server_datagrams_out_total",
         Kind::Counter,
         "datagrams queued for sending (answers, notices)",
-        load(&c.datagrams_out),
+        load(&io.datagrams_out),
     );
     let name = "unid_server_datagrams_dropped_total";
     e.family(
@@ -363,14 +241,16 @@ pub(crate) fn render_server(
     e.sample(name, &[("reason", "unexpected")], stats.dropped_unexpected);
     e.sample(name, &[("reason", "replay")], stats.dropped_replay);
     e.sample(name, &[("reason", "other_cluster")], stats.dropped_cluster);
+    e.sample(name, &[("reason", "version")], stats.dropped_version);
     let name = "unid_server_registrations_refused_total";
     e.family(
         name,
         Kind::Counter,
-        "new agent registrations refused, by reason (rate: over the per-IP or total rate; full: node table full)",
+        "new agent registrations refused, by reason (rate: over the per-IP or total rate; full: node table full; version: no protocol version in common)",
     );
     e.sample(name, &[("reason", "rate")], stats.refused_registration_rate);
     e.sample(name, &[("reason", "full")], stats.refused_registration_full);
+    e.sample(name, &[("reason", "version")], stats.refused_version);
     e.single(
         "unid_server_agents_removed_total",
         Kind::Counter,
@@ -426,7 +306,7 @@ pub(crate) fn render_server(
     .into_iter()
     .enumerate()
     {
-        e.sample(name, &[("kind", kind)], load(&c.send_errors[i]));
+        e.sample(name, &[("kind", kind)], load(&io.send_errors[i]));
     }
     e.single(
         "unid_server_grants_total",
@@ -817,7 +697,8 @@ unid_server_lat_seconds_count 4\n";
             c.decode_failed(&e);
         }
         c.error_sent(unid_proto::ErrorCode::Exhausted);
-        c.send_failed(crate::udp::PeerErrorKind::Refused);
+        let io = IoCounters::default();
+        io.send_failed(crate::udp::PeerErrorKind::Refused);
         let g = ServerGauges {
             sequences: vec![SequenceGauges {
                 name: "a\"b".into(),
@@ -832,7 +713,7 @@ unid_server_lat_seconds_count 4\n";
             dropped_rate: 4,
             ..Default::default()
         };
-        let text = render_server(&stats, &c, &g, 0);
+        let text = render_server(&stats, &c, &io, &g, crate::plane::DataPlane::Threads);
         for line in [
             "unid_server_datagrams_dropped_total{reason=\"bad_crc\"} 1\n",
             "unid_server_datagrams_dropped_total{reason=\"auth\"} 3\n",
@@ -841,6 +722,7 @@ unid_server_lat_seconds_count 4\n";
             "unid_server_datagrams_dropped_total{reason=\"rate_limited\"} 4\n",
             "unid_server_errors_sent_total{code=\"Exhausted\"} 1\n",
             "unid_server_send_errors_total{kind=\"refused\"} 1\n",
+            "unid_server_data_plane{plane=\"threads\"} 1\n",
             "unid_server_sequence_ids_granted_total{sequence=\"a\\\"b\"} 18446744073709551616\n",
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");

@@ -1,9 +1,10 @@
-//! Thread-per-core UDP shards on glommio.
+//! Thread-per-core UDP shards, on glommio or on plain threads.
 //!
-//! [`Shards::start`] opens one socket per shard, all bound to one address with `SO_REUSEPORT`
-//! (the first may bind port 0; the others reuse the port it got), then starts one glommio
-//! `LocalExecutor` per shard, pinned to a CPU (`Placement::Fixed`) when it can be, each running
-//! the shard loop over its own socket and its own [`Handler`]. The kernel spreads incoming
+//! [`Shards::start`] chooses the data plane ([`ShardConfig::data_plane`], see [`crate::plane`]),
+//! opens one socket per shard, all bound to one address with `SO_REUSEPORT` (the first may bind
+//! port 0; the others reuse the port it got), then starts one thread per shard — a glommio
+//! `LocalExecutor` on the io_uring plane, a plain `std::thread` on the threads plane — pinned to a
+//! CPU when it can be, each running the shard loop over its own socket and its own [`Handler`]. The kernel spreads incoming
 //! datagrams over the sockets by a hash of the addresses, so one peer's datagrams always reach the
 //! same shard.
 //!
@@ -17,9 +18,15 @@
 //! 3. call [`Handler::on_timeout`] if its [`Handler::poll_timeout`] deadline has passed;
 //! 4. send what is queued, report refused datagrams and [`UdpSocket::drain_errors`] to
 //!    [`Handler::on_peer_error`];
-//! 5. if a bound above was hit, yield and start over; otherwise wait, in glommio's io_uring, for
-//!    the first of: the socket readable (a `MSG_PEEK` receive), the handler's deadline, a message,
-//!    or shutdown.
+//! 5. if a bound above was hit, yield and start over; otherwise wait for the first of: the socket
+//!    readable, the handler's deadline, a message, or shutdown. On glommio the wait is a
+//!    `MSG_PEEK` receive in io_uring, a glommio timer and the channel's async receive; on the
+//!    threads plane it is one `ppoll(2)` on the socket and the shard's `eventfd(2)` (written by
+//!    [`ShardSender`] after each message and by [`StopHandle::stop`]) with the deadline as timeout.
+//!
+//! Steps 1-4 and the stop (deliver queued messages, flush) are one implementation
+//! (`ShardLoop`) for both planes; only step 5 differs. The threads plane ignores
+//! [`ShardConfig::io_memory_bytes`] and [`ShardConfig::spin_before_park`].
 //!
 //! A handler is always called with room for at least one datagram in `out` (the shard flushes
 //! first if the batch is full), so a handler answering each request once never sees
@@ -40,11 +47,13 @@
 //! [`ShardSender::send`] (async, runtime-agnostic, so a tokio task can await it) and
 //! [`ShardSender::send_blocking`] (plain threads). The channel is `flume`'s, whose internal lock
 //! is held only for the queue operation itself, never across I/O; glommio wakes the shard's task
-//! from a foreign thread through the executor's eventfd. glommio's own
+//! from a foreign thread through the executor's eventfd, and on the threads plane the sender
+//! writes the shard's own eventfd. glommio's own
 //! `channels::shared_channel` is not used because both of its ends must `connect().await` inside
 //! a glommio executor, so a tokio or plain thread cannot send on it.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -52,6 +61,7 @@ use std::time::Duration;
 use futures_lite::future;
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::plane::{ChosenPlane, DataPlane, EventFd};
 use crate::udp::{
     BATCH_DATAGRAMS_MAX, ERRORS_PER_DRAIN_MAX, PeerError, RecvBatch, SendBatch, UdpConfig,
     UdpCounters, UdpSocket,
@@ -66,6 +76,8 @@ pub const RECV_BATCHES_PER_TURN_MAX: usize = 16;
 pub const MESSAGES_PER_TURN_MAX: usize = 256;
 /// Largest per-shard channel capacity, in messages.
 pub const CHANNEL_MESSAGES_MAX: usize = 1 << 16;
+/// Most queued messages a stopping shard still delivers: a full channel's worth.
+pub const MESSAGES_AT_STOP_MAX: usize = CHANNEL_MESSAGES_MAX;
 /// How long a shard waits before retrying datagrams the kernel did not take (`EAGAIN`).
 pub const SEND_RETRY_US: u64 = 100;
 
@@ -129,6 +141,8 @@ pub struct ShardConfig {
     pub batch_datagrams: usize,
     /// Thread name prefix.
     pub name: String,
+    /// Which data plane runs the shards (see [`crate::plane`]); [`DataPlane::Auto`] by default.
+    pub data_plane: DataPlane,
 }
 
 impl ShardConfig {
@@ -145,6 +159,7 @@ impl ShardConfig {
             channel_messages_max: 1024,
             batch_datagrams: BATCH_DATAGRAMS_MAX,
             name: "unid-shard".to_owned(),
+            data_plane: DataPlane::Auto,
         }
     }
 
@@ -234,38 +249,55 @@ pub enum SendError<M> {
 #[derive(Debug)]
 pub struct ShardSender<M> {
     tx: flume::Sender<M>,
+    /// On the threads plane, the shard's eventfd, written after each message.
+    notify: Option<Arc<EventFd>>,
 }
 
 impl<M> Clone for ShardSender<M> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
+            notify: self.notify.clone(),
         }
+    }
+}
+
+impl<M> ShardSender<M> {
+    /// Wakes a threads-plane shard for a message just queued (glommio's wakes by itself).
+    fn notify<T>(&self, result: Result<T, SendError<M>>) -> Result<T, SendError<M>> {
+        if let (Ok(_), Some(event)) = (&result, &self.notify) {
+            event.notify();
+        }
+        result
     }
 }
 
 impl<M: Send + 'static> ShardSender<M> {
     /// Queues `msg` if there is room; never blocks.
     pub fn try_send(&self, msg: M) -> Result<(), SendError<M>> {
-        self.tx.try_send(msg).map_err(|err| match err {
+        self.notify(self.tx.try_send(msg).map_err(|err| match err {
             flume::TrySendError::Full(m) => SendError::Full(m),
             flume::TrySendError::Disconnected(m) => SendError::Closed(m),
-        })
+        }))
     }
 
     /// Queues `msg`, waiting for room. Works under any async runtime (tokio included).
     pub async fn send(&self, msg: M) -> Result<(), SendError<M>> {
-        self.tx
+        let sent = self
+            .tx
             .send_async(msg)
             .await
-            .map_err(|flume::SendError(m)| SendError::Closed(m))
+            .map_err(|flume::SendError(m)| SendError::Closed(m));
+        self.notify(sent)
     }
 
     /// Queues `msg`, blocking the calling thread until there is room. Not for async code.
     pub fn send_blocking(&self, msg: M) -> Result<(), SendError<M>> {
-        self.tx
-            .send(msg)
-            .map_err(|flume::SendError(m)| SendError::Closed(m))
+        self.notify(
+            self.tx
+                .send(msg)
+                .map_err(|flume::SendError(m)| SendError::Closed(m)),
+        )
     }
 
     /// Messages queued and not yet taken by the shard.
@@ -283,18 +315,39 @@ impl<M: Send + 'static> ShardSender<M> {
 #[derive(Debug, Clone)]
 pub struct StopHandle {
     stopping: Arc<AtomicBool>,
-    wake: Arc<[flume::Sender<()>]>,
+    wake: Arc<[Waker]>,
+}
+
+/// Wakes one sleeping shard.
+#[derive(Debug, Clone)]
+enum Waker {
+    /// A glommio shard awaits this channel.
+    Channel(flume::Sender<()>),
+    /// A threads-plane shard polls this eventfd.
+    Event(Arc<EventFd>),
+}
+
+impl Waker {
+    fn wake(&self) {
+        match self {
+            // A full channel already holds a wake-up; a closed one belongs to a stopped shard.
+            Waker::Channel(tx) => {
+                let _ = tx.try_send(());
+            }
+            Waker::Event(event) => event.notify(),
+        }
+    }
 }
 
 impl StopHandle {
-    /// Asks every shard to finish its current turn, flush its replies and return. Does not wait;
-    /// see [`Shards::join`]. Idempotent. Messages still queued in a shard's channel are dropped
-    /// undelivered (senders then get [`SendError::Closed`]).
+    /// Asks every shard to finish its current turn, deliver the messages already queued in its
+    /// channel (at most [`MESSAGES_AT_STOP_MAX`]; any beyond are dropped), flush its replies
+    /// and return. Does not wait; see [`Shards::join`]. Idempotent. Once a shard has returned,
+    /// senders get [`SendError::Closed`].
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
-        for tx in self.wake.iter() {
-            // A full channel already holds a wake-up; a closed one belongs to a stopped shard.
-            let _ = tx.try_send(());
+        for waker in self.wake.iter() {
+            waker.wake();
         }
     }
 
@@ -304,7 +357,28 @@ impl StopHandle {
     }
 }
 
-type JoinHandle = glommio::ExecutorJoinHandle<Result<ShardStats>>;
+/// A running shard's thread, on either plane.
+#[derive(Debug)]
+enum JoinHandle {
+    Glommio(glommio::ExecutorJoinHandle<Result<ShardStats>>),
+    Thread(std::thread::JoinHandle<Result<ShardStats>>),
+}
+
+impl JoinHandle {
+    /// Waits for the shard; `Err` is the panic message or glommio's error.
+    fn join(self) -> std::result::Result<Result<ShardStats>, String> {
+        match self {
+            JoinHandle::Glommio(join) => join.join().map_err(|err| err.to_string()),
+            JoinHandle::Thread(join) => join.join().map_err(|panic| {
+                panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panicked".to_owned())
+            }),
+        }
+    }
+}
 
 /// Running shards. Dropping it stops and joins them.
 #[derive(Debug)]
@@ -314,6 +388,7 @@ pub struct Shards<M> {
     placements: Vec<ShardPlacement>,
     stop: StopHandle,
     joins: Vec<JoinHandle>,
+    plane: ChosenPlane,
 }
 
 /// The CPUs this process may run on (`sched_getaffinity`), in increasing order.
@@ -331,20 +406,11 @@ fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
-struct ShardParts<M> {
-    index: usize,
-    socket: UdpSocket,
-    messages: flume::Receiver<M>,
-    wake: flume::Receiver<()>,
-    stopping: Arc<AtomicBool>,
-    batch_datagrams: usize,
-}
-
 /// A shard that is running.
 struct Started<M> {
     join: JoinHandle,
     sender: ShardSender<M>,
-    wake: flume::Sender<()>,
+    wake: Waker,
 }
 
 /// Binds the first shard's socket so that no other process shares the address.
@@ -379,7 +445,8 @@ fn bind_exclusive(config: &ShardConfig) -> Result<(UdpSocket, UdpConfig)> {
 }
 
 impl<M: Send + 'static> Shards<M> {
-    /// Binds the sockets and starts the shards; returns once every shard is running.
+    /// Chooses the data plane ([`ShardConfig::data_plane`], see [`crate::plane::choose`]),
+    /// binds the sockets and starts the shards; returns once every shard is running.
     /// `make_handler` runs on each shard's thread, so the handler need not be `Send`.
     pub fn start<H, F>(config: ShardConfig, make_handler: F) -> Result<Self>
     where
@@ -387,6 +454,7 @@ impl<M: Send + 'static> Shards<M> {
         F: Fn(&ShardInfo) -> H + Send + Sync + 'static,
     {
         config.validate()?;
+        let plane = crate::plane::choose(config.data_plane)?;
         let (first, udp) = bind_exclusive(&config)?;
         let local_addr = first.local_addr();
         let mut sockets = vec![first];
@@ -408,6 +476,7 @@ impl<M: Send + 'static> Shards<M> {
                 wake: Arc::new([]),
             },
             joins: Vec::with_capacity(config.shards),
+            plane: plane.clone(),
         };
         let mut wakes = Vec::with_capacity(config.shards);
         for (index, socket) in sockets.into_iter().enumerate() {
@@ -424,39 +493,35 @@ impl<M: Send + 'static> Shards<M> {
                     reason: "pinning disabled".to_owned(),
                 },
             };
-            let attempt = |placement: ShardPlacement, socket: UdpSocket| {
-                spawn_shard(
-                    &config,
-                    index,
-                    local_addr,
-                    placement,
-                    socket,
-                    &stopping,
-                    &make_handler,
-                )
+            let spawn = ShardSpawn {
+                config: &config,
+                index,
+                local_addr,
+                stopping: &stopping,
+                make_handler: &make_handler,
             };
-            let (placement, started) = match attempt(wanted.clone(), socket) {
-                Ok(started) => (wanted, started),
-                Err(reason) if matches!(wanted, ShardPlacement::Fixed(_)) => {
-                    let reason = format!("pinning to {wanted:?} failed: {reason}");
-                    // The failed executor dropped its socket; the others keep the port, and
-                    // SO_REUSEPORT (or, for a single shard, UDP's lack of TIME_WAIT) lets a new
-                    // socket bind it again.
-                    let socket = UdpSocket::bind(local_addr, &udp)?;
-                    let unbound = ShardPlacement::Unbound { reason };
-                    let started =
-                        attempt(unbound.clone(), socket).map_err(|reason| Error::ShardStart {
-                            shard: index,
-                            reason,
-                        })?;
-                    (unbound, started)
-                }
-                Err(reason) => {
-                    return Err(Error::ShardStart {
-                        shard: index,
-                        reason,
-                    });
-                }
+            let start_error = |reason| Error::ShardStart {
+                shard: index,
+                reason,
+            };
+            let (placement, started) = match plane.plane {
+                DataPlane::Threads => spawn.thread(wanted, socket).map_err(start_error)?,
+                _ => match spawn.glommio(wanted.clone(), socket) {
+                    Ok(started) => (wanted, started),
+                    Err(reason) if matches!(wanted, ShardPlacement::Fixed(_)) => {
+                        let reason = format!("pinning to {wanted:?} failed: {reason}");
+                        // The failed executor dropped its socket; the others keep the port, and
+                        // SO_REUSEPORT (or, for a single shard, UDP's lack of TIME_WAIT) lets a
+                        // new socket bind it again.
+                        let socket = UdpSocket::bind(local_addr, &udp)?;
+                        let unbound = ShardPlacement::Unbound { reason };
+                        let started = spawn
+                            .glommio(unbound.clone(), socket)
+                            .map_err(start_error)?;
+                        (unbound, started)
+                    }
+                    Err(reason) => return Err(start_error(reason)),
+                },
             };
             if let (true, ShardPlacement::Unbound { reason }) = (config.pin_cpus, &placement) {
                 eprintln!("unid-engine: shard {index} runs unbound: {reason}");
@@ -473,68 +538,168 @@ impl<M: Send + 'static> Shards<M> {
     }
 }
 
-/// Spawns one executor running one shard and waits until the shard loop runs.
-fn spawn_shard<H, F>(
-    config: &ShardConfig,
+/// What starting one shard needs, on either plane.
+struct ShardSpawn<'a, F> {
+    config: &'a ShardConfig,
     index: usize,
     local_addr: SocketAddr,
-    placement: ShardPlacement,
-    socket: UdpSocket,
-    stopping: &Arc<AtomicBool>,
-    make_handler: &Arc<F>,
-) -> std::result::Result<Started<H::Message>, String>
-where
-    H: Handler + 'static,
-    F: Fn(&ShardInfo) -> H + Send + Sync + 'static,
-{
-    let glommio_placement = match placement {
-        ShardPlacement::Fixed(cpu) => Placement::Fixed(cpu),
-        ShardPlacement::Unbound { .. } => Placement::Unbound,
-    };
-    let mut builder = LocalExecutorBuilder::new(glommio_placement)
-        .name(&format!("{}-{index}", config.name))
-        .io_memory(config.io_memory_bytes);
-    if let Some(spin) = config.spin_before_park {
-        builder = builder.spin_before_park(spin);
+    stopping: &'a Arc<AtomicBool>,
+    make_handler: &'a Arc<F>,
+}
+
+type Ready<T> = std::sync::mpsc::SyncSender<std::result::Result<T, String>>;
+
+impl<F> ShardSpawn<'_, F> {
+    fn thread_name(&self) -> String {
+        format!("{}-{}", self.config.name, self.index)
     }
-    let (message_tx, message_rx) = flume::bounded(config.channel_messages_max);
-    let (wake_tx, wake_rx) = flume::bounded(1);
-    let parts = ShardParts {
-        index,
-        socket,
-        messages: message_rx,
-        wake: wake_rx,
-        stopping: stopping.clone(),
-        batch_datagrams: config.batch_datagrams,
-    };
-    let info = ShardInfo {
-        index,
-        local_addr,
-        placement,
-    };
-    let make_handler = make_handler.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<std::result::Result<(), String>>(1);
-    let join = builder
-        .spawn(move || async move {
-            let handler = make_handler(&info);
-            run_shard(parts, handler, ready_tx).await
-        })
-        .map_err(|err| err.to_string())?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(Started {
+
+    fn info(&self, placement: ShardPlacement) -> ShardInfo {
+        ShardInfo {
+            index: self.index,
+            local_addr: self.local_addr,
+            placement,
+        }
+    }
+
+    /// Spawns one glommio executor running one shard and waits until the shard loop runs.
+    fn glommio<H>(
+        &self,
+        placement: ShardPlacement,
+        socket: UdpSocket,
+    ) -> std::result::Result<Started<H::Message>, String>
+    where
+        H: Handler + 'static,
+        F: Fn(&ShardInfo) -> H + Send + Sync + 'static,
+    {
+        let glommio_placement = match placement {
+            ShardPlacement::Fixed(cpu) => Placement::Fixed(cpu),
+            ShardPlacement::Unbound { .. } => Placement::Unbound,
+        };
+        let mut builder = LocalExecutorBuilder::new(glommio_placement)
+            .name(&self.thread_name())
+            .io_memory(self.config.io_memory_bytes);
+        if let Some(spin) = self.config.spin_before_park {
+            builder = builder.spin_before_park(spin);
+        }
+        let (message_tx, message_rx) = flume::bounded(self.config.channel_messages_max);
+        let (wake_tx, wake_rx) = flume::bounded(1);
+        let info = self.info(placement);
+        let (index, batch_datagrams) = (self.index, self.config.batch_datagrams);
+        let stopping = self.stopping.clone();
+        let make_handler = self.make_handler.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let join = builder
+            .spawn(move || async move {
+                let handler = make_handler(&info);
+                let setup = Readiness::new(&socket).and_then(|waiter| {
+                    let lp = ShardLoop::new(index, socket, handler, message_rx, batch_datagrams)?;
+                    Ok((waiter, lp))
+                });
+                let (waiter, lp) = report_ready(&ready_tx, setup, ())?;
+                drop(ready_tx);
+                run_glommio(lp, waiter, &wake_rx, &stopping).await
+            })
+            .map_err(|err| err.to_string())?;
+        let join = JoinHandle::Glommio(join);
+        wait_ready(&ready_rx, join).map(|(join, ())| Started {
             join,
-            sender: ShardSender { tx: message_tx },
-            wake: wake_tx,
-        }),
+            sender: ShardSender {
+                tx: message_tx,
+                notify: None,
+            },
+            wake: Waker::Channel(wake_tx),
+        })
+    }
+
+    /// Spawns one plain thread running one shard (pinned to `wanted`'s CPU if it can be) and
+    /// waits until the shard loop runs; returns where it runs.
+    fn thread<H>(
+        &self,
+        wanted: ShardPlacement,
+        socket: UdpSocket,
+    ) -> std::result::Result<(ShardPlacement, Started<H::Message>), String>
+    where
+        H: Handler + 'static,
+        F: Fn(&ShardInfo) -> H + Send + Sync + 'static,
+    {
+        let (message_tx, message_rx) = flume::bounded(self.config.channel_messages_max);
+        let event = Arc::new(EventFd::new().map_err(|err| format!("eventfd: {err}"))?);
+        let shard_event = event.clone();
+        let (index, batch_datagrams) = (self.index, self.config.batch_datagrams);
+        let template = self.info(wanted);
+        let stopping = self.stopping.clone();
+        let make_handler = self.make_handler.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let join = std::thread::Builder::new()
+            .name(self.thread_name())
+            .spawn(move || {
+                let placement = match template.placement {
+                    ShardPlacement::Fixed(cpu) => match crate::plane::pin_current_thread(cpu) {
+                        Ok(()) => ShardPlacement::Fixed(cpu),
+                        Err(err) => ShardPlacement::Unbound {
+                            reason: format!("pinning to Fixed({cpu}) failed: {err}"),
+                        },
+                    },
+                    unbound => unbound,
+                };
+                let info = ShardInfo {
+                    placement: placement.clone(),
+                    ..template
+                };
+                let handler = make_handler(&info);
+                let setup = ShardLoop::new(index, socket, handler, message_rx, batch_datagrams);
+                let lp = report_ready(&ready_tx, setup, placement)?;
+                drop(ready_tx);
+                run_threads(lp, &shard_event, &stopping)
+            })
+            .map_err(|err| format!("spawning the shard thread: {err}"))?;
+        let (join, placement) = wait_ready(&ready_rx, JoinHandle::Thread(join))?;
+        Ok((
+            placement,
+            Started {
+                join,
+                sender: ShardSender {
+                    tx: message_tx,
+                    notify: Some(event.clone()),
+                },
+                wake: Waker::Event(event),
+            },
+        ))
+    }
+}
+
+/// Tells the starting thread how the shard's setup went (with `value` if it went well) and
+/// passes the setup on.
+fn report_ready<T, R>(ready: &Ready<R>, setup: Result<T>, value: R) -> Result<T> {
+    match setup {
+        Ok(parts) => {
+            let _ = ready.send(Ok(value));
+            Ok(parts)
+        }
+        Err(err) => {
+            let _ = ready.send(Err(err.to_string()));
+            Err(err)
+        }
+    }
+}
+
+/// Waits for a starting shard's [`report_ready`]; on failure joins it and returns why.
+fn wait_ready<R>(
+    ready: &std::sync::mpsc::Receiver<std::result::Result<R, String>>,
+    join: JoinHandle,
+) -> std::result::Result<(JoinHandle, R), String> {
+    match ready.recv() {
+        Ok(Ok(value)) => Ok((join, value)),
         Ok(Err(reason)) => {
             let _ = join.join();
             Err(reason)
         }
-        // The executor failed before running the shard (e.g. pinning or io_uring setup).
+        // The thread failed before running the shard (e.g. pinning or io_uring setup).
         Err(_) => Err(match join.join() {
             Ok(Ok(_)) => "shard exited before it was ready".to_owned(),
             Ok(Err(err)) => err.to_string(),
-            Err(err) => err.to_string(),
+            Err(err) => err,
         }),
     }
 }
@@ -570,7 +735,7 @@ impl Readiness {
     }
 }
 
-/// What ended a wait.
+/// What ended a glommio wait.
 enum Wake<M> {
     Readable,
     Deadline,
@@ -579,14 +744,72 @@ enum Wake<M> {
     Stop,
 }
 
-struct Loop<'a, H: Handler> {
-    socket: &'a mut UdpSocket,
+/// What the plane does after a turn.
+enum Next {
+    /// A bound was hit: yield and turn again.
+    Again,
+    /// Sleep until the socket is readable, this deadline ([`crate::now_us`]), a message or a
+    /// stop request.
+    Wait { deadline_us: Option<u64> },
+}
+
+/// The shard loop's state and its turn (steps 1-4 of the module docs), shared by both planes;
+/// the planes differ only in how they yield and wait (step 5).
+struct ShardLoop<H: Handler> {
+    core: Core<H>,
+    recv: RecvBatch,
+    errors: Vec<PeerError>,
+    messages: flume::Receiver<H::Message>,
+    channel_open: bool,
+    /// A message the last (glommio) wait took from the channel.
+    pending_message: Option<H::Message>,
+}
+
+impl<H: Handler> ShardLoop<H> {
+    fn new(
+        index: usize,
+        socket: UdpSocket,
+        handler: H,
+        messages: flume::Receiver<H::Message>,
+        batch_datagrams: usize,
+    ) -> Result<Self> {
+        let stats = ShardStats {
+            index,
+            udp: UdpCounters::default(),
+            turns: 0,
+            waits: 0,
+            datagrams_handled: 0,
+            datagrams_dropped_in: 0,
+            datagrams_dropped_out: 0,
+            messages: 0,
+            timeouts: 0,
+            peer_errors: 0,
+        };
+        Ok(Self {
+            core: Core {
+                socket,
+                handler,
+                out: SendBatch::new(batch_datagrams)?,
+                stats,
+            },
+            recv: RecvBatch::new(batch_datagrams)?,
+            errors: Vec::with_capacity(ERRORS_PER_DRAIN_MAX),
+            messages,
+            channel_open: true,
+            pending_message: None,
+        })
+    }
+}
+
+/// What the handler writes through: the socket, the send batch and the counters.
+struct Core<H: Handler> {
+    socket: UdpSocket,
     handler: H,
     out: SendBatch,
     stats: ShardStats,
 }
 
-impl<H: Handler> Loop<'_, H> {
+impl<H: Handler> Core<H> {
     /// Sends what is queued and reports refused datagrams to the handler.
     fn flush(&mut self, now_us: u64) {
         if self.out.is_empty() {
@@ -612,84 +835,41 @@ impl<H: Handler> Loop<'_, H> {
         }
         debug_assert!(self.out.remaining() >= 1);
     }
+
+    fn deliver(&mut self, msg: H::Message, now_us: u64) {
+        self.make_room(now_us);
+        self.stats.messages += 1;
+        self.handler.on_message(msg, now_us, &mut self.out);
+    }
 }
 
-async fn run_shard<H: Handler>(
-    parts: ShardParts<H::Message>,
-    handler: H,
-    ready: std::sync::mpsc::SyncSender<std::result::Result<(), String>>,
-) -> Result<ShardStats> {
-    let ShardParts {
-        index,
-        mut socket,
-        messages,
-        wake,
-        stopping,
-        batch_datagrams,
-    } = parts;
-    let setup = (|| -> Result<_> {
-        let waiter = Readiness::new(&socket)?;
-        Ok((
-            waiter,
-            RecvBatch::new(batch_datagrams)?,
-            SendBatch::new(batch_datagrams)?,
-        ))
-    })();
-    let (mut waiter, mut recv, out) = match setup {
-        Ok(parts) => {
-            let _ = ready.send(Ok(()));
-            parts
-        }
-        Err(err) => {
-            let _ = ready.send(Err(err.to_string()));
-            return Err(err);
-        }
-    };
-    drop(ready);
-    let mut errors: Vec<PeerError> = Vec::with_capacity(ERRORS_PER_DRAIN_MAX);
-    let mut channel_open = true;
-    let mut lp = Loop {
-        socket: &mut socket,
-        handler,
-        out,
-        stats: ShardStats {
-            index,
-            udp: UdpCounters::default(),
-            turns: 0,
-            waits: 0,
-            datagrams_handled: 0,
-            datagrams_dropped_in: 0,
-            datagrams_dropped_out: 0,
-            messages: 0,
-            timeouts: 0,
-            peer_errors: 0,
-        },
-    };
-    let mut pending_message = None;
-    while !stopping.load(Ordering::Acquire) {
-        lp.stats.turns += 1;
+impl<H: Handler> ShardLoop<H> {
+    /// One turn: datagrams, messages, the timeout, sends and peer errors.
+    fn turn(&mut self) -> Result<Next> {
+        self.core.stats.turns += 1;
         let mut now = now_us();
         let mut busy = false;
 
         // 1. Datagrams.
         for round in 0..RECV_BATCHES_PER_TURN_MAX {
-            let got = lp.socket.recv_batch(&mut recv)?;
+            let got = self.core.socket.recv_batch(&mut self.recv)?;
             if got == 0 {
                 break;
             }
             now = now_us();
-            for datagram in recv.iter() {
+            let core = &mut self.core;
+            for datagram in self.recv.iter() {
                 if datagram.truncated || datagram.from.port() == 0 {
-                    lp.stats.datagrams_dropped_in += 1;
+                    core.stats.datagrams_dropped_in += 1;
                     continue;
                 }
-                lp.make_room(now);
-                lp.stats.datagrams_handled += 1;
-                lp.handler
-                    .on_datagram(datagram.data, datagram.from, now, &mut lp.out);
+                core.make_room(now);
+                core.stats.datagrams_handled += 1;
+                core.handler
+                    .on_datagram(datagram.data, datagram.from, now, &mut core.out);
             }
-            lp.flush(now);
-            if got < recv.capacity() {
+            self.core.flush(now);
+            if got < self.recv.capacity() {
                 break;
             }
             if round + 1 == RECV_BATCHES_PER_TURN_MAX {
@@ -698,24 +878,20 @@ async fn run_shard<H: Handler>(
         }
 
         // 2. Messages (one may have arrived with the last wake-up).
-        if let Some(msg) = pending_message.take() {
-            lp.make_room(now);
-            lp.stats.messages += 1;
-            lp.handler.on_message(msg, now, &mut lp.out);
+        if let Some(msg) = self.pending_message.take() {
+            self.core.deliver(msg, now);
         }
-        if channel_open {
+        if self.channel_open {
             let mut delivered = 0;
             while delivered < MESSAGES_PER_TURN_MAX {
-                match messages.try_recv() {
+                match self.messages.try_recv() {
                     Ok(msg) => {
-                        lp.make_room(now);
-                        lp.stats.messages += 1;
-                        lp.handler.on_message(msg, now, &mut lp.out);
+                        self.core.deliver(msg, now);
                         delivered += 1;
                     }
                     Err(flume::TryRecvError::Empty) => break,
                     Err(flume::TryRecvError::Disconnected) => {
-                        channel_open = false;
+                        self.channel_open = false;
                         break;
                     }
                 }
@@ -725,58 +901,125 @@ async fn run_shard<H: Handler>(
 
         // 3. Timeout.
         now = now_us();
-        if lp
+        if self
+            .core
             .handler
             .poll_timeout()
             .is_some_and(|deadline| deadline <= now)
         {
-            lp.make_room(now);
-            lp.stats.timeouts += 1;
-            lp.handler.on_timeout(now, &mut lp.out);
+            self.core.make_room(now);
+            self.core.stats.timeouts += 1;
+            self.core.handler.on_timeout(now, &mut self.core.out);
         }
 
         // 4. Send, then peer errors.
-        lp.flush(now);
-        let drained = lp.socket.drain_errors(&mut errors)?;
+        self.core.flush(now);
+        let drained = self.core.socket.drain_errors(&mut self.errors)?;
         busy |= drained == ERRORS_PER_DRAIN_MAX;
-        for err in errors.drain(..) {
-            lp.stats.peer_errors += 1;
-            lp.handler.on_peer_error(err, now);
+        for err in self.errors.drain(..) {
+            self.core.stats.peer_errors += 1;
+            self.core.handler.on_peer_error(err, now);
         }
 
         if busy {
-            glommio::yield_if_needed().await;
-            continue;
+            return Ok(Next::Again);
         }
-
-        // 5. Wait.
-        let mut deadline = lp.handler.poll_timeout();
-        if !lp.out.is_empty() {
+        let mut deadline_us = self.core.handler.poll_timeout();
+        if !self.core.out.is_empty() {
             let retry = now + SEND_RETRY_US;
-            deadline = Some(deadline.map_or(retry, |d| d.min(retry)));
+            deadline_us = Some(deadline_us.map_or(retry, |d| d.min(retry)));
         }
-        if stopping.load(Ordering::Acquire) {
-            break;
-        }
-        lp.stats.waits += 1;
-        let wake = wait(&mut waiter, deadline, &messages, channel_open, &wake).await;
+        Ok(Next::Wait { deadline_us })
+    }
+
+    /// Takes in what ended a glommio wait.
+    fn woke(&mut self, wake: Wake<H::Message>) {
         match wake {
             Wake::Readable | Wake::Deadline | Wake::Stop => {}
-            Wake::Message(msg) => pending_message = Some(msg),
-            Wake::ChannelClosed => channel_open = false,
+            Wake::Message(msg) => self.pending_message = Some(msg),
+            Wake::ChannelClosed => self.channel_open = false,
         }
     }
-    // Deliver a message taken by the last wait, then flush.
-    let now = now_us();
-    if let Some(msg) = pending_message.take() {
-        lp.make_room(now);
-        lp.stats.messages += 1;
-        lp.handler.on_message(msg, now, &mut lp.out);
+
+    /// After the stop: delivers a message taken by the last wait and those queued before the
+    /// stop (bounded), then flushes. A stopping server's last messages are its `LeaderChange`
+    /// notices, queued just before it stops the shards, and under load the shard may not have
+    /// taken them yet.
+    fn finish(mut self) -> ShardStats {
+        let now = now_us();
+        if let Some(msg) = self.pending_message.take() {
+            self.core.deliver(msg, now);
+        }
+        if self.channel_open {
+            for _ in 0..MESSAGES_AT_STOP_MAX {
+                let Ok(msg) = self.messages.try_recv() else {
+                    break;
+                };
+                self.core.deliver(msg, now);
+            }
+        }
+        self.core.flush(now);
+        let mut stats = self.core.stats;
+        stats.udp = *self.core.socket.counters();
+        stats
     }
-    lp.flush(now);
-    let mut stats = lp.stats;
-    stats.udp = *socket.counters();
-    Ok(stats)
+}
+
+/// The shard loop on glommio: yields to the executor, waits in io_uring.
+async fn run_glommio<H: Handler>(
+    mut lp: ShardLoop<H>,
+    mut waiter: Readiness,
+    stop: &flume::Receiver<()>,
+    stopping: &AtomicBool,
+) -> Result<ShardStats> {
+    while !stopping.load(Ordering::Acquire) {
+        match lp.turn()? {
+            Next::Again => glommio::yield_if_needed().await,
+            Next::Wait { deadline_us } => {
+                if stopping.load(Ordering::Acquire) {
+                    break;
+                }
+                lp.core.stats.waits += 1;
+                let wake = wait(
+                    &mut waiter,
+                    deadline_us,
+                    &lp.messages,
+                    lp.channel_open,
+                    stop,
+                )
+                .await;
+                lp.woke(wake);
+            }
+        }
+    }
+    Ok(lp.finish())
+}
+
+/// The shard loop on a plain thread: waits in `ppoll` on the socket and the shard's eventfd.
+fn run_threads<H: Handler>(
+    mut lp: ShardLoop<H>,
+    event: &EventFd,
+    stopping: &AtomicBool,
+) -> Result<ShardStats> {
+    while !stopping.load(Ordering::Acquire) {
+        match lp.turn()? {
+            // Nothing else runs on this thread: turn again at once.
+            Next::Again => {}
+            Next::Wait { deadline_us } => {
+                if stopping.load(Ordering::Acquire) {
+                    break;
+                }
+                lp.core.stats.waits += 1;
+                crate::plane::wait_readable(lp.core.socket.as_raw_fd(), event, deadline_us)
+                    .map_err(|source| Error::Io {
+                        op: "ppoll",
+                        addr: lp.core.socket.local_addr(),
+                        source,
+                    })?;
+            }
+        }
+    }
+    Ok(lp.finish())
 }
 
 /// Waits for the socket to be readable, `deadline_us`, a message or a stop request.
@@ -843,6 +1086,11 @@ impl<M> Shards<M> {
     /// Where each shard runs.
     pub fn placements(&self) -> &[ShardPlacement] {
         &self.placements
+    }
+
+    /// The data plane the shards run on, and why it was chosen.
+    pub fn data_plane(&self) -> &ChosenPlane {
+        &self.plane
     }
 
     /// A handle that stops the shards from any thread.

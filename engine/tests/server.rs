@@ -27,7 +27,9 @@ fn single(dir: std::path::PathBuf) -> ServerConfig {
     c
 }
 
-/// Starts `n` servers in this process (the first bootstraps the cluster).
+/// Starts `n` servers in this process (the first bootstraps the cluster). Even ids run the
+/// threads data plane, odd ones `auto` (io-uring here): clusters mix both planes, and
+/// leadership moves between them in the crash tests.
 fn cluster(root: &std::path::Path, n: u64) -> Vec<Option<ServerHandle>> {
     let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
     let peers: Vec<Peer> = (1..=n)
@@ -48,6 +50,9 @@ fn cluster(root: &std::path::Path, n: u64) -> Vec<Option<ServerHandle>> {
             c.raft_addr = local(raft);
             c.peers = peers.iter().filter(|p| p.id != id).cloned().collect();
             c.init = id == 1;
+            if id % 2 == 0 {
+                c.data_plane = unid_engine::plane::DataPlane::Threads;
+            }
             Some(run(c).expect("server starts"))
         })
         .collect()
@@ -84,6 +89,8 @@ fn hello(c: &mut Client, name: &str) -> u64 {
         name,
         listen: None,
         backup_of: None,
+        versions: unid_proto::VERSIONS,
+        software: unid_proto::SOFTWARE,
     };
     c.call(0, &msg, |f, _| match f.message {
         Message::Welcome { node_id, .. } => Some(Answer::Done(node_id)),
@@ -153,13 +160,15 @@ fn answers_to_unregistered_senders_are_never_larger_than_the_request() {
             Err(_) => (n, None),
         }
     };
-    // The shortest Hello there is: the Welcome must still fit in it.
+    // The shortest Hello this encoder makes (no software string): the Welcome must still fit.
     let hello = Message::Hello {
         role: NodeRole::Agent,
         incarnation: 1,
         name: "a",
         listen: None,
         backup_of: None,
+        versions: unid_proto::VERSIONS,
+        software: "",
     };
     let (req, _) = ask(0, 1, &hello); // registration goes through Raft; answered later
     let mut welcome = None;
@@ -286,6 +295,8 @@ fn concurrent_agents_never_get_overlapping_blocks_across_leader_crashes() {
                             name: &name,
                             listen: None,
                             backup_of: None,
+                            versions: unid_proto::VERSIONS,
+                            software: unid_proto::SOFTWARE,
                         };
                         node = c
                             .call(0, &msg, |f, _| match f.message {
@@ -508,6 +519,8 @@ fn a_retransmitted_hello_gets_the_same_node_id() {
         name: "same-agent",
         listen: None,
         backup_of: None,
+        versions: unid_proto::VERSIONS,
+        software: unid_proto::SOFTWARE,
     };
     let restarted = c
         .call(0, &msg, |f, _| match f.message {
@@ -733,6 +746,8 @@ fn expired_agents_leave_the_node_table_and_registration_floods_are_limited() {
             name: &name,
             listen: None,
             backup_of: None,
+            versions: unid_proto::VERSIONS,
+            software: unid_proto::SOFTWARE,
         };
         let n = codec.encode(&h, &msg, None, &mut out).unwrap();
         sock.send_to(&out[..n], addr).unwrap();
@@ -840,6 +855,8 @@ fn replayed_authenticated_datagrams_are_dropped_and_counted() {
             name: "replay-agent",
             listen: None,
             backup_of: None,
+            versions: unid_proto::VERSIONS,
+            software: unid_proto::SOFTWARE,
         },
     );
     let Message::Welcome { node_id, .. } = exchange(&agent, &hello) else {

@@ -1,11 +1,13 @@
-//! The glommio shard runner: echo through 2 shards, cross-thread messages, timeouts, peer
-//! errors, shutdown, and starting as an unprivileged user.
+//! The shard runner on both data planes (glommio/io_uring and plain threads): echo through 2
+//! shards, cross-thread messages, timeouts, peer errors, shutdown, and starting as an
+//! unprivileged user. Each `fn name(plane)` runs as `name::io_uring` and `name::threads`.
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket as StdSocket};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use unid_engine::plane::DataPlane;
 use unid_engine::shard::{Handler, SendError, ShardConfig, ShardPlacement, Shards};
 use unid_engine::udp::{ErrorOrigin, PeerError, PeerErrorKind, SendBatch};
 
@@ -28,9 +30,46 @@ impl Handler for Echo {
     }
 }
 
-fn config(shards: usize) -> ShardConfig {
-    ShardConfig::new(shards, "127.0.0.1:0".parse().unwrap())
+fn config(shards: usize, plane: DataPlane) -> ShardConfig {
+    let mut config = ShardConfig::new(shards, "127.0.0.1:0".parse().unwrap());
+    config.data_plane = plane;
+    config
 }
+
+/// Turns each `fn name(plane: DataPlane)` into two tests, `name::io_uring` and `name::threads`.
+macro_rules! on_both_planes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn io_uring() {
+                super::$name(unid_engine::plane::DataPlane::IoUring);
+            }
+
+            #[test]
+            fn threads() {
+                super::$name(unid_engine::plane::DataPlane::Threads);
+            }
+        }
+    )*};
+}
+
+on_both_planes!(
+    two_shard_echo_answers_everything,
+    messages_from_other_threads_reach_the_shard,
+    timeouts_fire_with_monotonic_now,
+    closed_peer_is_reported_to_the_handler,
+    unpinned_shards_say_why,
+    truncated_datagrams_are_dropped_and_counted,
+    shards_serve_ipv6,
+    more_shards_than_cpus_run_unbound,
+    failed_pinning_falls_back_to_unbound,
+    tokio_task_sends_to_shards,
+    idle_shard_sleeps,
+    an_address_already_held_is_refused_naming_it,
+    messages_queued_before_a_stop_are_delivered,
+);
+
+const PLANES: [DataPlane; 2] = [DataPlane::IoUring, DataPlane::Threads];
 
 fn client() -> StdSocket {
     let socket = StdSocket::bind("127.0.0.1:0").unwrap();
@@ -65,10 +104,10 @@ fn echo_round_trip(server: SocketAddr, clients: &[StdSocket], count: u32, window
     }
 }
 
-#[test]
-fn two_shard_echo_answers_everything() {
-    let shards = Shards::start(config(2), |_| Echo).unwrap();
+fn two_shard_echo_answers_everything(plane: DataPlane) {
+    let shards = Shards::start(config(2, plane), |_| Echo).unwrap();
     assert_eq!(shards.len(), 2);
+    assert_eq!(shards.data_plane().plane, plane);
     for placement in shards.placements() {
         eprintln!("placement: {placement:?}");
     }
@@ -95,9 +134,8 @@ fn two_shard_echo_answers_everything() {
     }
 }
 
-#[test]
-fn messages_from_other_threads_reach_the_shard() {
-    let mut cfg = config(2);
+fn messages_from_other_threads_reach_the_shard(plane: DataPlane) {
+    let mut cfg = config(2, plane);
     cfg.channel_messages_max = 4;
     let shards = Shards::start(cfg, |_| Echo).unwrap();
     let receiver = client();
@@ -190,11 +228,10 @@ impl Handler for Ticker {
     }
 }
 
-#[test]
-fn timeouts_fire_with_monotonic_now() {
+fn timeouts_fire_with_monotonic_now(plane: DataPlane) {
     let (tx, rx) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
-    let shards = Shards::start(config(1), move |_| Ticker {
+    let shards = Shards::start(config(1, plane), move |_| Ticker {
         next_us: unid_engine::now_us() + 2_000,
         period_us: 2_000,
         ticks: tx.lock().unwrap().clone(),
@@ -231,11 +268,10 @@ impl Handler for Prober {
     }
 }
 
-#[test]
-fn closed_peer_is_reported_to_the_handler() {
+fn closed_peer_is_reported_to_the_handler(plane: DataPlane) {
     let (tx, rx) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
-    let shards = Shards::start(config(1), move |_| Prober {
+    let shards = Shards::start(config(1, plane), move |_| Prober {
         errors: tx.lock().unwrap().clone(),
     })
     .unwrap();
@@ -267,19 +303,20 @@ fn closed_peer_is_reported_to_the_handler() {
 
 #[test]
 fn invalid_configs_are_rejected() {
-    let mut cfg = config(0);
-    assert!(Shards::start(cfg.clone(), |_| Echo).is_err());
-    cfg.shards = 2;
-    cfg.udp.reuse_port = false;
-    assert!(Shards::start(cfg.clone(), |_| Echo).is_err());
-    let mut cfg = config(1);
-    cfg.io_memory_bytes = 4096;
-    assert!(Shards::start(cfg, |_| Echo).is_err());
+    for plane in PLANES {
+        let mut cfg = config(0, plane);
+        assert!(Shards::start(cfg.clone(), |_| Echo).is_err());
+        cfg.shards = 2;
+        cfg.udp.reuse_port = false;
+        assert!(Shards::start(cfg.clone(), |_| Echo).is_err());
+        let mut cfg = config(1, plane);
+        cfg.io_memory_bytes = 4096;
+        assert!(Shards::start(cfg, |_| Echo).is_err());
+    }
 }
 
-#[test]
-fn unpinned_shards_say_why() {
-    let mut cfg = config(1);
+fn unpinned_shards_say_why(plane: DataPlane) {
+    let mut cfg = config(1, plane);
     cfg.pin_cpus = false;
     let shards = Shards::start(cfg, |_| Echo).unwrap();
     assert!(
@@ -314,13 +351,15 @@ fn unprivileged_child() {
             "memlock {bytes} too small for 2 shards"
         );
     }
-    let shards = Shards::start(config(2), |_| Echo).unwrap();
-    let socket = client();
-    socket.send_to(b"ping", shards.local_addr()).unwrap();
-    let mut buf = [0u8; 8];
-    let (n, _) = socket.recv_from(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"ping");
-    shards.shutdown().unwrap();
+    for plane in PLANES {
+        let shards = Shards::start(config(2, plane), |_| Echo).unwrap();
+        let socket = client();
+        socket.send_to(b"ping", shards.local_addr()).unwrap();
+        let mut buf = [0u8; 8];
+        let (n, _) = socket.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"ping");
+        shards.shutdown().unwrap();
+    }
     println!("UNPRIVILEGED-CHILD-OK");
 }
 
@@ -383,9 +422,8 @@ fn unprivileged_start() {
     );
 }
 
-#[test]
-fn truncated_datagrams_are_dropped_and_counted() {
-    let shards = Shards::start(config(1), |_| Echo).unwrap();
+fn truncated_datagrams_are_dropped_and_counted(plane: DataPlane) {
+    let shards = Shards::start(config(1, plane), |_| Echo).unwrap();
     let socket = client();
     socket.send_to(&[1u8; 3000], shards.local_addr()).unwrap();
     socket.send_to(b"short", shards.local_addr()).unwrap();
@@ -398,14 +436,15 @@ fn truncated_datagrams_are_dropped_and_counted() {
     assert_eq!(stats[0].datagrams_handled, 1);
 }
 
-#[test]
-fn shards_serve_ipv6() {
+fn shards_serve_ipv6(plane: DataPlane) {
     let Ok(probe) = StdSocket::bind("[::1]:0") else {
         eprintln!("skipping shards_serve_ipv6: cannot bind ::1");
         return;
     };
     drop(probe);
-    let shards = Shards::start(ShardConfig::new(2, "[::1]:0".parse().unwrap()), |_| Echo).unwrap();
+    let mut cfg = ShardConfig::new(2, "[::1]:0".parse().unwrap());
+    cfg.data_plane = plane;
+    let shards = Shards::start(cfg, |_| Echo).unwrap();
     let clients: Vec<StdSocket> = (0..4)
         .map(|_| {
             let socket = StdSocket::bind("[::1]:0").unwrap();
@@ -418,10 +457,9 @@ fn shards_serve_ipv6() {
     assert_eq!(stats.iter().map(|s| s.datagrams_handled).sum::<u64>(), 400);
 }
 
-#[test]
-fn more_shards_than_cpus_run_unbound() {
+fn more_shards_than_cpus_run_unbound(plane: DataPlane) {
     let cpus = allowed_cpu_count();
-    let shards = Shards::start(config(cpus + 1), |_| Echo).unwrap();
+    let shards = Shards::start(config(cpus + 1, plane), |_| Echo).unwrap();
     let placements = shards.placements().to_vec();
     assert!(
         placements[..cpus]
@@ -452,9 +490,8 @@ fn allowed_cpu_count() -> usize {
         .sum()
 }
 
-#[test]
-fn failed_pinning_falls_back_to_unbound() {
-    let mut cfg = config(1);
+fn failed_pinning_falls_back_to_unbound(plane: DataPlane) {
+    let mut cfg = config(1, plane);
     // No such CPU: glommio refuses Placement::Fixed, the shard must still start, unbound.
     cfg.cpus = Some(vec![4095]);
     let shards = Shards::start(cfg, |_| Echo).unwrap();
@@ -470,9 +507,8 @@ fn failed_pinning_falls_back_to_unbound() {
 
 /// The consensus thread runs tokio: it must reach shards through the bounded channel, awaiting
 /// room without blocking its runtime, and learn when a shard is gone.
-#[test]
-fn tokio_task_sends_to_shards() {
-    let mut cfg = config(2);
+fn tokio_task_sends_to_shards(plane: DataPlane) {
+    let mut cfg = config(2, plane);
     cfg.channel_messages_max = 2;
     let shards = Shards::start(cfg, |_| Echo).unwrap();
     let receiver = client();
@@ -514,9 +550,8 @@ fn tokio_task_sends_to_shards() {
 }
 
 /// An idle shard parks in io_uring instead of spinning: a few turns, not thousands.
-#[test]
-fn idle_shard_sleeps() {
-    let shards = Shards::start(config(1), |_| Echo).unwrap();
+fn idle_shard_sleeps(plane: DataPlane) {
+    let shards = Shards::start(config(1, plane), |_| Echo).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let stats = shards.shutdown().unwrap();
     assert!(
@@ -529,13 +564,14 @@ fn idle_shard_sleeps() {
 /// Issue 12 item 1: a second server on a running server's UDP address (one shard or several)
 /// is refused with an error naming the address, and a socket with `SO_REUSEPORT` (what any
 /// other process of the same user could open) cannot join a one-shard server's port.
-#[test]
-fn an_address_already_held_is_refused_naming_it() {
+fn an_address_already_held_is_refused_naming_it(plane: DataPlane) {
     for shards in [1, 2] {
-        let running = Shards::start(config(shards), |_| Echo).unwrap();
+        let running = Shards::start(config(shards, plane), |_| Echo).unwrap();
         let addr = running.local_addr();
         for second in [1, 2] {
-            let err = Shards::start(ShardConfig::new(second, addr), |_| Echo)
+            let mut cfg = ShardConfig::new(second, addr);
+            cfg.data_plane = plane;
+            let err = Shards::start(cfg, |_| Echo)
                 .err()
                 .unwrap_or_else(|| panic!("a {second}-shard server joined a {shards}-shard one"));
             assert!(
@@ -560,5 +596,29 @@ fn an_address_already_held_is_refused_naming_it() {
         // Still serving its own clients.
         echo_round_trip(addr, &[client()], 10, 4);
         running.shutdown().unwrap();
+    }
+}
+
+/// Messages queued just before a stop are still sent: a stopping leader's `LeaderChange`
+/// notices are queued an instant before it stops its shards (dropping them made agents find
+/// the next leader by themselves, under load in CI).
+fn messages_queued_before_a_stop_are_delivered(plane: DataPlane) {
+    let shards = Shards::start(config(1, plane), |_| Echo).unwrap();
+    let receiver = client();
+    let dest = receiver.local_addr().unwrap();
+    let sender = shards.sender(0).unwrap();
+    const QUEUED: u8 = 100;
+    for i in 0..QUEUED {
+        sender.try_send((dest, vec![i])).unwrap();
+    }
+    shards.shutdown().unwrap();
+    let mut seen = HashSet::new();
+    while seen.len() < usize::from(QUEUED) {
+        let mut buf = [0u8; 8];
+        let (n, _) = receiver
+            .recv_from(&mut buf)
+            .expect("every queued message within the deadline");
+        assert_eq!(n, 1);
+        assert!(seen.insert(buf[0]), "{} twice", buf[0]);
     }
 }

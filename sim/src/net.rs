@@ -33,7 +33,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 use unid_consensus::types::{Raft, TypeConfig};
-use unid_proto::{Epoch, Id, NodeId, SeqNo, Width};
+use unid_proto::NodeId;
 
 /// An end of the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -42,6 +42,8 @@ pub enum Endpoint {
     Server(NodeId),
     /// An agent, by index.
     Agent(usize),
+    /// The operator's `unid cluster` commands (membership changes).
+    Operator,
 }
 
 /// A server's address for agents.
@@ -49,9 +51,22 @@ pub fn server_addr(id: NodeId) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, id as u8)), 7400)
 }
 
+/// The Raft port of a simulated server (its address is `10.0.0.<id>`).
+pub const RAFT_PORT: u16 = 7500;
+
+/// A server's Raft address: what its `NodeConfig` and an `add-server` name.
+pub fn raft_addr(id: NodeId) -> SocketAddr {
+    SocketAddr::new(server_addr(id).ip(), RAFT_PORT)
+}
+
 /// An agent's address.
 pub fn agent_addr(index: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 1, index as u8)), 7411)
+}
+
+/// The operator's address (where `unid cluster` runs).
+pub fn operator_addr() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 2, 1)), 7600)
 }
 
 /// The endpoint at `addr`, if it is a simulated one.
@@ -63,87 +78,29 @@ pub fn endpoint_of(addr: SocketAddr) -> Option<Endpoint> {
         IpAddr::V4(ip) if ip.octets()[..3] == [10, 0, 1] => {
             Some(Endpoint::Agent(usize::from(ip.octets()[3])))
         }
+        IpAddr::V4(ip) if ip.octets() == [10, 0, 2, 1] => Some(Endpoint::Operator),
         _ => None,
     }
 }
 
-/// The error codes the simulated servers answer with (the subset of
-/// `unid_proto::ErrorCode` the block path uses).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Code {
-    /// Leader warming up or waiting for a raise: try again.
-    NotReady,
-    /// The agent must register again.
-    NotRegistered,
-    /// No such sequence.
-    UnknownSequence,
-    /// The sequence has no ids left.
-    Exhausted,
-    /// A malformed request.
-    BadRequest,
-}
-
-/// A datagram's payload (the messages of `unid_proto::Message` the block
-/// path uses, not encoded: the codec is not under test here).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Msg {
-    /// Agent → server: register.
-    Hello {
-        /// The agent's incarnation.
-        incarnation: u64,
-    },
-    /// Agent → server: a block, please.
-    BlockRequest {
-        /// The sequence.
-        sequence: String,
-        /// How many ids.
-        count: u64,
-    },
-    /// Server → agent: registered.
-    Welcome {
-        /// The agent's node id.
-        node_id: NodeId,
-    },
-    /// Server → agent: a block.
-    BlockGrant {
-        /// The sequence.
-        sequence: String,
-        /// Its width.
-        width: Width,
-        /// The first id.
-        first: Id,
-        /// How many ids.
-        count: u64,
-    },
-    /// Server → agent: not the leader.
-    NotLeader {
-        /// Who is, if known.
-        leader: Option<SocketAddr>,
-    },
-    /// Server → agent: an error.
-    Error {
-        /// Which.
-        code: Code,
-    },
-}
-
-/// One datagram.
+/// One datagram: real encoded bytes (header, FlatBuffers payload, CRC32 and the cluster
+/// MAC), as the engine's sockets carry them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Datagram {
     /// Source address.
     pub from: SocketAddr,
     /// Destination address.
     pub to: SocketAddr,
-    /// The sender's node id (0 before registration).
-    pub sender: NodeId,
-    /// The sender's sequence number.
-    pub seq: SeqNo,
-    /// The request this answers (0 for a request).
-    pub reply_to: SeqNo,
-    /// The sender's epoch (a server's term; an agent's highest seen).
-    pub epoch: Epoch,
-    /// The payload.
-    pub msg: Msg,
+    /// The encoded datagram.
+    pub bytes: Vec<u8>,
+}
+
+/// The cluster secret of every simulated run: every datagram carries its MAC.
+pub const SECRET: &[u8] = b"unid simulated cluster secret";
+
+/// The cluster key from [`SECRET`].
+pub fn key() -> unid_proto::AuthKey {
+    unid_proto::AuthKey::from_secret(SECRET)
 }
 
 /// The fault rates in force.
@@ -153,6 +110,8 @@ pub struct Faults {
     pub drop: f64,
     /// Probability that a message is duplicated.
     pub duplicate: f64,
+    /// Probability that one bit of a datagram is flipped (the CRC and MAC must catch it).
+    pub corrupt: f64,
     /// Smallest delay, in microseconds.
     pub delay_us_min: u64,
     /// Largest delay, in microseconds.
@@ -164,6 +123,7 @@ impl Faults {
     pub const CALM: Faults = Faults {
         drop: 0.0,
         duplicate: 0.0,
+        corrupt: 0.0,
         delay_us_min: 100,
         delay_us_max: 2_000,
     };
@@ -180,6 +140,8 @@ pub struct NetStats {
     pub duplicated: u64,
     /// Lost to a partition or a server that is down.
     pub cut: u64,
+    /// Datagrams with a bit flipped.
+    pub corrupted: u64,
 }
 
 struct Hub {
@@ -193,6 +155,13 @@ struct Hub {
     /// Current incarnation of every endpoint that is up.
     up: BTreeMap<Endpoint, u64>,
     stats: NetStats,
+}
+
+impl Hub {
+    /// The partition group of `e` (all start in group 0).
+    fn group(&self, e: Endpoint) -> u32 {
+        self.groups.get(&e).copied().unwrap_or(0)
+    }
 }
 
 /// The simulated network, shared by every task of a run.
@@ -280,6 +249,20 @@ impl Net {
         h.up.insert(Endpoint::Agent(index), incarnation);
     }
 
+    /// Brings the operator up (incarnation `incarnation`: one per command).
+    pub fn operator_up(&self, incarnation: u64, inbox: mpsc::UnboundedSender<Datagram>) {
+        let mut h = self.lock();
+        h.inboxes.insert(operator_addr(), (incarnation, inbox));
+        h.up.insert(Endpoint::Operator, incarnation);
+    }
+
+    /// Whether `to` is up and on `from`'s side of every partition: what a TCP connection
+    /// from `from` to `to` would find out.
+    pub fn reachable(&self, from: Endpoint, to: Endpoint) -> bool {
+        let h = self.lock();
+        h.up.contains_key(&from) && h.up.contains_key(&to) && h.group(from) == h.group(to)
+    }
+
     /// Takes an endpoint down (a crash): it sends and receives nothing more.
     pub fn down(&self, endpoint: Endpoint) {
         let mut h = self.lock();
@@ -292,6 +275,9 @@ impl Net {
             Endpoint::Agent(i) => {
                 h.inboxes.remove(&agent_addr(i));
             }
+            Endpoint::Operator => {
+                h.inboxes.remove(&operator_addr());
+            }
         }
     }
 
@@ -300,10 +286,9 @@ impl Net {
         let mut h = self.lock();
         h.stats.sent += 1;
         let f = h.faults;
-        let group = |h: &Hub, e: Endpoint| h.groups.get(&e).copied().unwrap_or(0);
         let cut = h.up.get(&from) != Some(&inc)
             || !h.up.contains_key(&to)
-            || group(&h, from) != group(&h, to);
+            || h.group(from) != h.group(to);
         let drop = f.drop > 0.0 && h.rng.random_bool(f.drop);
         let delay_us = h
             .rng
@@ -337,21 +322,33 @@ impl Net {
 
     /// Sends a datagram from `from` (incarnation `inc`); it arrives after
     /// its delay unless the fault model loses it.
-    pub fn send(&self, from: Endpoint, inc: u64, d: Datagram) {
+    pub fn send(&self, from: Endpoint, inc: u64, mut d: Datagram) {
         let Some(to) = endpoint_of(d.to) else {
             return;
         };
         let fate = self.fate(from, inc, to);
+        if !d.bytes.is_empty() {
+            let mut h = self.lock();
+            let p = h.faults.corrupt;
+            if p > 0.0 && h.rng.random_bool(p) {
+                let bit = h.rng.random_range(0..d.bytes.len() * 8);
+                d.bytes[bit / 8] ^= 1 << (bit % 8);
+                h.stats.corrupted += 1;
+            }
+        }
         if std::env::var_os("UNID_SIM_DEBUG_NET").is_some() {
+            let what = match unid_proto::decode(&d.bytes, Some(&key())) {
+                Ok(f) => format!(
+                    "seq {} reply_to {} epoch {} {:?}",
+                    f.header.seq, f.header.reply_to, f.header.epoch, f.message
+                ),
+                Err(e) => format!("undecodable ({e})"),
+            };
             eprintln!(
-                "{:?} datagram {} -> {} seq {} reply_to {} epoch {} {:?}: {}",
+                "{:?} datagram {} -> {} {what}: {}",
                 tokio::time::Instant::now(),
                 d.from,
                 d.to,
-                d.seq,
-                d.reply_to,
-                d.epoch,
-                d.msg,
                 if fate.cut {
                     "cut"
                 } else if fate.drop {
@@ -377,10 +374,9 @@ impl Net {
             let h = net.lock();
             // Checked again on arrival: the destination may have crashed, or
             // a partition may have started, while it was in flight.
-            let group = |e: Endpoint| h.groups.get(&e).copied().unwrap_or(0);
             let same_side = endpoint_of(d.from)
                 .zip(endpoint_of(d.to))
-                .is_some_and(|(a, b)| group(a) == group(b));
+                .is_some_and(|(a, b)| h.group(a) == h.group(b));
             if let Some((_, tx)) = h.inboxes.get(&d.to)
                 && same_side
             {

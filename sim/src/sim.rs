@@ -2,7 +2,6 @@
 //! choice of the network, the disks and the agents.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,8 +18,9 @@ use crate::clock::Clock;
 use crate::disk::SimDisk;
 use crate::error::SimError;
 use crate::invariants::{Observer, Seen, Violation};
-use crate::net::{Endpoint, Faults, Net, NetStats};
-use crate::server::{Bug, Server};
+use crate::net::{Endpoint, Faults, Net, NetStats, raft_addr};
+use crate::operator::{self, Change, Outcome};
+use crate::server::Server;
 
 /// Raft timing in the simulation. The election timeout range has a single
 /// value (`max = min + 1`; openraft draws from `min..max` with
@@ -61,17 +61,15 @@ pub struct SimConfig {
     /// Whether a crash may keep a random subset of unsynced writes (a torn
     /// commit) rather than none.
     pub torn_writes: bool,
-    /// A deliberate glue bug (tests only).
-    pub bug: Bug,
-    /// Mirror `agent/src/driver.rs`'s own epoch filter in the agents (off by
-    /// default: it still raises its epoch on redirects, the bug fixed in
-    /// `unid-core`'s requester; see `tests/regressions.rs`).
-    pub driver_epoch_filter: bool,
     /// Invariants not enforced, by file name (tests only: to show that one
     /// invariant alone catches what another would catch first).
     pub skip_invariants: Vec<&'static str>,
     /// Print every event.
     pub verbose: bool,
+    /// Whether an operator adds or removes a server once per round, during the chaos
+    /// (`unid cluster add-server` / `remove-server`: half the seeds; between 3 and 5 voters,
+    /// at most 9 servers).
+    pub membership_changes: bool,
 }
 
 impl SimConfig {
@@ -103,10 +101,10 @@ impl SimConfig {
             calm_ms: 5_000,
             progress_bound_ms: 4_000,
             torn_writes: true,
-            bug: Bug::None,
             skip_invariants: Vec::new(),
-            driver_epoch_filter: false,
             verbose: false,
+            // Drawn last: the fields above are what they were before it existed.
+            membership_changes: rng.random_bool(0.5),
         }
     }
 
@@ -155,6 +153,11 @@ pub struct Report {
     pub lost_writes: (u64, u64),
     /// Simulated time the run covered, in milliseconds.
     pub sim_ms: u64,
+    /// Membership changes the leader answered as done.
+    pub membership_done: u64,
+    /// Membership changes refused or given up on (a change may still have happened: the
+    /// voters are read back from Raft).
+    pub membership_failed: u64,
 }
 
 impl Report {
@@ -182,13 +185,12 @@ pub fn replay_command(config: &SimConfig) -> String {
     if !config.torn_writes {
         cmd.push_str(" --no-torn-writes");
     }
-    if config.driver_epoch_filter {
-        cmd.push_str(" --driver-epoch-filter");
-    }
-    match config.bug {
-        Bug::None => {}
-        Bug::LocalStateForReady => cmd.push_str(" --bug local-state"),
-        Bug::GrantBeforeCommit => cmd.push_str(" --bug grant-before-commit"),
+    if config.membership_changes != d.membership_changes {
+        cmd.push_str(if config.membership_changes {
+            " --membership-changes"
+        } else {
+            " --no-membership-changes"
+        });
     }
     cmd
 }
@@ -213,8 +215,20 @@ pub fn run(config: SimConfig) -> Result<Report, SimError> {
     report
 }
 
+/// A server's place in the cluster, as far as the schedule knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// A voter: counts for the calm majority.
+    Voter,
+    /// Started for an `add-server` that has not made it a voter (yet).
+    Joining,
+    /// Removed from the voters: down for good.
+    Retired,
+}
+
 struct ServerSlot {
     id: NodeId,
+    role: Role,
     disk: SimDisk,
     incarnation: u64,
     running: Option<Server>,
@@ -238,7 +252,20 @@ struct World {
     agents: Vec<AgentSlot>,
     crashes: u64,
     lost_writes: (u64, u64),
+    /// Draws of the membership schedule (its own stream: seeds without membership changes
+    /// draw nothing from it).
+    membership_rng: SmallRng,
+    /// The operator's command in flight.
+    operator: Option<(Change, JoinHandle<Outcome>)>,
+    operator_incarnation: u64,
+    /// The last [`World::settle_membership`] found one voter set, led.
+    membership_settled: bool,
+    membership_done: u64,
+    membership_failed: u64,
 }
+
+/// Most servers a run has, added ones included.
+const SERVERS_MAX: usize = 9;
 
 /// How often the schedule wakes to check invariants and disks.
 const STEP_MS: u64 = 25;
@@ -257,6 +284,12 @@ impl World {
             agents: Vec::new(),
             crashes: 0,
             lost_writes: (0, 0),
+            membership_rng: SmallRng::seed_from_u64(seed ^ 0x6d65_6d62_6572_0000),
+            operator: None,
+            operator_incarnation: 0,
+            membership_settled: true,
+            membership_done: 0,
+            membership_failed: 0,
             config,
         }
     }
@@ -277,22 +310,22 @@ impl World {
         let (log, sm) =
             store::open_with_backend(slot.disk.clone(), IoMode::Inline, &format!("server {id}"))
                 .map_err(|source| SimError::Consensus { server: id, source })?;
-        let raft_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, id as u8)), 7500);
-        let mut cfg = NodeConfig::new(id, "/nonexistent-sim-dir", raft_addr);
+        let mut cfg = NodeConfig::new(id, "/nonexistent-sim-dir", raft_addr(id));
         cfg.timing = TIMING;
         cfg.snapshot_logs = 100;
         cfg.logs_to_keep = 20;
         let node = ConsensusNode::start_with_network(cfg, log, sm, self.net.raft_network(id, inc))
             .await
             .map_err(|source| SimError::Consensus { server: id, source })?;
+        let servers: Vec<NodeId> = self.servers.iter().map(|s| s.id).collect();
         let server = Server::start(
             Arc::new(node),
             inc,
+            &servers,
             self.net.clone(),
             self.clock,
             self.obs.clone(),
             Duration::from_millis(TIMING.write_timeout_ms),
-            self.config.bug,
         )?;
         self.servers[i].running = Some(server);
         self.servers[i].restart_at_us = None;
@@ -312,17 +345,39 @@ impl World {
         let st = old.stats();
         self.lost_writes.0 += st.lost_writes;
         self.lost_writes.1 += st.kept_writes;
-        let node = server.crash();
+        let id = slot.id;
+        Self::power_off(server.crash());
+        self.crashes += 1;
+        self.fault(format!(
+            "crash server {id} ({why}; unsynced writes lost {}, kept {})",
+            st.lost_writes, st.kept_writes
+        ));
+    }
+
+    /// Stops a downed server's Raft (in the background: it may be waiting on a peer).
+    fn power_off(node: Arc<ConsensusNode>) {
         let raft = node.raft().clone();
         drop(node);
         tokio::spawn(async move {
             let _ = raft.shutdown().await;
         });
-        self.crashes += 1;
+    }
+
+    /// A graceful stop of server `i` (SIGTERM): `LeaderChange` notices as leader, then down;
+    /// its disk keeps what was synced (every commit is), and it restarts like a crashed one.
+    fn stop_server_gracefully(&mut self, i: usize) {
+        let slot = &mut self.servers[i];
+        let Some(server) = slot.running.take() else {
+            return;
+        };
+        let old = slot.disk.clone();
+        slot.disk = old.crash(&mut self.rng, false);
         let id = slot.id;
+        let (successor, node) = server.stop_gracefully();
+        Self::power_off(node);
+        self.crashes += 1;
         self.fault(format!(
-            "crash server {id} ({why}; unsynced writes lost {}, kept {})",
-            st.lost_writes, st.kept_writes
+            "graceful stop of server {id} (LeaderChange naming {successor:?})"
         ));
     }
 
@@ -369,10 +424,122 @@ impl World {
         }
     }
 
+    /// The slots of the voters, as far as the schedule knows.
+    fn voters(&self) -> Vec<usize> {
+        (0..self.servers.len())
+            .filter(|&i| self.servers[i].role == Role::Voter)
+            .collect()
+    }
+
+    /// The operator's change of this round: with fewer than 4 voters (or 4, at random) it
+    /// adds a server (a new, empty one, or one that has not joined yet); otherwise it removes
+    /// a voter that does not lead.
+    async fn membership_change(&mut self) {
+        if self.operator.is_some() {
+            return;
+        }
+        let voters = self.voters();
+        let add = voters.len() < 4 || (voters.len() < 5 && self.membership_rng.random_bool(0.5));
+        let change = if add {
+            let joining = self.servers.iter().position(|s| s.role == Role::Joining);
+            let i = match joining {
+                Some(i) => i,
+                None if self.servers.len() < SERVERS_MAX => {
+                    let id = self.servers.len() as NodeId + 1;
+                    self.servers.push(ServerSlot {
+                        id,
+                        role: Role::Joining,
+                        disk: SimDisk::new(),
+                        incarnation: 0,
+                        running: None,
+                        restart_at_us: None,
+                    });
+                    self.fault(format!("start server {id} (empty, not a member yet)"));
+                    let i = self.servers.len() - 1;
+                    if let Err(e) = self.start_server(i).await {
+                        self.fault(format!("server {id} does not start: {e}"));
+                        return;
+                    }
+                    i
+                }
+                None => return,
+            };
+            if self.servers[i].running.is_none() {
+                self.restart_server(i).await;
+            }
+            Change::Add(self.servers[i].id)
+        } else {
+            let leader = self.leader();
+            let others: Vec<usize> = voters.into_iter().filter(|&i| Some(i) != leader).collect();
+            if others.is_empty() {
+                return;
+            }
+            let i = others[self.membership_rng.random_range(0..others.len())];
+            Change::Remove(self.servers[i].id)
+        };
+        let ask: Vec<NodeId> = self.voters().iter().map(|&i| self.servers[i].id).collect();
+        self.operator_incarnation += 1;
+        self.fault(format!("operator: {change:?}, asking {ask:?}"));
+        let task = tokio::spawn(operator::run(
+            self.net.clone(),
+            self.operator_incarnation,
+            change,
+            ask,
+        ));
+        self.operator = Some((change, task));
+    }
+
+    /// Takes the operator's result once its command ended.
+    async fn operator_finished(&mut self) {
+        if !self.operator.as_ref().is_some_and(|(_, t)| t.is_finished()) {
+            return;
+        }
+        let Some((change, task)) = self.operator.take() else {
+            return;
+        };
+        let outcome = task.await.unwrap_or(Outcome::GaveUp);
+        self.fault(format!("operator: {change:?} -> {outcome:?}"));
+        match outcome {
+            Outcome::Done(voters) => {
+                self.membership_done += 1;
+                self.reconcile(&voters);
+            }
+            Outcome::Refused(_) | Outcome::GaveUp => self.membership_failed += 1,
+        }
+    }
+
+    /// Makes the schedule's roles those of `voters` (as the leader reported them): a voter
+    /// no longer among them is retired (stopped for good, as an operator stops a removed
+    /// server), a joining server among them is a voter.
+    fn reconcile(&mut self, voters: &[NodeId]) {
+        for i in 0..self.servers.len() {
+            let id = self.servers[i].id;
+            let was = self.servers[i].role;
+            let role = match was {
+                _ if voters.contains(&id) => Role::Voter,
+                Role::Voter | Role::Retired => Role::Retired,
+                Role::Joining => Role::Joining,
+            };
+            if role == was {
+                continue;
+            }
+            self.servers[i].role = role;
+            if role == Role::Retired {
+                self.servers[i].restart_at_us = None;
+                if let Some(server) = self.servers[i].running.take() {
+                    Self::power_off(server.crash());
+                }
+                self.fault(format!("server {id} retired: no longer a voter"));
+            } else {
+                self.fault(format!("server {id} is a voter"));
+            }
+        }
+    }
+
     fn leader(&self) -> Option<usize> {
         self.servers
             .iter()
-            .position(|s| s.running.as_ref().is_some_and(|r| r.glue.is_leading()))
+            .position(|s| s.running.as_ref().is_some_and(|r| r.is_leading()))
     }
 
     async fn setup(&mut self) -> Result<(), SimError> {
@@ -380,6 +547,7 @@ impl World {
         for id in 1..=n as NodeId {
             self.servers.push(ServerSlot {
                 id,
+                role: Role::Voter,
                 disk: SimDisk::new(),
                 incarnation: 0,
                 running: None,
@@ -459,7 +627,6 @@ impl World {
                         })
                         .collect(),
                     servers: (1..=n as NodeId).collect(),
-                    driver_epoch_filter: self.config.driver_epoch_filter,
                 },
                 incarnation: 0,
                 task: None,
@@ -472,6 +639,7 @@ impl World {
     /// One schedule step: restarts after disk failures, invariant ticks.
     async fn step(&mut self) {
         tokio::time::sleep(Duration::from_millis(STEP_MS)).await;
+        self.operator_finished().await;
         let now = self.now_us();
         for i in 0..self.servers.len() {
             let failed = self.servers[i]
@@ -499,13 +667,17 @@ impl World {
                 let i = self.rng.random_range(0..n);
                 if self.servers[i].running.is_some() {
                     self.crash_server(i, "scheduled");
-                } else {
+                } else if self.servers[i].role != Role::Retired {
                     self.restart_server(i).await;
                 }
             }
             2 => {
                 if let Some(l) = self.leader() {
-                    self.crash_server(l, "scheduled, the leader");
+                    if self.rng.random_bool(0.5) {
+                        self.crash_server(l, "scheduled, the leader");
+                    } else {
+                        self.stop_server_gracefully(l);
+                    }
                 }
             }
             3 => {
@@ -539,14 +711,16 @@ impl World {
                 let f = Faults {
                     drop: self.rng.random_range(0.0..0.3),
                     duplicate: self.rng.random_range(0.0..0.2),
+                    corrupt: self.rng.random_range(0.0..0.1),
                     delay_us_min: 100,
                     delay_us_max: max_delay,
                 };
                 self.net.set_faults(f);
                 self.fault(format!(
-                    "network drop {:.2} duplicate {:.2} delay 0.1..{} ms",
+                    "network drop {:.2} duplicate {:.2} corrupt {:.2} delay 0.1..{} ms",
                     f.drop,
                     f.duplicate,
+                    f.corrupt,
                     max_delay / 1000
                 ));
             }
@@ -574,15 +748,24 @@ impl World {
     async fn calm(&mut self) {
         self.net.heal();
         self.net.set_faults(Faults::CALM);
-        // Half the calm periods leave a minority out (down, or cut off from
+        if self.config.membership_changes {
+            self.settle_membership().await;
+        }
+        // Half the calm periods leave a minority of the voters out (down, or cut off from
         // everyone else): a majority connected must still make progress.
-        let n = self.servers.len();
-        let out = if self.rng.random_bool(0.5) {
+        let members = self.voters();
+        let n = members.len();
+        let mut out = if self.rng.random_bool(0.5) {
             self.rng.random_range(0..=(n - 1) / 2)
         } else {
             0
         };
-        let mut order: Vec<usize> = (0..n).collect();
+        if self.config.membership_changes && !self.membership_settled {
+            // A change still in its joint phase needs a majority of both voter sets, which
+            // leaving out a minority of their union can break: nobody is left out.
+            out = 0;
+        }
+        let mut order = members;
         order.shuffle(&mut self.rng);
         let mut left_out = Vec::new();
         for (k, &i) in order.iter().enumerate() {
@@ -603,6 +786,11 @@ impl World {
                 left_out.push(format!("{id} cut off"));
             }
         }
+        for i in 0..self.servers.len() {
+            if self.servers[i].role == Role::Joining && self.servers[i].running.is_none() {
+                self.restart_server(i).await;
+            }
+        }
         for a in 0..self.agents.len() {
             if self.agents[a].task.is_none() {
                 self.start_agent(a);
@@ -620,13 +808,50 @@ impl World {
         self.obs.calm(self.now_us(), false);
     }
 
+    /// Before a calm period of a run with membership changes: every server that is not
+    /// retired is brought up, the operator's command ends (the network is healed), and the
+    /// voters are read back from the leader's Raft, since an answer lost to the chaos leaves
+    /// the schedule's roles behind the cluster's. Bounded: 15 s of simulated time.
+    async fn settle_membership(&mut self) {
+        for i in 0..self.servers.len() {
+            if self.servers[i].role != Role::Retired && self.servers[i].running.is_none() {
+                self.restart_server(i).await;
+            }
+        }
+        let end = self.now_us() + 15_000_000;
+        let settled = |w: &World| {
+            let sets = w
+                .leader()
+                .and_then(|l| w.servers[l].running.as_ref())
+                .map(Server::voter_sets)?;
+            (w.operator.is_none() && sets.len() == 1).then_some(sets)
+        };
+        while settled(self).is_none() && self.now_us() < end && !self.obs.failed() {
+            self.step().await;
+        }
+        self.membership_settled = false;
+        if let Some(sets) = settled(self) {
+            let voters: Vec<NodeId> = sets.iter().flatten().copied().collect();
+            self.reconcile(&voters);
+            self.membership_settled = true;
+        }
+    }
+
     async fn simulate(&mut self) -> Result<(), SimError> {
         self.setup().await?;
         for _ in 0..self.config.rounds {
             let (lo, hi) = self.config.chaos_ms;
             let end = self.now_us() + self.rng.random_range(lo..=hi) * 1000;
             let mut next_action = self.now_us();
+            let mut change_at = self.config.membership_changes.then(|| {
+                let now = self.now_us();
+                now + self.membership_rng.random_range(0..=end - now)
+            });
             while self.now_us() < end && !self.obs.failed() {
+                if change_at.is_some_and(|t| self.now_us() >= t) {
+                    change_at = None;
+                    self.membership_change().await;
+                }
                 if self.now_us() >= next_action {
                     self.chaos_action().await;
                     next_action = self.now_us() + self.rng.random_range(20_000..400_000);
@@ -645,6 +870,9 @@ impl World {
     }
 
     fn shutdown(&mut self) {
+        if let Some((_, task)) = self.operator.take() {
+            task.abort();
+        }
         for a in 0..self.agents.len() {
             if let Some(t) = self.agents[a].task.take() {
                 t.abort();
@@ -671,6 +899,8 @@ impl World {
             crashes: self.crashes,
             lost_writes: self.lost_writes,
             sim_ms: self.now_us() / 1000,
+            membership_done: self.membership_done,
+            membership_failed: self.membership_failed,
         }
     }
 }

@@ -15,9 +15,11 @@ use unid_sim::{SimConfig, run};
 #[test]
 fn two_leaders_elected_in_one_term_never_both_grant() {
     // Seeds of the full profile on which openraft elects two leaders in one
-    // term (3 of seeds 0..1000 do; 9 and 34 were the first found, with an
-    // earlier version of the simulator whose histories differ).
-    let seeds = [74, 601, 683];
+    // term: 26 of seeds 0..5000 do since the simulator runs the real server and agent
+    // machines and real encoded datagrams (`scripts/sim-sweep.sh 0 5000`); 9 and 34 were the
+    // first found, 74, 601 and 683 with the mirrors, 237, 600 and 830 with the real server
+    // and the mirror agent, whose histories differ.
+    let seeds = [135, 310, 501];
     let mut doubled = Vec::new();
     for seed in seeds {
         let report = run(SimConfig::from_seed(seed)).expect("run");
@@ -59,25 +61,5 @@ fn a_high_term_redirect_does_not_stall_the_agents() {
             report.violations,
             report.replay_command()
         );
-    }
-}
-
-/// Finding 2 in `agent/src/driver.rs`: the real agent kept its own
-/// `link.highest_epoch`, raised by every reply including `NotLeader`, and
-/// dropped datagrams below it. With that filter mirrored
-/// (`driver_epoch_filter`), seeds 464 and 947 failed `progress` before the
-/// glue mirrored the engine's quorum check. The driver now raises it only on
-/// a leader's answer (the agent test
-/// `a_higher_term_follower_does_not_hide_the_lower_term_leader` is exact);
-/// the mirror follows, and this guard keeps the two seeds clean with it.
-#[test]
-fn the_agent_driver_epoch_filter_does_not_stall_the_agents() {
-    for seed in [464, 947] {
-        let config = SimConfig {
-            driver_epoch_filter: true,
-            ..SimConfig::from_seed(seed)
-        };
-        let report = run(config).expect("run");
-        assert!(report.ok(), "seed {seed}: {:?}", report.violations);
     }
 }

@@ -279,6 +279,8 @@ impl Agent {
                 name: "test-agent-with-a-long-enough-name",
                 listen: None,
                 backup_of: None,
+                versions: unid_proto::VERSIONS,
+                software: unid_proto::SOFTWARE,
             };
             if let Some(Reply::Welcome { node_id }) =
                 self.call(to, &hello, Duration::from_millis(500))
@@ -413,6 +415,8 @@ pub fn grant_following(
                     name: "test-agent-with-a-long-enough-name",
                     listen: None,
                     backup_of: None,
+                    versions: unid_proto::VERSIONS,
+                    software: unid_proto::SOFTWARE,
                 };
                 agent.node_id = 0;
                 match agent.call(*target, &hello, Duration::from_millis(500)) {

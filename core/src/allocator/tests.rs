@@ -412,3 +412,65 @@ fn agent_restart_on_a_small_width_loses_at_most_its_blocks() {
     let next = a.grant(3, &s, 10).unwrap();
     assert_eq!(next.first(), held[1].end());
 }
+
+/// The bounds of `AllocatorConfig::validate`, each on its edge (killed `cargo mutants`
+/// survivors: `RAISE_MS_MAX = 60 * 1000`, `raise_retry_ms > RAISE_MS_MAX`, and the two
+/// `window_ids_max <` comparisons).
+#[test]
+fn config_bounds_accept_their_edges_and_refuse_one_beyond() {
+    let base = AllocatorConfig::DEFAULT;
+    let field = |c: AllocatorConfig| match c.validate() {
+        Ok(()) => None,
+        Err(Error::InvalidConfig { field, .. }) => Some(field),
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(RAISE_MS_MAX, 60_000, "one minute");
+    assert_eq!(
+        field(AllocatorConfig {
+            raise_retry_ms: 60_000,
+            ..base
+        }),
+        None
+    );
+    assert_eq!(
+        field(AllocatorConfig {
+            raise_retry_ms: 60_001,
+            ..base
+        }),
+        Some("raise_retry_ms")
+    );
+    assert_eq!(
+        field(AllocatorConfig {
+            raise_lead_ms: 60_000,
+            ..base
+        }),
+        None
+    );
+    let (min, block) = (1_000, 500);
+    let sized = |max| AllocatorConfig {
+        window_ids_min: min,
+        window_ids_max: max,
+        block_ids_max: block,
+        ..base
+    };
+    assert_eq!(field(sized(min)), None, "max == min is allowed");
+    assert_eq!(field(sized(min - 1)), Some("window_ids_max"));
+    let equal = AllocatorConfig {
+        window_ids_min: 10,
+        window_ids_max: 500,
+        block_ids_max: 500,
+        ..base
+    };
+    assert_eq!(
+        field(equal.clone()),
+        None,
+        "window_ids_max == block_ids_max is allowed"
+    );
+    assert_eq!(
+        field(AllocatorConfig {
+            block_ids_max: 501,
+            ..equal
+        }),
+        Some("window_ids_max")
+    );
+}

@@ -509,3 +509,32 @@ fn deadline_bounds_a_request() {
         })
     );
 }
+
+#[test]
+fn a_continued_requester_keeps_the_epoch_filter_and_numbers_above() {
+    let mut r = requester(config(), 2);
+    let a = r.send(0, "a").unwrap();
+    r.poll_transmit(0).unwrap();
+    assert_eq!(
+        r.handle_response(MS, addr(1), done(a, 7, 1)),
+        Disposition::Accepted
+    );
+    let b = r.send(MS, "b").unwrap();
+    assert_eq!(r.highest_epoch(), 7);
+    // Switched to server 2 first: same filter, seqs above `b`, nothing outstanding.
+    let mut n: R = r.continue_with(&[addr(2), addr(1)], 2 * MS).unwrap();
+    assert_eq!(n.leader(), addr(2));
+    assert_eq!(n.highest_epoch(), 7);
+    assert_eq!(n.outstanding(), 0);
+    let c = n.send(2 * MS, "c").unwrap();
+    assert!(c > b, "{c} above {b}");
+    n.poll_transmit(2 * MS).unwrap();
+    assert_eq!(
+        n.handle_response(3 * MS, addr(2), done(c, 6, 2)),
+        Disposition::StaleEpoch
+    );
+    assert_eq!(
+        n.handle_response(3 * MS, addr(2), done(c, 7, 2)),
+        Disposition::Accepted
+    );
+}

@@ -9,26 +9,24 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use unid_sim::{Bug, SimConfig, run};
+use unid_sim::{SimConfig, run};
 
 struct Args {
     seeds: std::ops::Range<u64>,
     verbose: bool,
     quiet: bool,
-    bug: Bug,
     rounds: Option<u32>,
     torn: bool,
-    driver_epochs: bool,
+    membership: Option<bool>,
 }
 
 fn parse() -> anyhow::Result<Args> {
     let mut seeds = 0..100;
     let mut verbose = false;
     let mut quiet = false;
-    let mut bug = Bug::None;
     let mut rounds = None;
     let mut torn = true;
-    let mut driver_epochs = false;
+    let mut membership = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -52,19 +50,12 @@ fn parse() -> anyhow::Result<Args> {
                 )
             }
             "--no-torn-writes" => torn = false,
-            "--driver-epoch-filter" => driver_epochs = true,
-            "--bug" => {
-                bug = match it.next().as_deref() {
-                    Some("local-state") => Bug::LocalStateForReady,
-                    Some("grant-before-commit") => Bug::GrantBeforeCommit,
-                    _ => bail!("--bug local-state|grant-before-commit"),
-                }
-            }
+            "--membership-changes" => membership = Some(true),
+            "--no-membership-changes" => membership = Some(false),
             "--help" | "-h" => {
                 println!(
                     "unid-sim [--seeds A..B | --seed N] [--verbose] [--quiet] [--rounds N] [--no-torn-writes]\n\
-                     [--driver-epoch-filter]\n\
-                     [--bug local-state|grant-before-commit]\n\
+                     \x20        [--membership-changes | --no-membership-changes]\n\
                      Runs the deterministic simulation for each seed; exits 1 if any seed \
                      violates an invariant, printing the command that replays it."
                 );
@@ -77,10 +68,9 @@ fn parse() -> anyhow::Result<Args> {
         seeds,
         verbose,
         quiet,
-        bug,
         rounds,
         torn,
-        driver_epochs,
+        membership,
     })
 }
 
@@ -89,29 +79,38 @@ fn main() -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let (mut clean, mut failed) = (0u64, Vec::new());
     let mut shared = Vec::new();
+    let (mut changed, mut changes_done, mut changes_failed) = (0u64, 0u64, 0u64);
     for seed in args.seeds.clone() {
         let mut config = SimConfig::from_seed(seed);
         config.verbose = args.verbose;
-        config.bug = args.bug;
         config.torn_writes = args.torn;
-        config.driver_epoch_filter = args.driver_epochs;
         if let Some(r) = args.rounds {
             config.rounds = r;
+        }
+        if let Some(m) = args.membership {
+            config.membership_changes = m;
         }
         let report = run(config).with_context(|| format!("seed {seed}"))?;
         if report.seen.shared_terms > 0 {
             shared.push(seed);
         }
+        if report.config.membership_changes {
+            changed += 1;
+        }
+        changes_done += report.membership_done;
+        changes_failed += report.membership_failed;
         if report.ok() {
             clean += 1;
             if !args.quiet {
                 println!(
-                    "seed {seed}: ok ({} servers, {} grants, {} terms with a leader ({} with two), {} crashes, {} ms simulated, recovery {} ms, digest {:016x})",
+                    "seed {seed}: ok ({} servers, {} grants, {} terms with a leader ({} with two), {} crashes, membership changes {} done {} not, {} ms simulated, recovery {} ms, digest {:016x})",
                     report.config.servers,
                     report.seen.grants,
                     report.seen.leaders,
                     report.seen.shared_terms,
                     report.crashes,
+                    report.membership_done,
+                    report.membership_failed,
                     report.sim_ms,
                     report.seen.recovery_us_max / 1000,
                     report.seen.digest
@@ -136,8 +135,17 @@ fn main() -> anyhow::Result<ExitCode> {
     );
     println!(
         "seeds where openraft elected two leaders in one term (allowed by its (term, node) leader ids; \
-         never two granting): {}",
-        shared.len()
+         never two granting): {}{}",
+        shared.len(),
+        if shared.is_empty() {
+            String::new()
+        } else {
+            format!(" ({:?})", &shared[..shared.len().min(20)])
+        }
+    );
+    println!(
+        "seeds with membership changes: {changed}; changes answered done: {changes_done}, \
+         refused or given up: {changes_failed}"
     );
     Ok(if failed.is_empty() {
         ExitCode::SUCCESS

@@ -64,6 +64,7 @@ pub struct Checker {
     trace: Trace,
     violations: Vec<Violation>,
     grants: u64,
+    granting_server_max: NodeId,
     ids_consumed: u128,
     /// Invariants not enforced (tests only: to show that one invariant alone
     /// catches a bug another would catch first).
@@ -77,6 +78,9 @@ pub struct Seen {
     pub grants: u64,
     /// Ids consumed.
     pub ids_consumed: u128,
+    /// The highest id of a server that granted a block (above the initial servers' ids: a
+    /// server added during the run led and granted).
+    pub granting_server_max: NodeId,
     /// Terms with an elected leader.
     pub leaders: u64,
     /// Terms in which openraft elected two or more leaders (see
@@ -112,6 +116,7 @@ impl Observer {
                 trace: Trace::new(verbose),
                 violations: Vec::new(),
                 grants: 0,
+                granting_server_max: 0,
                 ids_consumed: 0,
                 skipped,
             })),
@@ -209,6 +214,7 @@ impl Observer {
             },
         );
         c.grants += 1;
+        c.granting_server_max = c.granting_server_max.max(server);
         let r = c.width.granted(sequence, first, count);
         Self::fail(&mut c, now_us, "width", r);
         let r = c.unique.granted(sequence, server, term, first, count);
@@ -271,6 +277,7 @@ impl Observer {
         let c = self.lock();
         Seen {
             grants: c.grants,
+            granting_server_max: c.granting_server_max,
             ids_consumed: c.ids_consumed,
             leaders: c.one_leader.terms(),
             shared_terms: c.one_leader.shared_terms(),
