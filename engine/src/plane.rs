@@ -119,9 +119,26 @@ pub fn choose(wanted: DataPlane) -> Result<ChosenPlane> {
 /// of a small ring, then `io_uring_register(2)` with `IORING_REGISTER_PROBE` (what glommio
 /// does first, and where it panics when io_uring is refused). `Err` says which call failed and
 /// how, plus `kernel.io_uring_disabled` when it is set.
+///
+/// The probe runs on a thread of its own, which exits before this returns. A ring belongs to
+/// the thread that set it up: when it is closed, the kernel's ring teardown later queues
+/// signal-like task work (`TWA_SIGNAL`) on that thread, which cuts its next blocking call with
+/// a timeout short with `EINTR` (seen: a `recv_from` with `SO_RCVTIMEO` on the caller's
+/// thread, right after the probe). A thread that has exited gets none of that.
 pub fn probe_io_uring() -> std::result::Result<(), String> {
     static PROBE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    PROBE.get_or_init(probe_uncached).clone()
+    PROBE
+        .get_or_init(|| {
+            std::thread::Builder::new()
+                .name("unid-io-uring-probe".into())
+                .spawn(probe_uncached)
+                .map_err(|e| format!("cannot start the io_uring probe thread: {e}"))
+                .and_then(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err("the io_uring probe panicked".to_owned()))
+                })
+        })
+        .clone()
 }
 
 /// `IORING_REGISTER_PROBE` from `<linux/io_uring.h>`.
