@@ -7,20 +7,35 @@
 //! A consumer outlives its agent: when the agent crashes (losing the ids it held) and
 //! restarts, the same consumers take ids from the new incarnation, so the `increasing`
 //! invariant covers agent restarts.
+//!
+//! An agent may be one side of a primary/backup pair ([`PairSpec`]): its machine then
+//! exchanges real heartbeats (`unid_agent::pair::Beat`, keyed) with its peer over the
+//! simulated network on [`pair_addr`], learns of a crashed peer from the refused send
+//! (the fast signal) or from silence (the slow one, e.g. a partition), and takes over.
+//! A pair's consumers are not the agent's: they are an application of their own
+//! ([`crate::app::PairApp`]) that reads both agents' rings, as the client library does.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
-use unid_agent::machine::{Machine, MachineConfig, Output, RequesterConfig, SizingConfig};
+use unid_agent::machine::{
+    Machine, MachineConfig, Output, PairSetup, RequesterConfig, SizingConfig,
+};
+use unid_agent::{PairConfig, PairRole, PeerLoss};
 use unid_proto::{Id, NodeId, SequenceName};
 
+use crate::app::PairStats;
 use crate::clock::Clock;
 use crate::invariants::Observer;
-use crate::net::{Datagram, Endpoint, Net, agent_addr, key, server_addr};
+use crate::net::{
+    Datagram, Endpoint, Net, PAIR_PORT, agent_addr, endpoint_of, key, pair_addr, server_addr,
+};
 
 /// How many blocks an agent keeps ahead of its consumers (the agent's `blocks_ahead`).
 pub const BLOCKS_AHEAD: u32 = 2;
@@ -49,13 +64,50 @@ pub struct AgentSpec {
     pub take_max: Vec<u64>,
     /// The servers.
     pub servers: Vec<NodeId>,
+    /// The pair it is a side of, if any.
+    pub pair: Option<PairSpec>,
 }
 
+/// One side of a primary/backup pair of agents.
+#[derive(Clone, Debug)]
+pub struct PairSpec {
+    /// This side's role.
+    pub role: PairRole,
+    /// The other side's agent index.
+    pub peer: usize,
+    /// Where its takeovers are counted (shared with the pair's application).
+    pub stats: Arc<Mutex<PairStats>>,
+}
+
+/// The pair's heartbeat interval in the simulation, ms (the agent's default).
+pub const PAIR_HEARTBEAT_MS: u64 = 10;
+/// The pair's dead time in the simulation, ms (the agent's default).
+pub const PAIR_DEAD_MS: u64 = 100;
+
+/// The wall clock a paired agent reports at simulated time 0, µs (its `active_since`).
+const WALL_CLOCK_BASE_US: u64 = 1_700_000_000_000_000;
+
 /// A simulated ring: the blocks written, in order, and how many ids were taken.
-#[derive(Default)]
-struct Ring {
-    blocks: VecDeque<(Id, u64)>,
-    taken: u128,
+#[derive(Debug, Default)]
+pub struct Ring {
+    /// Blocks `(first, count)` not yet taken, oldest first.
+    pub blocks: VecDeque<(Id, u64)>,
+    /// Ids taken from it in all (what the agent measures its rate from).
+    pub taken: u128,
+}
+
+/// An agent's rings, one per sequence, shared with the applications that read them (a
+/// pair's consumers read both agents'). They outlive a crash, as the shared-memory files
+/// do (consumers may drain what a dead agent left); a new incarnation starts them empty
+/// (its new ring files replace the old ones, whose ids are lost, never repeated).
+#[derive(Clone, Debug, Default)]
+pub struct Rings(Arc<Mutex<Vec<Ring>>>);
+
+impl Rings {
+    /// Locks the rings.
+    pub fn lock(&self) -> MutexGuard<'_, Vec<Ring>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A running agent incarnation.
@@ -63,7 +115,9 @@ pub struct Agent {
     spec: AgentSpec,
     incarnation: u64,
     machine: Machine,
-    rings: Vec<Ring>,
+    rings: Rings,
+    /// The machine's takeovers already counted in the pair's stats.
+    takeovers: u64,
     next_consume_us: u64,
     rng: SmallRng,
     net: Net,
@@ -72,7 +126,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// A new incarnation of the agent `spec`, seeded by `seed`.
+    /// A new incarnation of the agent `spec`, seeded by `seed`, writing to `rings`
+    /// (emptied: a new incarnation's ring files are new).
     pub fn new(
         spec: AgentSpec,
         incarnation: u64,
@@ -80,6 +135,7 @@ impl Agent {
         net: Net,
         clock: Clock,
         obs: Observer,
+        rings: Rings,
     ) -> Result<Agent, crate::SimError> {
         let mut rng = SmallRng::seed_from_u64(seed);
         let now = clock.now_us();
@@ -102,13 +158,27 @@ impl Agent {
             sizing: SizingConfig::DEFAULT,
             blocks_ahead: BLOCKS_AHEAD,
             requester: RequesterConfig::DEFAULT,
-            pair: None,
+            pair: spec.pair.as_ref().map(|p| {
+                let listen = pair_addr(spec.index);
+                // A backup is given its primary; a primary learns its backup from the beats.
+                let peer = (p.role == PairRole::Backup).then(|| pair_addr(p.peer));
+                let mut config = PairConfig::new(p.role, listen, peer);
+                config.heartbeat_ms = PAIR_HEARTBEAT_MS;
+                config.dead_ms = PAIR_DEAD_MS;
+                PairSetup {
+                    config,
+                    listen,
+                    ring_dir: PathBuf::from(format!("/dev/shm/unid-sim-agent-{}", spec.index)),
+                }
+            }),
         };
         let machine = Machine::new(config, now, rng.random())
             .map_err(|e| crate::SimError::Config(format!("agent {}: {e}", spec.index)))?;
+        *rings.lock() = spec.sequences.iter().map(|_| Ring::default()).collect();
         Ok(Agent {
             next_consume_us: now + spec.consume_every_us,
-            rings: spec.sequences.iter().map(|_| Ring::default()).collect(),
+            rings,
+            takeovers: 0,
             spec,
             incarnation,
             machine,
@@ -124,6 +194,7 @@ impl Agent {
         let (tx, mut inbox) = mpsc::unbounded_channel();
         self.net.agent_up(self.spec.index, self.incarnation, tx);
         let now = self.clock.now_us();
+        self.set_wall_clock(now);
         self.machine.handle_timeout(now);
         loop {
             let now = self.clock.now_us();
@@ -138,7 +209,12 @@ impl Agent {
                 d = inbox.recv() => match d {
                     Some(d) => {
                         let now = self.clock.now_us();
-                        self.machine.handle_datagram(now, d.from, &d.bytes);
+                        if d.to.port() == PAIR_PORT {
+                            // Judged at the next pairing tick (every heartbeat interval).
+                            self.machine.handle_pair_datagram(now, d.from, &d.bytes);
+                        } else {
+                            self.machine.handle_datagram(now, d.from, &d.bytes);
+                        }
                     }
                     None => return,
                 },
@@ -148,13 +224,22 @@ impl Agent {
                         self.consume(now);
                         self.next_consume_us = now + self.spec.consume_every_us;
                     }
+                    self.set_wall_clock(now);
                     self.machine.handle_timeout(now);
                 }
             }
         }
     }
 
-    /// Performs what the machine asks: ring writes, then datagrams.
+    /// A paired agent reports the wall clock (its `active_since` in heartbeats), as the
+    /// real driver does each tick; an unpaired one needs none (its incarnation is given).
+    fn set_wall_clock(&mut self, now: u64) {
+        if self.spec.pair.is_some() {
+            self.machine.set_wall_clock_us(WALL_CLOCK_BASE_US + now);
+        }
+    }
+
+    /// Performs what the machine asks: ring writes, then datagrams, then heartbeats.
     fn drive(&mut self, now: u64) {
         loop {
             let mut busy = false;
@@ -168,7 +253,7 @@ impl Agent {
                         index,
                         first,
                         count,
-                    } => self.rings[index].blocks.push_back((first, count)),
+                    } => self.rings.lock()[index].blocks.push_back((first, count)),
                     Output::PairFile { .. } => {}
                 }
             }
@@ -184,9 +269,47 @@ impl Agent {
                     },
                 );
             }
+            while let Some(t) = self.machine.poll_pair_transmit() {
+                busy = true;
+                let me = Endpoint::Agent(self.spec.index);
+                // A real connected socket learns of a dead peer from the ICMP answer to
+                // this send (the fast signal); behind a partition it learns nothing.
+                let refused = endpoint_of(t.to).is_some_and(|to| self.net.refused(me, to));
+                self.net.send(
+                    me,
+                    self.incarnation,
+                    Datagram {
+                        from: pair_addr(self.spec.index),
+                        to: t.to,
+                        bytes: t.bytes,
+                    },
+                );
+                self.machine.handle_pair_sent(Ok(()));
+                if refused {
+                    self.machine.handle_pair_error(PeerLoss::Refused);
+                }
+            }
             if !busy {
+                self.count_takeovers();
                 return;
             }
+        }
+    }
+
+    /// Adds the machine's new takeovers to the pair's stats.
+    fn count_takeovers(&mut self) {
+        let Some(p) = &self.spec.pair else {
+            return;
+        };
+        let now = self.machine.counters().takeovers;
+        if now > self.takeovers {
+            let mut stats = p.stats.lock().unwrap_or_else(|e| e.into_inner());
+            stats.takeovers += now - self.takeovers;
+            if p.role == PairRole::Backup {
+                stats.backup_takeovers += now - self.takeovers;
+            }
+            drop(stats);
+            self.takeovers = now;
         }
     }
 
@@ -197,7 +320,8 @@ impl Agent {
             let want = self
                 .rng
                 .random_range(1..=self.spec.take_max[c.sequence].max(1));
-            let ring = &mut self.rings[c.sequence];
+            let mut rings = self.rings.lock();
+            let ring = &mut rings[c.sequence];
             let Some(front) = ring.blocks.front_mut() else {
                 continue;
             };
@@ -208,11 +332,14 @@ impl Agent {
                 ring.blocks.pop_front();
             }
             ring.taken += u128::from(k);
+            drop(rings);
             let name = self.spec.sequences[c.sequence].clone();
             self.obs.consumed(now, c.id, &name, first, k);
         }
-        for (i, ring) in self.rings.iter().enumerate() {
-            self.machine.handle_ring_taken(now, i, ring.taken);
+        // Also what a pair's application took from these rings.
+        let taken: Vec<u128> = self.rings.lock().iter().map(|r| r.taken).collect();
+        for (i, t) in taken.into_iter().enumerate() {
+            self.machine.handle_ring_taken(now, i, t);
         }
     }
 }

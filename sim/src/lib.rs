@@ -12,6 +12,7 @@
 //! | [`sim`] | [`SimConfig`] from a seed, the fault schedule, [`run`] → [`Report`] |
 //! | [`server`] | one server: the real `ConsensusNode`, server machine and consensus driver |
 //! | [`agent`] | one agent (the real agent machine) and its consumers |
+//! | [`app`] | a backup pair's application: consumers reading both agents' rings |
 //! | [`operator`] | membership changes, sent as `unid cluster` sends them |
 //! | [`net`] | the simulated network (an openraft network factory, datagrams) |
 //! | [`disk`] | the simulated disk (a redb `StorageBackend` that loses unsynced writes) |
@@ -29,6 +30,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod app;
 pub mod clock;
 pub mod disk;
 pub mod error;

@@ -64,6 +64,14 @@ pub fn agent_addr(index: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 1, index as u8)), 7411)
 }
 
+/// The port of an agent's pair link (heartbeats with its backup or primary agent).
+pub const PAIR_PORT: u16 = 7412;
+
+/// Where agent `index` receives its pair's heartbeats: its host's address, [`PAIR_PORT`].
+pub fn pair_addr(index: usize) -> SocketAddr {
+    SocketAddr::new(agent_addr(index).ip(), PAIR_PORT)
+}
+
 /// The operator's address (where `unid cluster` runs).
 pub fn operator_addr() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 2, 1)), 7600)
@@ -242,9 +250,12 @@ impl Net {
         h.up.insert(Endpoint::Server(id), incarnation);
     }
 
-    /// Brings an agent up.
+    /// Brings an agent up: its inbox gets the datagrams to its address and to its pair
+    /// link ([`pair_addr`]: the agent tells them apart by `to`).
     pub fn agent_up(&self, index: usize, incarnation: u64, inbox: mpsc::UnboundedSender<Datagram>) {
         let mut h = self.lock();
+        h.inboxes
+            .insert(pair_addr(index), (incarnation, inbox.clone()));
         h.inboxes.insert(agent_addr(index), (incarnation, inbox));
         h.up.insert(Endpoint::Agent(index), incarnation);
     }
@@ -263,6 +274,14 @@ impl Net {
         h.up.contains_key(&from) && h.up.contains_key(&to) && h.group(from) == h.group(to)
     }
 
+    /// Whether a datagram from `from` to `to` would be refused: `to` is down and no
+    /// partition hides it (the ICMP port unreachable a real send to a dead process gets,
+    /// which a connected UDP socket reports as `ECONNREFUSED`).
+    pub fn refused(&self, from: Endpoint, to: Endpoint) -> bool {
+        let h = self.lock();
+        !h.up.contains_key(&to) && h.group(from) == h.group(to)
+    }
+
     /// Takes an endpoint down (a crash): it sends and receives nothing more.
     pub fn down(&self, endpoint: Endpoint) {
         let mut h = self.lock();
@@ -274,6 +293,7 @@ impl Net {
             }
             Endpoint::Agent(i) => {
                 h.inboxes.remove(&agent_addr(i));
+                h.inboxes.remove(&pair_addr(i));
             }
             Endpoint::Operator => {
                 h.inboxes.remove(&operator_addr());

@@ -2,18 +2,20 @@
 //! choice of the network, the disks and the agents.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
+use unid_agent::PairRole;
 use unid_consensus::store::{self, IoMode};
 use unid_consensus::{ConsensusNode, NodeConfig, Timing};
 use unid_proto::{Id, NodeId, SequenceName, Width};
 
-use crate::agent::{Agent, AgentSpec, Consumer};
+use crate::agent::{Agent, AgentSpec, Consumer, PairSpec, Rings};
+use crate::app::{PairApp, PairStats};
 use crate::clock::Clock;
 use crate::disk::SimDisk;
 use crate::error::SimError;
@@ -70,6 +72,10 @@ pub struct SimConfig {
     /// (`unid cluster add-server` / `remove-server`: half the seeds; between 3 and 5 voters,
     /// at most 9 servers).
     pub membership_changes: bool,
+    /// Whether agent 0 has a backup agent (one more agent, the last): the two exchange
+    /// heartbeats over the simulated network, and agent 0's consumers are an application
+    /// that reads both rings as the client's pair mode does (half the seeds).
+    pub pairs: bool,
 }
 
 impl SimConfig {
@@ -105,6 +111,8 @@ impl SimConfig {
             verbose: false,
             // Drawn last: the fields above are what they were before it existed.
             membership_changes: rng.random_bool(0.5),
+            // Drawn after it, for the same reason.
+            pairs: rng.random_bool(0.5),
         }
     }
 
@@ -158,6 +166,8 @@ pub struct Report {
     /// Membership changes refused or given up on (a change may still have happened: the
     /// voters are read back from Raft).
     pub membership_failed: u64,
+    /// What the pair's consumers did (zeros without a pair).
+    pub pair: PairStats,
 }
 
 impl Report {
@@ -190,6 +200,13 @@ pub fn replay_command(config: &SimConfig) -> String {
             " --membership-changes"
         } else {
             " --no-membership-changes"
+        });
+    }
+    if config.pairs != d.pairs {
+        cmd.push_str(if config.pairs {
+            " --pairs"
+        } else {
+            " --no-pairs"
         });
     }
     cmd
@@ -240,6 +257,8 @@ struct AgentSlot {
     spec: AgentSpec,
     incarnation: u64,
     task: Option<JoinHandle<()>>,
+    /// Its rings: they outlive its incarnations (see [`Rings`]).
+    rings: Rings,
 }
 
 struct World {
@@ -262,6 +281,9 @@ struct World {
     membership_settled: bool,
     membership_done: u64,
     membership_failed: u64,
+    /// The pair's application, if the run has a pair.
+    pair_app: Option<JoinHandle<()>>,
+    pair_stats: Arc<Mutex<PairStats>>,
 }
 
 /// Most servers a run has, added ones included.
@@ -290,6 +312,8 @@ impl World {
             membership_settled: true,
             membership_done: 0,
             membership_failed: 0,
+            pair_app: None,
+            pair_stats: Arc::default(),
             config,
         }
     }
@@ -408,6 +432,7 @@ impl World {
             self.net.clone(),
             self.clock,
             self.obs.clone(),
+            slot.rings.clone(),
         ) {
             Ok(agent) => slot.task = Some(tokio::spawn(agent.run())),
             Err(e) => self
@@ -627,13 +652,64 @@ impl World {
                         })
                         .collect(),
                     servers: (1..=n as NodeId).collect(),
+                    pair: None,
                 },
                 incarnation: 0,
                 task: None,
+                rings: Rings::default(),
             });
-            self.start_agent(index);
+            if !(self.config.pairs && index == 0) {
+                self.start_agent(index); // Agent 0 of a pair starts in `start_pair`.
+            }
+        }
+        if self.config.pairs {
+            self.start_pair();
         }
         Ok(())
+    }
+
+    /// Gives agent 0 a backup (one more agent, with no consumers of its own) and moves
+    /// agent 0's consumers into an application that reads both agents' rings.
+    fn start_pair(&mut self) {
+        let (primary, backup) = (0, self.agents.len());
+        let spec = AgentSpec {
+            index: backup,
+            consumers: Vec::new(),
+            pair: Some(PairSpec {
+                role: PairRole::Backup,
+                peer: primary,
+                stats: self.pair_stats.clone(),
+            }),
+            ..self.agents[primary].spec.clone()
+        };
+        let p = &mut self.agents[primary];
+        let consumers = std::mem::take(&mut p.spec.consumers);
+        p.spec.pair = Some(PairSpec {
+            role: PairRole::Primary,
+            peer: backup,
+            stats: self.pair_stats.clone(),
+        });
+        let backup_rings = Rings::default();
+        let app = PairApp::new(
+            consumers,
+            [p.rings.clone(), backup_rings.clone()],
+            spec.sequences.clone(),
+            p.spec.consume_every_us,
+            p.spec.take_max.clone(),
+            self.config.seed ^ 0x7061_6972_0000_0000,
+            self.clock,
+            self.obs.clone(),
+            self.pair_stats.clone(),
+        );
+        self.agents.push(AgentSlot {
+            spec,
+            incarnation: 0,
+            task: None,
+            rings: backup_rings,
+        });
+        self.start_agent(primary);
+        self.start_agent(backup);
+        self.pair_app = Some(tokio::spawn(app.run()));
     }
 
     /// One schedule step: restarts after disk failures, invariant ticks.
@@ -873,6 +949,9 @@ impl World {
         if let Some((_, task)) = self.operator.take() {
             task.abort();
         }
+        if let Some(task) = self.pair_app.take() {
+            task.abort();
+        }
         for a in 0..self.agents.len() {
             if let Some(t) = self.agents[a].task.take() {
                 t.abort();
@@ -901,6 +980,7 @@ impl World {
             sim_ms: self.now_us() / 1000,
             membership_done: self.membership_done,
             membership_failed: self.membership_failed,
+            pair: *self.pair_stats.lock().unwrap_or_else(|p| p.into_inner()),
         }
     }
 }

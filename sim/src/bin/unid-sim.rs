@@ -18,6 +18,7 @@ struct Args {
     rounds: Option<u32>,
     torn: bool,
     membership: Option<bool>,
+    pairs: Option<bool>,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -27,6 +28,7 @@ fn parse() -> anyhow::Result<Args> {
     let mut rounds = None;
     let mut torn = true;
     let mut membership = None;
+    let mut pairs = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -52,10 +54,12 @@ fn parse() -> anyhow::Result<Args> {
             "--no-torn-writes" => torn = false,
             "--membership-changes" => membership = Some(true),
             "--no-membership-changes" => membership = Some(false),
+            "--pairs" => pairs = Some(true),
+            "--no-pairs" => pairs = Some(false),
             "--help" | "-h" => {
                 println!(
                     "unid-sim [--seeds A..B | --seed N] [--verbose] [--quiet] [--rounds N] [--no-torn-writes]\n\
-                     \x20        [--membership-changes | --no-membership-changes]\n\
+                     \x20        [--membership-changes | --no-membership-changes] [--pairs | --no-pairs]\n\
                      Runs the deterministic simulation for each seed; exits 1 if any seed \
                      violates an invariant, printing the command that replays it."
                 );
@@ -71,6 +75,7 @@ fn parse() -> anyhow::Result<Args> {
         rounds,
         torn,
         membership,
+        pairs,
     })
 }
 
@@ -80,6 +85,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let (mut clean, mut failed) = (0u64, Vec::new());
     let mut shared = Vec::new();
     let (mut changed, mut changes_done, mut changes_failed) = (0u64, 0u64, 0u64);
+    let (mut paired, mut pair) = (0u64, unid_sim::app::PairStats::default());
     for seed in args.seeds.clone() {
         let mut config = SimConfig::from_seed(seed);
         config.verbose = args.verbose;
@@ -90,6 +96,9 @@ fn main() -> anyhow::Result<ExitCode> {
         if let Some(m) = args.membership {
             config.membership_changes = m;
         }
+        if let Some(p) = args.pairs {
+            config.pairs = p;
+        }
         let report = run(config).with_context(|| format!("seed {seed}"))?;
         if report.seen.shared_terms > 0 {
             shared.push(seed);
@@ -98,6 +107,15 @@ fn main() -> anyhow::Result<ExitCode> {
             changed += 1;
         }
         changes_done += report.membership_done;
+        if report.config.pairs {
+            paired += 1;
+            pair.taken += report.pair.taken;
+            pair.from_backup += report.pair.from_backup;
+            pair.switches += report.pair.switches;
+            pair.discarded += report.pair.discarded;
+            pair.takeovers += report.pair.takeovers;
+            pair.backup_takeovers += report.pair.backup_takeovers;
+        }
         changes_failed += report.membership_failed;
         if report.ok() {
             clean += 1;
@@ -146,6 +164,16 @@ fn main() -> anyhow::Result<ExitCode> {
     println!(
         "seeds with membership changes: {changed}; changes answered done: {changes_done}, \
          refused or given up: {changes_failed}"
+    );
+    println!(
+        "seeds with a backup agent pair: {paired}; takeovers {} ({} by the backup); its consumers took {} ids, {} from \
+         the backup's ring, switched rings {} times, discarded {} ids not above their last",
+        pair.takeovers,
+        pair.backup_takeovers,
+        pair.taken,
+        pair.from_backup,
+        pair.switches,
+        pair.discarded
     );
     Ok(if failed.is_empty() {
         ExitCode::SUCCESS
