@@ -96,6 +96,22 @@ pub struct Ring {
     pub taken: u128,
 }
 
+impl Ring {
+    /// Takes up to `max` ids from the oldest block, as one `take_range` of the real ring:
+    /// `(first, count)`, or `None` while it is empty.
+    pub fn take(&mut self, max: u64) -> Option<(Id, u64)> {
+        let front = self.blocks.front_mut()?;
+        let (first, n) = (front.0, max.min(front.1));
+        front.0 += Id::from(n);
+        front.1 -= n;
+        if front.1 == 0 {
+            self.blocks.pop_front();
+        }
+        self.taken += u128::from(n);
+        Some((first, n))
+    }
+}
+
 /// An agent's rings, one per sequence, shared with the applications that read them (a
 /// pair's consumers read both agents'). They outlive a crash, as the shared-memory files
 /// do (consumers may drain what a dead agent left); a new incarnation starts them empty
@@ -320,19 +336,9 @@ impl Agent {
             let want = self
                 .rng
                 .random_range(1..=self.spec.take_max[c.sequence].max(1));
-            let mut rings = self.rings.lock();
-            let ring = &mut rings[c.sequence];
-            let Some(front) = ring.blocks.front_mut() else {
+            let Some((first, k)) = self.rings.lock()[c.sequence].take(want) else {
                 continue;
             };
-            let (first, k) = (front.0, want.min(front.1));
-            front.0 += Id::from(k);
-            front.1 -= k;
-            if front.1 == 0 {
-                ring.blocks.pop_front();
-            }
-            ring.taken += u128::from(k);
-            drop(rings);
             let name = self.spec.sequences[c.sequence].clone();
             self.obs.consumed(now, c.id, &name, first, k);
         }

@@ -117,29 +117,17 @@ impl PairApp {
                 continue; // That agent has not started yet.
             };
             // Not above the last id returned: discarded, as the client does.
-            while let (Some(front), Some(last)) = (ring.blocks.front_mut(), last) {
-                if front.0 > last {
+            while let (Some(&(first, count)), Some(last)) = (ring.blocks.front(), last) {
+                if first > last {
                     break;
                 }
-                let stale = (last - front.0 + 1).min(Id::from(front.1)) as u64;
-                front.0 += Id::from(stale);
-                front.1 -= stale;
-                ring.taken += u128::from(stale);
+                let stale = (last - first + 1).min(Id::from(count)) as u64;
+                ring.take(stale);
                 stats.discarded += u128::from(stale);
-                if front.1 == 0 {
-                    ring.blocks.pop_front();
-                }
             }
-            let Some(front) = ring.blocks.front_mut() else {
+            let Some((first, n)) = ring.take(want) else {
                 continue;
             };
-            let (first, n) = (front.0, want.min(front.1));
-            front.0 += Id::from(n);
-            front.1 -= n;
-            if front.1 == 0 {
-                ring.blocks.pop_front();
-            }
-            ring.taken += u128::from(n);
             drop(rings);
             let pc = &mut self.consumers[c];
             if k != pc.current {
