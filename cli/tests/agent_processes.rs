@@ -3,14 +3,15 @@
 //! (SIGTERM and SIGKILL) never repeat an id.
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use unid_agent::testing::FakeCluster;
+mod server_support;
 
-const UNID: &str = env!("CARGO_BIN_EXE_unid");
+use server_support::{UNID, agent_command, increasing_ids as ids, wait_agent_socket};
+use unid_agent::testing::FakeCluster;
 
 struct Agent(Child);
 
@@ -20,27 +21,13 @@ impl Agent {
     }
 
     fn start_logging(server: SocketAddr, dir: &Path, socket: SocketAddr, log: Stdio) -> Agent {
-        let child = Command::new(UNID)
-            .args([
-                "agent",
-                "--server",
-                &server.to_string(),
-                "--sequence",
-                "jobs",
-            ])
-            .arg("--ring-dir")
-            .arg(dir)
-            .args(["--socket", &socket.to_string(), "--refill-period-ms", "50"])
-            .stdin(Stdio::null())
+        let child = agent_command(server, "jobs", dir, socket)
+            .args(["--refill-period-ms", "50"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start unid agent");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(socket).is_err() {
-            assert!(Instant::now() < deadline, "agent socket never opened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_agent_socket(socket);
         Agent(child)
     }
 
@@ -80,23 +67,6 @@ fn next(dir: &Path, socket: SocketAddr, n: u64) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start unid next")
-}
-
-fn ids(out: Output) -> Vec<u128> {
-    assert!(
-        out.status.success(),
-        "unid next failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ids: Vec<u128> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
-    for w in ids.windows(2) {
-        assert!(w[0] < w[1], "not increasing: {} then {}", w[0], w[1]);
-    }
-    ids
 }
 
 /// A fresh ring folder under /dev/shm, removed on drop.

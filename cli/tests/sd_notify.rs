@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use server_support::{Agent, UNID, free_port};
+use server_support::{Agent, UNID, agent_command, free_port};
 use unid_agent::testing::{FakeCluster, Mode};
 use unid_proto::Message;
 
@@ -155,19 +155,8 @@ fn a_bad_notify_socket_is_logged_and_the_server_keeps_serving() {
 fn agent(server: SocketAddr, ring_dir: &Path, socket: SocketAddr, notify: &str) -> Proc {
     let log = ring_dir.with_extension("log");
     let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(UNID)
-        .args([
-            "agent",
-            "--server",
-            &server.to_string(),
-            "--sequence",
-            "jobs",
-        ])
-        .arg("--ring-dir")
-        .arg(ring_dir)
-        .args(["--socket", &socket.to_string()])
+    let child = agent_command(server, "jobs", ring_dir, socket)
         .env("NOTIFY_SOCKET", notify)
-        .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out)
         .spawn()

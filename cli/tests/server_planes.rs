@@ -43,27 +43,14 @@ fn ids_through_an_agent(root: &Path, udp: SocketAddr) {
     let socket = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let ring_dir = root.join("rings");
     let _agent = Proc(
-        Command::new(UNID)
-            .args(["agent", "--sequence", "planes", "--refill-period-ms", "50"])
-            .args([
-                "--server",
-                &udp.to_string(),
-                "--socket",
-                &socket.to_string(),
-            ])
-            .arg("--ring-dir")
-            .arg(&ring_dir)
-            .stdin(Stdio::null())
+        agent_command(udp, "planes", &ring_dir, socket)
+            .args(["--refill-period-ms", "50"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "agent socket never opened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_agent_socket(socket);
     let out = Command::new(UNID)
         .args(["next", "planes", "-n", "2000", "--wait-ms", "15000"])
         .arg("--ring-dir")
@@ -71,18 +58,7 @@ fn ids_through_an_agent(root: &Path, udp: SocketAddr) {
         .args(["--socket", &socket.to_string()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "unid next: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ids: Vec<u128> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
-    assert_eq!(ids.len(), 2000);
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids not increasing");
+    assert_eq!(increasing_ids(out).len(), 2000);
 }
 
 fn data_plane_lines(log: &str) -> Vec<&str> {

@@ -254,18 +254,10 @@ pub fn run(
         s.ids,
         s.ids as f64 / window_s
     );
-    let h = &s.latency_us;
-    let _ = writeln!(o, "### Latency (first send → grant, µs)\n");
-    let _ = writeln!(o, "| answered | p50 | p99 | p99.9 | max |");
-    let _ = writeln!(o, "|---|---|---|---|---|");
-    let _ = writeln!(
-        o,
-        "| {} | {} | {} | {} | {} |\n",
-        h.len(),
-        h.value_at_quantile(0.5),
-        h.value_at_quantile(0.99),
-        h.value_at_quantile(0.999),
-        h.max()
+    crate::report::latency_table(
+        &mut o,
+        "### Latency (first send → grant, µs)",
+        &s.latency_us,
     );
     let mut per = s.grants_per_agent.clone();
     per.sort_unstable();

@@ -16,6 +16,22 @@ use crate::consumer::{self, ConsumerResult};
 use crate::nemesis::{Fault, Kind};
 use crate::series::Series;
 
+/// A latency table under `heading`: how many were answered, p50, p99, p99.9 and max of `h`.
+pub(crate) fn latency_table(o: &mut String, heading: &str, h: &Histogram<u64>) {
+    let _ = writeln!(o, "{heading}\n");
+    let _ = writeln!(o, "| answered | p50 | p99 | p99.9 | max |");
+    let _ = writeln!(o, "|---|---|---|---|---|");
+    let _ = writeln!(
+        o,
+        "| {} | {} | {} | {} | {} |\n",
+        h.len(),
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max()
+    );
+}
+
 /// Failover targets from the issue: median and worst time to the new leader's first grant,
 /// and the longest `next()` wait during a leader failover.
 pub const FAILOVER_MEDIAN_TARGET_MS: f64 = 300.0;
@@ -535,18 +551,10 @@ impl Summary {
              earlier); grants answered during the drain count too.\n",
             self.issuing_s
         );
-        let h = &self.latency_us;
-        let _ = writeln!(o, "## Latency (first send → answer, µs)\n");
-        let _ = writeln!(o, "| answered | p50 | p99 | p99.9 | max |");
-        let _ = writeln!(o, "|---|---|---|---|---|");
-        let _ = writeln!(
-            o,
-            "| {} | {} | {} | {} | {} |\n",
-            h.len(),
-            h.value_at_quantile(0.5),
-            h.value_at_quantile(0.99),
-            h.value_at_quantile(0.999),
-            h.max()
+        latency_table(
+            &mut o,
+            "## Latency (first send → answer, µs)",
+            &self.latency_us,
         );
         if self.consumers > 0 {
             let w = &self.next_wait_ns;

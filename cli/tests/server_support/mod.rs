@@ -4,7 +4,7 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use unid_proto::{
@@ -17,6 +17,58 @@ pub const UNID: &str = env!("CARGO_BIN_EXE_unid");
 /// range so that nothing else takes it before the server binds it (see `unid_engine::ports`).
 pub fn free_port() -> u16 {
     unid_engine::ports::free_port().expect("a free port on 127.0.0.1")
+}
+
+/// `unid agent` for `sequence` from `server`, its rings in `ring_dir` and its localhost
+/// socket at `socket`, stdin closed: the caller adds flags, output and environment, and
+/// spawns it.
+pub fn agent_command(
+    server: SocketAddr,
+    sequence: &str,
+    ring_dir: &Path,
+    socket: SocketAddr,
+) -> Command {
+    let mut cmd = Command::new(UNID);
+    cmd.args([
+        "agent",
+        "--server",
+        &server.to_string(),
+        "--sequence",
+        sequence,
+    ])
+    .arg("--ring-dir")
+    .arg(ring_dir)
+    .args(["--socket", &socket.to_string()])
+    .stdin(Stdio::null());
+    cmd
+}
+
+/// Waits (10 s at most) until an agent's localhost socket accepts connections.
+pub fn wait_agent_socket(socket: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "agent socket never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The ids a `unid next` process printed, one a line; panics unless it succeeded and
+/// they increase.
+pub fn increasing_ids(out: Output) -> Vec<u128> {
+    assert!(
+        out.status.success(),
+        "unid next failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids: Vec<u128> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    for w in ids.windows(2) {
+        assert!(w[0] < w[1], "not increasing: {} then {}", w[0], w[1]);
+    }
+    ids
 }
 
 /// One server process.
