@@ -344,6 +344,12 @@ impl LeaderAllocator {
         &self.stats
     }
 
+    /// Whether a raise of some sequence is outstanding (proposed, neither committed nor
+    /// failed yet).
+    pub fn raise_outstanding(&self) -> bool {
+        self.sequences.values().any(|s| s.raise.is_some())
+    }
+
     /// What the allocator holds for `sequence`.
     pub fn sequence(&self, sequence: &SequenceName) -> Option<SequenceView> {
         self.sequences.get(sequence).map(|s| SequenceView {

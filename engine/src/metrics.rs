@@ -369,6 +369,13 @@ pub(crate) fn render_server(
         "ceiling raises that failed",
         stats.raises_failed,
     );
+    e.single(
+        "unid_server_rewarms_total",
+        Kind::Counter,
+        "allocators dropped because a raise revealed a committed ceiling above their own \
+         proposals (a restored leader, or a deposed one), ceilings then read again",
+        stats.rewarms,
+    );
     e.histogram(
         "unid_server_ceiling_raise_seconds",
         "time to commit a ceiling raise through Raft",

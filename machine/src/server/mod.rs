@@ -489,6 +489,16 @@ impl Server {
         self.phase == Phase::Leading && self.allocator.is_some()
     }
 
+    /// Whether this server leads with a ceiling raise outstanding (proposed to consensus,
+    /// no result yet). The simulator crashes servers at such moments.
+    pub fn raise_outstanding(&self) -> bool {
+        self.is_granting()
+            && self
+                .allocator
+                .as_ref()
+                .is_some_and(LeaderAllocator::raise_outstanding)
+    }
+
     /// The cluster id this server stamps (0: not known yet).
     pub fn cluster(&self) -> u64 {
         self.cluster

@@ -56,9 +56,25 @@ impl Server {
                 match alloc.on_raise_committed(&raise.sequence, ceiling) {
                     Ok(()) => {}
                     Err(e) => {
-                        tracing::warn!(sequence = %raise.sequence.as_str(), "raise refused ({e}); dropping the allocator");
+                        // The committed ceiling is above anything this allocator proposed:
+                        // entries it never read raised it. Either another leader did (then
+                        // this one is deposed, and the new ready read fails until consensus
+                        // reports the new leader), or this node's own earlier incarnation in
+                        // this same term did: openraft restores a leader after a restart,
+                        // and its ready read need not cover the entries of its own term the
+                        // crash left unapplied. In both cases nothing this allocator knows
+                        // may be granted from: it is dropped before any grant above the
+                        // ceiling it read, and the server warms up again in this term, so
+                        // that a ready read (which now covers this raise) builds the next
+                        // allocator from the higher ceiling. Going back to following
+                        // instead left a restored leader that Raft keeps as leader but that
+                        // never grants again.
+                        tracing::warn!(sequence = %raise.sequence.as_str(), term, "raise refused ({e}); dropping the allocator and reading the committed ceilings again");
                         self.drop_allocator("a ceiling this leader did not propose");
-                        self.phase = Phase::Follower;
+                        bump(&self.stats.rewarms);
+                        self.phase = Phase::Warming;
+                        self.ready_tries = 0;
+                        self.actions.push_back(Action::ReadReady { term });
                     }
                 }
             }

@@ -52,6 +52,10 @@ pub struct ServerStats {
     pub raises_committed: AtomicU64,
     /// Ceiling raises that failed.
     pub raises_failed: AtomicU64,
+    /// Allocators dropped because a raise revealed a committed ceiling above anything they
+    /// proposed, after which this server read the ceilings again in the same term (see
+    /// `Server::on_raise_done`).
+    pub rewarms: AtomicU64,
 }
 
 /// A snapshot of [`ServerStats`].
@@ -95,6 +99,8 @@ pub struct ServerStatsSnapshot {
     pub raises_committed: u64,
     /// See [`ServerStats::raises_failed`].
     pub raises_failed: u64,
+    /// See [`ServerStats::rewarms`].
+    pub rewarms: u64,
 }
 
 impl ServerStats {
@@ -121,6 +127,7 @@ impl ServerStats {
             registrations: g(&self.registrations),
             raises_committed: g(&self.raises_committed),
             raises_failed: g(&self.raises_failed),
+            rewarms: g(&self.rewarms),
         }
     }
 }

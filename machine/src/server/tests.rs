@@ -622,3 +622,56 @@ fn hellos_without_a_common_version_are_refused_with_the_servers_range() {
     assert_eq!(m.handle_datagram(T0, agent_addr(), &junk, &state), None);
     assert_eq!(m.stats().snapshot().dropped_version, 1);
 }
+
+#[test]
+fn a_raise_revealing_a_higher_ceiling_rewarms_in_the_same_term_and_grants_above_it() {
+    // A leader restored by openraft after a restart, in its old term: its ready read saw
+    // ceiling 250, but an entry of its previous incarnation (same term) raised it to 5,000
+    // and commits only together with this allocator's first raise.
+    let state = state_with("orders", 250);
+    let mut m = leader(&state);
+    let node = register(&mut m, &state);
+    let (term, raise) = std::iter::from_fn(|| m.poll_action())
+        .find_map(|a| match a {
+            Action::Raise { term, raise } => Some((term, raise)),
+            _ => None,
+        })
+        .expect("a raise asked for");
+    assert!(raise.ceiling < 5_000, "the test needs a raise below 5,000");
+    m.on_raise_done(T0, term, &raise, Ok((5_000, term)), 10);
+    assert!(
+        !m.is_granting(),
+        "nothing is granted from the stale allocator"
+    );
+    assert_eq!(m.stats().snapshot().rewarms, 1);
+    assert_eq!(
+        block(&mut m, &state, node, 20),
+        Got::Error(ErrorCode::NotReady),
+        "warming up again: the agent is asked to retry, not redirected to this same server"
+    );
+    // The server reads the committed ceilings again in the same term: no new election.
+    let actions: Vec<Action> = std::iter::from_fn(|| m.poll_action()).collect();
+    assert!(
+        actions.contains(&Action::ReadReady { term }),
+        "a new ready read in term {term}: {actions:?}"
+    );
+    let now = state_with("orders", 5_000);
+    m.on_ready(T0, term, &now);
+    assert!(m.is_granting());
+    let mut granted = 0;
+    for seq in 21..80 {
+        match block(&mut m, &now, node, seq) {
+            Got::Block(first, count) => {
+                assert!(
+                    first >= 5_000,
+                    "block {first}+{count} below the revealed ceiling"
+                );
+                granted += 1;
+            }
+            Got::Error(ErrorCode::NotReady) => {}
+            other => panic!("{other:?}"),
+        }
+        commit_raises(&mut m, term);
+    }
+    assert!(granted > 0, "the rebuilt allocator grants");
+}
