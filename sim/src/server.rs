@@ -196,6 +196,22 @@ impl Server {
         m.membership_config.membership().get_joint_config().clone()
     }
 
+    /// The machine's counters (they outlive a crash of this incarnation).
+    pub fn stats(&self) -> Arc<unid_machine::server::ServerStats> {
+        lock(&self.machine).stats().clone()
+    }
+
+    /// Whether this server leads with a ceiling raise outstanding whose entry is in its log
+    /// and not applied yet (so a crash now leaves an entry of its term unapplied).
+    pub fn raise_in_log(&self) -> bool {
+        if !lock(&self.machine).raise_outstanding() {
+            return false;
+        }
+        let m = self.consensus.raft().metrics();
+        let m = m.borrow();
+        m.last_log_index > m.last_applied.map(|l| l.index)
+    }
+
     /// Whether this server leads with its allocator installed.
     pub fn is_leading(&self) -> bool {
         lock(&self.machine).is_granting()

@@ -76,6 +76,10 @@ pub struct SimConfig {
     /// heartbeats over the simulated network, and agent 0's consumers are an application
     /// that reads both rings as the client's pair mode does (half the seeds).
     pub pairs: bool,
+    /// Whether the leader faults may also crash every server at once and restart them all
+    /// within the election timeout (the `restart-all` of loadgen), so that openraft restores
+    /// the leader in its old term with entries of that term unapplied (half the seeds).
+    pub restart_all: bool,
 }
 
 impl SimConfig {
@@ -113,6 +117,8 @@ impl SimConfig {
             membership_changes: rng.random_bool(0.5),
             // Drawn after it, for the same reason.
             pairs: rng.random_bool(0.5),
+            // And after that one.
+            restart_all: rng.random_bool(0.5),
         }
     }
 
@@ -168,6 +174,12 @@ pub struct Report {
     pub membership_failed: u64,
     /// What the pair's consumers did (zeros without a pair).
     pub pair: PairStats,
+    /// Times every server was crashed at once and restarted ([`SimConfig::restart_all`]).
+    pub restart_alls: u64,
+    /// Allocators dropped by a raise that revealed a higher committed ceiling, with the
+    /// ceilings read again in the same term (`ServerStats::rewarms`, over every server and
+    /// incarnation).
+    pub rewarms: u64,
 }
 
 impl Report {
@@ -207,6 +219,13 @@ pub fn replay_command(config: &SimConfig) -> String {
             " --pairs"
         } else {
             " --no-pairs"
+        });
+    }
+    if config.restart_all != d.restart_all {
+        cmd.push_str(if config.restart_all {
+            " --restart-all"
+        } else {
+            " --no-restart-all"
         });
     }
     cmd
@@ -284,6 +303,9 @@ struct World {
     /// The pair's application, if the run has a pair.
     pair_app: Option<JoinHandle<()>>,
     pair_stats: Arc<Mutex<PairStats>>,
+    /// Every server incarnation's machine counters (summed in the report).
+    server_stats: Vec<Arc<unid_machine::server::ServerStats>>,
+    restart_alls: u64,
 }
 
 /// Most servers a run has, added ones included.
@@ -314,6 +336,8 @@ impl World {
             membership_failed: 0,
             pair_app: None,
             pair_stats: Arc::default(),
+            server_stats: Vec::new(),
+            restart_alls: 0,
             config,
         }
     }
@@ -351,6 +375,7 @@ impl World {
             self.obs.clone(),
             Duration::from_millis(TIMING.write_timeout_ms),
         )?;
+        self.server_stats.push(server.stats());
         self.servers[i].running = Some(server);
         self.servers[i].restart_at_us = None;
         Ok(())
@@ -748,7 +773,9 @@ impl World {
                 }
             }
             2 => {
-                if let Some(l) = self.leader() {
+                if self.config.restart_all && self.rng.random_bool(1.0 / 3.0) {
+                    self.restart_all_servers().await;
+                } else if let Some(l) = self.leader() {
                     if self.rng.random_bool(0.5) {
                         self.crash_server(l, "scheduled, the leader");
                     } else {
@@ -817,6 +844,35 @@ impl World {
                     let id = self.servers[i].id;
                     self.fault(format!("disk of server {id} fails after {writes} writes"));
                 }
+            }
+        }
+    }
+
+    /// Crashes every running server at once; each comes back within 10 to 120 ms, before
+    /// any election timeout (150 ms) fires, so that the old leader is restored in its term.
+    /// Two times in three it first waits (up to 500 ms, in 1 ms steps) for the leader to
+    /// have a ceiling raise in its log, not applied yet: the restored leader then finds an
+    /// entry of its own term in its log that its ready read need not cover.
+    async fn restart_all_servers(&mut self) {
+        if self.rng.random_bool(2.0 / 3.0) {
+            let end = self.now_us() + 500_000;
+            while self.now_us() < end
+                && !self
+                    .servers
+                    .iter()
+                    .any(|s| s.running.as_ref().is_some_and(Server::raise_in_log))
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let now = self.now_us();
+        self.restart_alls += 1;
+        self.fault("restart all servers".into());
+        for i in 0..self.servers.len() {
+            if self.servers[i].running.is_some() {
+                self.crash_server(i, "restart-all");
+                let delay = self.rng.random_range(10_000..120_000);
+                self.servers[i].restart_at_us = Some(now + delay);
             }
         }
     }
@@ -981,6 +1037,12 @@ impl World {
             membership_done: self.membership_done,
             membership_failed: self.membership_failed,
             pair: *self.pair_stats.lock().unwrap_or_else(|p| p.into_inner()),
+            restart_alls: self.restart_alls,
+            rewarms: self
+                .server_stats
+                .iter()
+                .map(|s| s.rewarms.load(std::sync::atomic::Ordering::Relaxed))
+                .sum(),
         }
     }
 }

@@ -15,11 +15,11 @@ use unid_sim::{SimConfig, run};
 #[test]
 fn two_leaders_elected_in_one_term_never_both_grant() {
     // Seeds of the full profile on which openraft elects two leaders in one
-    // term: 26 of seeds 0..5000 do since the simulator runs the real server and agent
-    // machines and real encoded datagrams (`scripts/sim-sweep.sh 0 5000`); 9 and 34 were the
-    // first found, 74, 601 and 683 with the mirrors, 237, 600 and 830 with the real server
-    // and the mirror agent, whose histories differ.
-    let seeds = [135, 310, 501];
+    // term: 4 of seeds 0..1000 do since half the seeds also restart every server at once
+    // (`SimConfig::restart_all`; `unid-sim --seeds 0..1000`); 9 and 34 were the first
+    // found, 74, 601 and 683 with the mirrors, 237, 600 and 830 with the real server and
+    // the mirror agent, 135, 310 and 501 before restart-all, whose histories differ.
+    let seeds = [603, 762, 856];
     let mut doubled = Vec::new();
     for seed in seeds {
         let report = run(SimConfig::from_seed(seed)).expect("run");

@@ -19,6 +19,7 @@ struct Args {
     torn: bool,
     membership: Option<bool>,
     pairs: Option<bool>,
+    restart_all: Option<bool>,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -29,6 +30,7 @@ fn parse() -> anyhow::Result<Args> {
     let mut torn = true;
     let mut membership = None;
     let mut pairs = None;
+    let mut restart_all = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -56,10 +58,13 @@ fn parse() -> anyhow::Result<Args> {
             "--no-membership-changes" => membership = Some(false),
             "--pairs" => pairs = Some(true),
             "--no-pairs" => pairs = Some(false),
+            "--restart-all" => restart_all = Some(true),
+            "--no-restart-all" => restart_all = Some(false),
             "--help" | "-h" => {
                 println!(
                     "unid-sim [--seeds A..B | --seed N] [--verbose] [--quiet] [--rounds N] [--no-torn-writes]\n\
                      \x20        [--membership-changes | --no-membership-changes] [--pairs | --no-pairs]\n\
+                     \x20        [--restart-all | --no-restart-all]\n\
                      Runs the deterministic simulation for each seed; exits 1 if any seed \
                      violates an invariant, printing the command that replays it."
                 );
@@ -76,6 +81,7 @@ fn parse() -> anyhow::Result<Args> {
         torn,
         membership,
         pairs,
+        restart_all,
     })
 }
 
@@ -86,6 +92,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let mut shared = Vec::new();
     let (mut changed, mut changes_done, mut changes_failed) = (0u64, 0u64, 0u64);
     let (mut paired, mut pair) = (0u64, unid_sim::app::PairStats::default());
+    let (mut restarting, mut restart_alls, mut rewarms) = (0u64, 0u64, 0u64);
     for seed in args.seeds.clone() {
         let mut config = SimConfig::from_seed(seed);
         config.verbose = args.verbose;
@@ -98,6 +105,9 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         if let Some(p) = args.pairs {
             config.pairs = p;
+        }
+        if let Some(r) = args.restart_all {
+            config.restart_all = r;
         }
         let report = run(config).with_context(|| format!("seed {seed}"))?;
         if report.seen.shared_terms > 0 {
@@ -117,6 +127,9 @@ fn main() -> anyhow::Result<ExitCode> {
             pair.backup_takeovers += report.pair.backup_takeovers;
         }
         changes_failed += report.membership_failed;
+        restarting += u64::from(report.config.restart_all);
+        restart_alls += report.restart_alls;
+        rewarms += report.rewarms;
         if report.ok() {
             clean += 1;
             if !args.quiet {
@@ -174,6 +187,10 @@ fn main() -> anyhow::Result<ExitCode> {
         pair.from_backup,
         pair.switches,
         pair.discarded
+    );
+    println!(
+        "seeds with restart-all: {restarting}; every server restarted at once {restart_alls} times; \
+         allocators dropped by a raise above their own and rebuilt in the same term: {rewarms}"
     );
     Ok(if failed.is_empty() {
         ExitCode::SUCCESS
