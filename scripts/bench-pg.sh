@@ -20,7 +20,9 @@
 #   two are compared run against neighbouring run: each round's ratio and their median.
 # Env: DUR (seconds per pgbench run, 10), REPS (pgbench runs per figure, median; 3), ROWS_BIG (10000000),
 # PAIRS (rounds of the paired comparison, 8; 0 skips it), UNID_BIN (target/debug/unid;
-# the agent only refills blocks), PG_CONFIG, SKIP_INSTALL=1 (use the installed extension).
+# the agent only refills blocks), PG_CONFIG, SKIP_INSTALL=1 (use the installed extension),
+# PAIRS_ONLY=1 (only grow t_unid and t_identity to ROWS_BIG and run the paired rounds; writes
+# results/postgres-pairs.tsv and results/postgres-pairs.log, leaves the other results alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -32,7 +34,13 @@ PAIRS=${PAIRS:-8}
 ROWS_BIG=${ROWS_BIG:-10000000}
 [ "$(id -u)" = 0 ] || { echo "needs root (see scripts/pg-env.sh)"; exit 1; }
 PGBIN=$("$PG_CONFIG" --bindir)
+PAIRS_ONLY=${PAIRS_ONLY:-0}
 TSV=$ROOT/results/postgres.tsv
+RUNS=$ROOT/results/postgres-runs.log
+if [ "$PAIRS_ONLY" = 1 ]; then
+  TSV=$ROOT/results/postgres-pairs.tsv
+  RUNS=$ROOT/results/postgres-pairs.log
+fi
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
   echo "--- cargo pgrx install --release"
   (cd pg && cargo pgrx install --release --pg-config "$PG_CONFIG" 2>&1 | grep -E "Finished|error" | tail -2)
@@ -71,7 +79,7 @@ bench() { # script clients: the median tps of REPS pgbench runs (all of them in 
     runs+=("$("$PGBIN/pgbench" -n -M prepared -h 127.0.0.1 -p "$PP" -U postgres -c "$2" -j "$j" \
       -T "$DUR" -f "$1" postgres 2>&1 | awk '/^tps = / { printf "%.0f\n", $3 }')")
   done
-  echo "$1 -c $2: ${runs[*]}" >>"$ROOT/results/postgres-runs.log"
+  echo "$1 -c $2: ${runs[*]}" >>"$RUNS"
   printf '%s\n' "${runs[@]}" | sort -n | sed -n "$(( (REPS + 1) / 2 ))p"
 }
 # Server side, no round trips: one backend evaluating an expression 1M times (median of 3).
@@ -88,7 +96,9 @@ load() { uptime | sed 's/.*load average: //; s/,//g' | awk '{print $1}'; }
 : >"$TSV"
 row() { printf '%s\n' "$*" | tr ' ' '\t' | tee -a "$TSV"; }
 echo "--- kind test clients value unit load1"
-: >"$ROOT/results/postgres-runs.log"
+: >"$RUNS"
+echo "# $(date -u '+%F %T') UTC, DUR=$DUR PAIRS=$PAIRS ROWS_BIG=$ROWS_BIG PAIRS_ONLY=$PAIRS_ONLY, $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')" >>"$RUNS"
+if [ "$PAIRS_ONLY" != 1 ]; then
 for e in "unid_next=unid_next('sel')" "nextval=nextval('s')" "gen_random_uuid=gen_random_uuid()" \
   "uuidv7=uuidv7()" "series_only=g" "unid_take=take"; do
   row server "${e%%=*}" 1 "$(per_s "${e#*=}")" per_s "$(load)"
@@ -97,6 +107,7 @@ for c in 1 8; do
   for t in "${TABLES[@]}"; do row insert "$t" "$c" "$(bench "$WORK/ins_$t.sql" $c)" tps "$(load)"; done
   for s in sel_unid sel_nextval; do row select "$s" "$c" "$(bench "$WORK/$s.sql" $c)" tps "$(load)"; done
 done
+fi
 
 grow() { # table rows: INSERT ... SELECT 1M rows at a time until the table has `rows`
   local t=$1 want=$2 have
@@ -107,7 +118,9 @@ grow() { # table rows: INSERT ... SELECT 1M rows at a time until the table has `
     have=$((have + n))
   done
 }
-for size in 1000000 "$ROWS_BIG"; do
+SIZES=(1000000 "$ROWS_BIG")
+[ "$PAIRS_ONLY" = 1 ] && { SIZES=("$ROWS_BIG"); TABLES=(t_unid t_identity); }
+for size in "${SIZES[@]}"; do
   for t in "${TABLES[@]}"; do
     s0=$SECONDS
     grow "$t" "$size"
@@ -115,7 +128,7 @@ for size in 1000000 "$ROWS_BIG"; do
     row load_s "$t" "$size" "$((SECONDS - s0))" s "$(load)"
     row table_bytes "$t" "$size" "$(sql "SELECT pg_relation_size('$t')")" bytes "$(load)"
     row pkey_bytes "$t" "$size" "$(sql "SELECT pg_relation_size('${t}_pkey')")" bytes "$(load)"
-    row insert_at "$t" "$size" "$(bench "$WORK/ins_$t.sql" 8)" tps "$(load)"
+    [ "$PAIRS_ONLY" = 1 ] || row insert_at "$t" "$size" "$(bench "$WORK/ins_$t.sql" 8)" tps "$(load)"
   done
 done
 # Paired rounds at ROWS_BIG: unid and IDENTITY in neighbouring runs, order swapped each round.
@@ -130,7 +143,7 @@ for i in $(seq "$PAIRS"); do
   else d=$(one_run t_identity); u=$(one_run t_unid); fi
   r=$(awk -v u="$u" -v d="$d" 'BEGIN { printf "%.3f", u / d }')
   ratios+=("$r")
-  echo "pair $i: t_unid $u t_identity $d ratio $r" >>"$ROOT/results/postgres-runs.log"
+  echo "pair $i: t_unid $u t_identity $d ratio $r load $(load)" >>"$RUNS"
   row pair_unid "$i" 8 "$u" tps "$(load)"
   row pair_identity "$i" 8 "$d" tps "$(load)"
 done
@@ -140,5 +153,9 @@ if [ "$PAIRS" -gt 0 ]; then
   row pair_ratio median 8 "$med" ratio "$(load)"
   echo "--- paired at $ROWS_BIG rows: unid/IDENTITY ratios ${ratios[*]}; median $med; unid >= IDENTITY in $wins of $PAIRS"
 fi
-python3 scripts/plot-pg.py "$TSV" "$ROOT/results/postgres.svg"
-echo "--- wrote $TSV and results/postgres.svg"
+if [ "$PAIRS_ONLY" = 1 ]; then
+  echo "--- wrote $TSV and $RUNS"
+else
+  python3 scripts/plot-pg.py "$TSV" "$ROOT/results/postgres.svg"
+  echo "--- wrote $TSV and results/postgres.svg"
+fi
