@@ -675,3 +675,219 @@ fn a_raise_revealing_a_higher_ceiling_rewarms_in_the_same_term_and_grants_above_
     }
     assert!(granted > 0, "the rebuilt allocator grants");
 }
+
+fn lead(m: &mut Server, leader: Option<NodeId>, term: u64) -> bool {
+    m.on_leader(
+        T0,
+        Leadership {
+            leader,
+            term,
+            member: true,
+        },
+    )
+}
+
+fn counter(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn leadership_is_read_again_only_in_a_new_term_and_each_change_is_counted_once() {
+    let state = state_with("orders", 250);
+    let mut m = leader(&state);
+    m.actions.clear();
+    assert_eq!(counter(&m.counters.leader_changes), 1);
+    assert_eq!(counter(&m.counters.leaderships), 1);
+    // The same leadership reported again (consensus reports every metrics change): nothing
+    // is read again, the allocator stays.
+    assert!(!lead(&mut m, Some(ME), 3));
+    assert!(m.is_granting());
+    assert_eq!(m.poll_action(), None, "no new ready read in the same term");
+    assert_eq!(counter(&m.counters.leader_changes), 1);
+    assert_eq!(counter(&m.counters.leaderships), 1);
+    // Leading again in a new term without a step down in between (a re-election after a
+    // failed check): the allocator of term 3 goes, and term 4 is read.
+    assert!(!lead(&mut m, Some(ME), 4));
+    assert!(!m.is_granting());
+    assert!(m.allocator.is_none(), "term 3's allocator is dropped");
+    assert_eq!(m.poll_action(), Some(Action::ReadReady { term: 4 }));
+    assert_eq!(counter(&m.counters.leaderships), 2);
+    assert_eq!(counter(&m.counters.leader_changes), 1, "the same leader");
+    // An election with no leader yet is not a change of leader.
+    assert!(!lead(&mut m, None, 5));
+    assert!(m.allocator.is_none());
+    assert_eq!(counter(&m.counters.leader_changes), 1);
+    assert!(!lead(&mut m, Some(2), 5));
+    assert_eq!(counter(&m.counters.leader_changes), 2);
+}
+
+#[test]
+fn a_failed_ready_read_is_asked_again_only_while_warming_in_its_term() {
+    let mut m = Server::new(config(), T0).unwrap();
+    assert!(!lead(&mut m, Some(ME), 3));
+    assert_eq!(m.poll_action(), Some(Action::ReadReady { term: 3 }));
+    m.on_ready_failed(3, "quorum not enough");
+    assert_eq!(m.poll_action(), Some(Action::ReadReady { term: 3 }));
+    assert_eq!(m.ready_tries, 1);
+    m.on_ready_failed(2, "an earlier term's read");
+    assert_eq!(m.poll_action(), None);
+    assert_eq!(m.ready_tries, 1);
+    m.on_ready(T0, 3, &state_with("orders", 250));
+    m.actions.clear();
+    m.on_ready_failed(3, "late");
+    assert_eq!(m.poll_action(), None, "leading already: not read again");
+}
+
+#[test]
+fn a_ready_leader_takes_the_node_tables_agents_up_to_its_bound_and_records_missing_servers() {
+    let mut state = state_with("orders", 250);
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        state.apply(
+            &Command::RegisterAgent {
+                name: (*name).into(),
+                incarnation: 10 + i as u64,
+                addr: "127.0.0.1".into(),
+                port: 41_000 + i as u16,
+                role: String::new(),
+            },
+            2,
+        );
+    }
+    // Server 2 is recorded with its UDP address; this server (1) is not.
+    state.apply(
+        &Command::UpsertServer {
+            id: 2,
+            addr: "127.0.0.1:7401".into(),
+        },
+        2,
+    );
+    let mut m = Server::new(
+        Config {
+            agents_max: 2,
+            ..config()
+        },
+        T0,
+    )
+    .unwrap();
+    m.raft.voters = [1, 2].into_iter().collect();
+    assert!(!lead(&mut m, Some(ME), 3));
+    m.actions.clear();
+    m.on_ready(T0, 3, &state);
+    assert!(m.is_granting());
+    assert_eq!(m.agents.len(), 2, "at most agents_max agents");
+    for a in m.agents.values() {
+        assert!((41_000..41_003).contains(&a.addr.port()), "{}", a.addr);
+    }
+    for (name, incarnation) in [("a", 10), ("b", 11)] {
+        assert_eq!(
+            m.hello_seen.get(name).map(|s| s.0),
+            Some(incarnation),
+            "{name}'s incarnation seeds the replay check"
+        );
+    }
+    let actions: Vec<Action> = std::iter::from_fn(|| m.poll_action()).collect();
+    assert!(
+        actions.contains(&Action::RecordServers {
+            servers: vec![(ME, config().udp_addr)]
+        }),
+        "only the voter missing from the node table: {actions:?}"
+    );
+    assert!(
+        actions.contains(&Action::CreateClusterId),
+        "no cluster id yet: {actions:?}"
+    );
+    // With a cluster id and every voter recorded, neither is asked for.
+    state
+        .settings
+        .insert(unid_core::state::SETTING_CLUSTER_ID.into(), 7);
+    state.apply(
+        &Command::UpsertServer {
+            id: ME,
+            addr: config().udp_addr.to_string(),
+        },
+        2,
+    );
+    assert!(!lead(&mut m, Some(ME), 4));
+    m.actions.clear();
+    m.on_ready(T0, 4, &state);
+    let actions: Vec<Action> = std::iter::from_fn(|| m.poll_action()).collect();
+    assert!(!actions.contains(&Action::CreateClusterId), "{actions:?}");
+    assert!(
+        actions.contains(&Action::RecordServers { servers: vec![] }),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn the_quorum_is_checked_one_at_a_time_and_its_loss_counted_once() {
+    let state = state_with("orders", 250);
+    let mut m = leader(&state);
+    m.actions.clear();
+    m.check_quorum(T0 + 1_000);
+    assert_eq!(m.poll_action(), Some(Action::ConfirmLeadership { term: 3 }));
+    m.check_quorum(T0 + 2_000);
+    assert_eq!(m.poll_action(), None, "one check at a time");
+    m.on_quorum_checked(T0 + 3_000, 3, true);
+    m.check_quorum(T0 + 4_000);
+    assert_eq!(m.poll_action(), Some(Action::ConfirmLeadership { term: 3 }));
+    // Not confirmed, and the last confirmation is older than QUORUM_LOST_MS: counted once.
+    let late = T0 + 3_000 + QUORUM_LOST_MS * 1_000 + 1;
+    m.on_quorum_checked(late, 3, false);
+    assert_eq!(counter(&m.counters.quorum_lost), 1);
+    m.check_quorum(late + 1_000);
+    assert_eq!(m.poll_action(), Some(Action::ConfirmLeadership { term: 3 }));
+    m.on_quorum_checked(late + 2_000, 3, false);
+    assert_eq!(counter(&m.counters.quorum_lost), 1, "still lost: not again");
+    // A follower checks nothing.
+    let mut f = Server::new(config(), T0).unwrap();
+    assert!(!lead(&mut f, Some(2), 3));
+    f.check_quorum(T0 + 1_000);
+    assert_eq!(f.poll_action(), None);
+}
+
+#[test]
+fn stopped_consensus_stops_the_machine_for_good() {
+    let state = state_with("orders", 250);
+    let mut m = leader(&state);
+    m.actions.clear();
+    m.on_consensus_stopped();
+    assert!(!m.is_granting());
+    assert!(m.allocator.is_none());
+    assert!(!lead(&mut m, Some(ME), 4));
+    assert_eq!(
+        m.poll_action(),
+        None,
+        "a stopped server does not warm up again"
+    );
+    assert!(!m.is_granting());
+}
+
+#[test]
+fn only_a_graceful_leader_sends_leader_change_and_its_list_is_whole() {
+    let state = state_with("orders", 250);
+    let mut f = Server::new(config(), T0).unwrap();
+    assert!(!lead(&mut f, Some(2), 3));
+    assert!(!f.stop(true, Some(2)), "was not the leader");
+    assert_eq!(
+        f.poll_transmit().map(|t| t.to),
+        None,
+        "a follower tells nobody"
+    );
+    let mut m = leader(&state);
+    register(&mut m, &state);
+    assert!(m.stop(false, Some(2)));
+    assert_eq!(
+        m.poll_transmit().map(|t| t.to),
+        None,
+        "a crash-like stop tells nobody"
+    );
+    let mut m = leader(&state);
+    register(&mut m, &state);
+    assert!(m.stop(true, Some(2)));
+    let t = m.poll_transmit().expect("a LeaderChange");
+    let f = decode(&t.datagram, None).unwrap();
+    let Message::LeaderChange { truncated, .. } = f.message else {
+        panic!("{:?}", f.message)
+    };
+    assert!(!truncated, "two servers fit the list");
+}
