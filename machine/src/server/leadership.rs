@@ -49,8 +49,6 @@ impl Server {
             if was.2 == Phase::Follower || was.1 != info.term {
                 bump(&self.counters.leaderships);
                 self.drop_allocator("new term");
-                self.phase = Phase::Warming;
-                self.ready_tries = 0;
                 // Elected by a quorum just now.
                 self.quorum_ok_us = now_us;
                 if let Some(p) = &self.probe {
@@ -61,8 +59,7 @@ impl Server {
                     term = info.term,
                     "became leader; reading committed ceilings"
                 );
-                self.actions
-                    .push_back(Action::ReadReady { term: info.term });
+                self.warm_up(info.term);
             }
         } else {
             if was.2 != Phase::Follower {
@@ -74,6 +71,14 @@ impl Server {
             }
         }
         false
+    }
+
+    /// Warms up as leader of `term`: nothing is granted until the ready read it asks for
+    /// builds an allocator ([`Server::on_ready`]).
+    pub(super) fn warm_up(&mut self, term: u64) {
+        self.phase = Phase::Warming;
+        self.ready_tries = 0;
+        self.actions.push_back(Action::ReadReady { term });
     }
 
     fn warming_in(&self, term: u64) -> bool {

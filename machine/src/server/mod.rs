@@ -492,7 +492,7 @@ impl Server {
     /// Whether this server leads with a ceiling raise outstanding (proposed to consensus,
     /// no result yet). The simulator crashes servers at such moments.
     pub fn raise_outstanding(&self) -> bool {
-        self.is_granting()
+        self.phase == Phase::Leading
             && self
                 .allocator
                 .as_ref()

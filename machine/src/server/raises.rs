@@ -72,9 +72,7 @@ impl Server {
                         tracing::warn!(sequence = %raise.sequence.as_str(), term, "raise refused ({e}); dropping the allocator and reading the committed ceilings again");
                         self.drop_allocator("a ceiling this leader did not propose");
                         bump(&self.stats.rewarms);
-                        self.phase = Phase::Warming;
-                        self.ready_tries = 0;
-                        self.actions.push_back(Action::ReadReady { term });
+                        self.warm_up(term);
                     }
                 }
             }
